@@ -1,0 +1,130 @@
+"""Output-length estimators: how many decode steps a request has left.
+
+A live server does not know output lengths, so the estimator is part of the
+balancer. `oracle` and `noisy:<delta>` exist for simulation only (they read the
+true length); `cap` uses max_new_tokens; `empirical` learns the residual life
+E[O - age | O > age] online from the lengths of finished requests.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Estimator:
+    name = "base"
+    #: whether predictions read the true output length (simulation only)
+    needs_truth = False
+
+    def initial(self, prompt_len: np.ndarray, true_out: np.ndarray | None, cap: np.ndarray | None) -> np.ndarray:
+        """Predicted total output length of newly seen requests."""
+        raise NotImplementedError
+
+    def remaining(self, generated: np.ndarray, predicted_total: np.ndarray) -> np.ndarray:
+        """Predicted decode steps left for running requests (at least 1)."""
+        return np.maximum(np.asarray(predicted_total) - np.asarray(generated), 1)
+
+    def observe(self, finished_out_len: np.ndarray) -> None:
+        """Learn from the true lengths of requests that just finished."""
+
+
+class OracleEstimator(Estimator):
+    name = "oracle"
+    needs_truth = True
+
+    def initial(self, prompt_len, true_out, cap):
+        return np.asarray(true_out, dtype=np.int64).copy()
+
+
+class NoisyEstimator(Estimator):
+    """The paper's noisy oracle: o * U[1 - delta, 1 + delta] (at least 1)."""
+
+    needs_truth = True
+
+    def __init__(self, delta: float, seed: int = 0):
+        if not 0 <= delta < 1:
+            raise ValueError(f"noisy estimator delta must be in [0, 1), got {delta}")
+        self.delta = delta
+        self.name = f"noisy:{delta:g}"
+        self._rng = np.random.default_rng(seed)
+
+    def initial(self, prompt_len, true_out, cap):
+        o = np.asarray(true_out, dtype=np.float64)
+        noisy = o * self._rng.uniform(1 - self.delta, 1 + self.delta, size=o.shape)
+        return np.maximum(np.rint(noisy), 1).astype(np.int64)
+
+
+class CapEstimator(Estimator):
+    """Assume every request runs to its max_new_tokens."""
+
+    name = "cap"
+
+    def initial(self, prompt_len, true_out, cap):
+        if cap is None:
+            raise ValueError("the 'cap' estimator needs max_new_tokens for every request")
+        return np.asarray(cap, dtype=np.int64).copy()
+
+
+class EmpiricalEstimator(Estimator):
+    """Residual life from the empirical distribution of finished output lengths.
+
+    Before anything finished, `prior` is the guess. Remaining steps of a request
+    that generated g tokens: mean of (O - g) over finished O > g; past the
+    longest seen, assume it runs as long again as it has (a Lindy guess).
+    """
+
+    name = "empirical"
+
+    def __init__(self, prior: int = 256, window: int = 4096):
+        self.prior = prior
+        self.window = window
+        self._seen = np.zeros(0, dtype=np.int64)
+        self._sorted = np.zeros(0, dtype=np.int64)
+        self._suffix = np.zeros(1, dtype=np.float64)
+
+    def observe(self, finished_out_len):
+        finished = np.asarray(finished_out_len, dtype=np.int64)
+        if finished.size == 0:
+            return
+        self._seen = np.concatenate([self._seen, finished])[-self.window:]
+        self._sorted = np.sort(self._seen)
+        # suffix[i] = sum of sorted[i:], so the mean above an index is one division
+        self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]]).astype(np.float64)
+
+    def initial(self, prompt_len, true_out, cap):
+        n = np.asarray(prompt_len).shape[0]
+        guess = float(self._sorted.mean()) if self._sorted.size else float(self.prior)
+        out = np.full(n, max(int(round(guess)), 1), dtype=np.int64)
+        if cap is not None:
+            out = np.minimum(out, np.asarray(cap, dtype=np.int64))
+        return out
+
+    def remaining(self, generated, predicted_total):
+        g = np.asarray(generated, dtype=np.int64)
+        if self._sorted.size == 0:
+            return np.maximum(np.asarray(predicted_total) - g, np.maximum(g, 1))
+        idx = np.searchsorted(self._sorted, g, side="right")
+        count = self._sorted.size - idx
+        mean_above = np.divide(self._suffix[idx], count, out=np.zeros(g.shape), where=count > 0)
+        rem = np.where(count > 0, mean_above - g, np.maximum(g, 1))
+        return np.maximum(np.rint(rem), 1).astype(np.int64)
+
+
+ESTIMATORS = ("oracle", "noisy:<delta>", "cap", "empirical")
+
+
+def make_estimator(spec: str, seed: int = 0) -> Estimator:
+    """'oracle' | 'noisy:0.5' | 'cap' | 'empirical'."""
+    name, _, arg = spec.partition(":")
+    if name == "oracle" and not arg:
+        return OracleEstimator()
+    if name == "noisy":
+        try:
+            return NoisyEstimator(float(arg), seed=seed)
+        except ValueError as exc:
+            raise ValueError(f"--estimator {spec!r}: {exc}" if arg else
+                             f"--estimator {spec!r}: give a delta, e.g. noisy:0.5") from None
+    if name == "cap" and not arg:
+        return CapEstimator()
+    if name == "empirical":
+        return EmpiricalEstimator(prior=int(arg)) if arg else EmpiricalEstimator()
+    raise ValueError(f"unknown estimator {spec!r}; choose from {', '.join(ESTIMATORS)}")

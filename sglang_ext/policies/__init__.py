@@ -1,0 +1,75 @@
+"""Placement policies, registered by name.
+
+    policy = make_policy("bfio", horizon=20)
+    ranks = policy.assign(view, candidates, must_place=True)
+
+A variant is a parameter: `parse_policy_spec("bfio:horizon=0:variant=paper")`.
+"""
+from __future__ import annotations
+
+import inspect
+
+from .base import Candidates, ClusterView, Policy
+from .baselines import FCFS, JSQ, PowerOfTwo, RoundRobin, TotalRequests, TotalTokens
+
+REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+for _cls in (FCFS, RoundRobin, JSQ, TotalRequests, TotalTokens, PowerOfTwo):
+    register(_cls)
+
+from .bfio import BFIO  # noqa: E402  (registers itself after the baselines)
+
+register(BFIO)
+
+
+def policy_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def make_policy(name: str, **params) -> Policy:
+    """Build a registered policy; parameters it does not take are ignored, so a
+    caller can pass the common ones (horizon, seed, cost) to every policy."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}") from None
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in params.items() if k in accepted}
+    return cls(**kwargs)
+
+
+def _coerce(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """'bfio:horizon=0:variant=paper' -> ('bfio', {'horizon': 0, 'variant': 'paper'})."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(":")):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy parameter {item!r} in {spec!r} is not key=value")
+        params[key.strip().replace("-", "_")] = _coerce(val.strip())
+    if name not in REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}")
+    return name, params
+
+
+__all__ = [
+    "Candidates", "ClusterView", "Policy", "REGISTRY", "register", "make_policy",
+    "policy_names", "parse_policy_spec",
+]

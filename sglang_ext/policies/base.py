@@ -1,0 +1,82 @@
+"""One interface for every placement policy.
+
+A policy sees a `ClusterView` (per-rank load and free slots, plus the running
+requests the projection kernel needs) and a batch of `Candidates` (waiting
+requests, in arrival order) and returns, for each candidate, the rank it goes
+to or -1 (stays waiting). Two binding styles share the interface:
+
+- pool (late binding, the paper's setting): `must_place=False`; a candidate may
+  only take a free slot, and may be left waiting;
+- immediate (SGLang's setting): `must_place=True`; every candidate gets a rank
+  now; ranks with free slots are preferred, but a full rank can queue it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class Candidates:
+    """Waiting requests offered to a policy, in arrival order."""
+
+    prompt_len: np.ndarray  # (n,) prompt tokens
+    output_est: np.ndarray  # (n,) predicted decode steps (from an estimator)
+
+    def __post_init__(self):
+        self.prompt_len = np.asarray(self.prompt_len, dtype=np.int64)
+        self.output_est = np.asarray(self.output_est, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.prompt_len.shape[0])
+
+
+@dataclass
+class ClusterView:
+    """What a policy may know about the ranks at a decision point."""
+
+    free_slots: np.ndarray  # (G,) slots a rank can fill now
+    kv_tokens: np.ndarray  # (G,) KV tokens held or owed (running + queued + in flight)
+    num_requests: np.ndarray  # (G,) requests held or owed
+    # Per running request, for the future-load projection (may be empty).
+    req_rank: np.ndarray = field(default_factory=lambda: _EMPTY)
+    req_kv: np.ndarray = field(default_factory=lambda: _EMPTY)
+    req_remaining: np.ndarray = field(default_factory=lambda: _EMPTY)
+
+    def __post_init__(self):
+        self.free_slots = np.asarray(self.free_slots, dtype=np.int64)
+        self.kv_tokens = np.asarray(self.kv_tokens, dtype=np.int64)
+        self.num_requests = np.asarray(self.num_requests, dtype=np.int64)
+
+    @property
+    def num_ranks(self) -> int:
+        return int(self.free_slots.shape[0])
+
+
+class Policy:
+    """Base class: subclasses implement `assign`. Registered by `name`."""
+
+    name = "base"
+    #: whether `assign` reads the per-request arrays (callers may skip building them)
+    needs_requests = False
+
+    def assign(self, view: ClusterView, cands: Candidates, must_place: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget state kept across calls (round-robin cursor, RNG)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+def pick_order(free: np.ndarray, must_place: bool) -> np.ndarray:
+    """Ranks eligible for a placement: those with a free slot; when the caller must
+    place and none is free, every rank (the request queues there)."""
+    ok = free > 0
+    if must_place and not ok.any():
+        ok = np.ones_like(ok)
+    return ok

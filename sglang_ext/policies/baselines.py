@@ -1,0 +1,160 @@
+"""Myopic baselines: the paper's exact FCFS / round robin / JSQ (design.md
+section 3) and SGLang's built-in rules (total_requests, total_tokens), plus
+power-of-two choices.
+
+They loop over the candidates of one call (at most the visible window, or one
+request under immediate binding); each iteration is O(G) numpy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Candidates, ClusterView, Policy, pick_order
+
+
+class FCFS(Policy):
+    """Fill rank 0 until full, then rank 1, ... in arrival order."""
+
+    name = "fcfs"
+
+    def assign(self, view, cands, must_place=False):
+        n = len(cands)
+        out = np.full(n, -1, dtype=np.int64)
+        # Rank of each slot, in rank order: slot k goes to the k-th candidate.
+        slot_rank = np.repeat(np.arange(view.num_ranks), np.maximum(view.free_slots, 0))
+        k = min(n, slot_rank.shape[0])
+        out[:k] = slot_rank[:k]
+        if must_place and k < n:  # nowhere free: queue on the least-loaded ranks
+            out[k:] = _least_requests(view, cands, k)
+        return out
+
+
+class RoundRobin(Policy):
+    """Deal candidates to ranks 0, 1, 2, ... skipping full ranks.
+
+    restart=True restarts at rank 0 at every call (the paper's baseline);
+    restart=False keeps the cursor across calls (SGLang's round_robin). Default:
+    restart in pool mode, persistent cursor under immediate binding.
+    """
+
+    name = "round_robin"
+
+    def __init__(self, restart: bool | None = None):
+        self.restart = restart
+        self._cursor = 0
+
+    def reset(self):
+        self._cursor = 0
+
+    def assign(self, view, cands, must_place=False):
+        G = view.num_ranks
+        restart = (not must_place) if self.restart is None else self.restart
+        cursor = 0 if restart else self._cursor
+        free = view.free_slots.copy()
+        out = np.full(len(cands), -1, dtype=np.int64)
+        for j in range(len(cands)):
+            ok = pick_order(free, must_place)
+            if not ok.any():
+                break
+            # first eligible rank at or after the cursor, wrapping around
+            order = (cursor + np.arange(G)) % G
+            g = int(order[np.argmax(ok[order])])
+            out[j] = g
+            free[g] -= 1
+            cursor = (g + 1) % G
+        self._cursor = cursor
+        return out
+
+
+class _LeastLoaded(Policy):
+    """Each candidate in order to the eligible rank with the smallest load key,
+    lowest index on ties; the key counts what this call already sent."""
+
+    def _key(self, view: ClusterView) -> np.ndarray:
+        raise NotImplementedError
+
+    def _add(self, key: np.ndarray, g: int, prompt: int) -> None:
+        raise NotImplementedError
+
+    def assign(self, view, cands, must_place=False):
+        key = self._key(view).astype(np.float64).copy()
+        free = view.free_slots.copy()
+        out = np.full(len(cands), -1, dtype=np.int64)
+        for j in range(len(cands)):
+            ok = pick_order(free, must_place)
+            if not ok.any():
+                break
+            g = int(np.argmin(np.where(ok, key, np.inf)))
+            out[j] = g
+            free[g] -= 1
+            self._add(key, g, int(cands.prompt_len[j]))
+        return out
+
+
+class JSQ(_LeastLoaded):
+    """The paper's JSQ: fewest KV tokens among ranks with free slots."""
+
+    name = "jsq"
+
+    def _key(self, view):
+        return view.kv_tokens
+
+    def _add(self, key, g, prompt):
+        key[g] += prompt
+
+
+class TotalTokens(JSQ):
+    """SGLang's total_tokens: fewest running+waiting tokens, counting the
+    prompt just sent (its speculative increment)."""
+
+    name = "total_tokens"
+
+
+class TotalRequests(_LeastLoaded):
+    """SGLang's total_requests: fewest running+waiting requests."""
+
+    name = "total_requests"
+
+    def _key(self, view):
+        return view.num_requests
+
+    def _add(self, key, g, prompt):
+        key[g] += 1
+
+
+class PowerOfTwo(Policy):
+    """Two random eligible ranks; the one with fewer KV tokens wins."""
+
+    name = "power_of_two"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def reset(self):
+        self._rng = np.random.default_rng(self.seed)
+
+    def assign(self, view, cands, must_place=False):
+        key = view.kv_tokens.astype(np.float64).copy()
+        free = view.free_slots.copy()
+        out = np.full(len(cands), -1, dtype=np.int64)
+        for j in range(len(cands)):
+            ok = np.flatnonzero(pick_order(free, must_place))
+            if ok.size == 0:
+                break
+            pair = self._rng.choice(ok, size=min(2, ok.size), replace=False)
+            g = int(pair[np.argmin(key[pair])])
+            out[j] = g
+            free[g] -= 1
+            key[g] += cands.prompt_len[j]
+        return out
+
+
+def _least_requests(view: ClusterView, cands: Candidates, start: int) -> np.ndarray:
+    key = view.num_requests.astype(np.float64).copy()
+    out = np.empty(len(cands) - start, dtype=np.int64)
+    for i in range(out.shape[0]):
+        g = int(np.argmin(key))
+        out[i] = g
+        key[g] += 1
+    return out
