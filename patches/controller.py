@@ -1,0 +1,300 @@
+"""DP controller patch: dispatch through an sglang-ext policy.
+
+Hooks (registered by `sglang_ext.plugin.load`):
+- AFTER `DataParallelController.__init__`: when `server_args._balancer` names a
+  policy, attach a `BalancedDispatch` and make it the controller's
+  `self.dispatching` (SGLang calls that for every non-health-check request, so
+  health checks keep their stock round-robin path);
+- AROUND `DataParallelController.event_loop`: with a balancer, run our loop,
+  which waits on the tokenizer socket and the report socket with a zmq Poller
+  (stock busy-polls a whole core) and releases the central pool on time.
+
+Per-rank state comes from the ranks' per-step `RankReport`s plus what this
+controller sent that the rank has not yet acknowledged (in flight), so a burst
+of arrivals between two reports is not all sent to the same rank.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from itertools import islice
+
+import numpy as np
+import zmq
+
+from sglang_ext.plugin.config import BalancerConfig, get_config
+from sglang_ext.estimators import make_estimator
+from sglang_ext.plugin.protocol import RankReport, recv_reports
+
+logger = logging.getLogger(__name__)
+
+#: poll timeout when nothing is pending: wakes the loop to feed SGLang's soft watchdog
+IDLE_POLL_MS = 500
+#: capacity assumed for a rank that has not reported yet (the paper's B)
+DEFAULT_CAPACITY = 72
+#: an inactive rank looks this loaded, so a must-place rule never picks it
+_INACTIVE_LOAD = np.int64(1) << 50
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:
+        return "cpu"
+
+
+def _max_new_tokens(req) -> int:
+    sp = getattr(req, "sampling_params", None)
+    value = getattr(sp, "max_new_tokens", None) if sp is not None else None
+    return int(value) if value is not None else 128  # SGLang's SamplingParams default
+
+
+def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Predicted decode steps left, never beyond the max_new_tokens cap."""
+    generated = np.asarray(generated, dtype=np.int64)
+    cap = np.asarray(cap, dtype=np.int64)
+    total = estimator.initial(np.zeros_like(cap), None, cap)
+    return np.clip(estimator.remaining(generated, total), 1, np.maximum(cap - generated, 1))
+
+
+def _prompt_len(req) -> int:
+    ids = getattr(req, "input_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+class BalancedDispatch:
+    """Policy-driven dispatch plus the per-rank state it needs."""
+
+    def __init__(self, controller, cfg: BalancerConfig):
+        from sglang_ext.policies import Candidates, make_policy  # noqa: F401  (import errors surface at launch)
+
+        self.ctrl = controller
+        self.cfg = cfg
+        self.num_ranks = len(controller.workers)
+        self.device = _resolve_device(cfg.device)
+        self.policy = make_policy(cfg.policy, horizon=cfg.horizon, seed=cfg.seed, device=self.device)
+        self.estimator = make_estimator(cfg.estimator, seed=cfg.seed)
+        self.pool_mode = cfg.binding == "pool"
+        self.window = 4 * self.num_ranks  # the paper's visible window
+
+        G = self.num_ranks
+        self.reports: list[RankReport | None] = [None] * G
+        self.acked = np.zeros(G, dtype=np.int64)  # cumulative requests each rank said it received
+        self.sent = np.zeros(G, dtype=np.int64)  # cumulative requests sent to each rank
+        # (prompt_len, max_new_tokens) of requests sent but not yet acknowledged, oldest first
+        self.inflight: list[deque[tuple[int, int]]] = [deque() for _ in range(G)]
+        self.pool: deque[tuple[object, float]] = deque()
+        self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0}
+
+        self.sock = controller.context.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(cfg.report_addr)
+        logger.info(
+            "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s reports on %s",
+            cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, cfg.report_addr,
+        )
+
+    # ---- state -------------------------------------------------------------------
+
+    def on_reports(self, reports: list[RankReport]) -> None:
+        for rep in reports:
+            g = rep.dp_rank
+            if not 0 <= g < self.num_ranks:
+                continue
+            prev = self.reports[g]
+            if prev is not None and rep.step < prev.step and rep.received <= prev.received:
+                continue  # stale
+            self.reports[g] = rep
+            newly = int(rep.received - self.acked[g])
+            for _ in range(min(max(newly, 0), len(self.inflight[g]))):
+                self.inflight[g].popleft()
+            self.acked[g] = max(self.acked[g], rep.received)
+            if rep.finished_lengths.size:
+                self.estimator.observe(rep.finished_lengths)
+            self.stats["reports"] += 1
+
+    def _active_mask(self) -> np.ndarray:
+        mask = np.zeros(self.num_ranks, dtype=bool)
+        mask[[g for g in self.ctrl._active_workers if g < self.num_ranks]] = True
+        return mask
+
+    def build_view(self):
+        from sglang_ext.policies import ClusterView
+
+        G = self.num_ranks
+        free = np.zeros(G, dtype=np.int64)
+        kv = np.zeros(G, dtype=np.int64)
+        num = np.zeros(G, dtype=np.int64)
+        need_reqs = self.policy.needs_requests
+        rr, rk, rrem = [], [], []
+        for g in range(G):
+            rep = self.reports[g]
+            fl = self.inflight[g]
+            fl_prompt = np.fromiter((p for p, _ in fl), np.int64, len(fl))
+            if rep is None:
+                free[g] = DEFAULT_CAPACITY - len(fl)
+                kv[g] = fl_prompt.sum()
+                num[g] = len(fl)
+            else:
+                free[g] = rep.free_slots - len(fl)
+                kv[g] = rep.kv_tokens + fl_prompt.sum()
+                num[g] = rep.num_requests + len(fl)
+            if need_reqs:
+                parts_kv, parts_rem = [fl_prompt], [
+                    remaining_steps(self.estimator, np.zeros(len(fl), np.int64),
+                                    np.fromiter((c for _, c in fl), np.int64, len(fl)))
+                ]
+                if rep is not None:
+                    parts_kv += [rep.run_kv, rep.wait_prompt]
+                    parts_rem += [
+                        remaining_steps(self.estimator, rep.run_generated, rep.run_cap),
+                        remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap),
+                    ]
+                k = np.concatenate(parts_kv).astype(np.int64)
+                rk.append(k)
+                rrem.append(np.concatenate(parts_rem).astype(np.int64))
+                rr.append(np.full(k.shape[0], g, dtype=np.int64))
+        active = self._active_mask()
+        free = np.where(active, np.maximum(free, 0), 0)
+        kv = np.where(active, kv, _INACTIVE_LOAD)
+        num = np.where(active, num, _INACTIVE_LOAD)
+        if need_reqs:
+            return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
+                               req_rank=np.concatenate(rr), req_kv=np.concatenate(rk),
+                               req_remaining=np.concatenate(rrem))
+        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num)
+
+    # ---- placement -----------------------------------------------------------------
+
+    def _candidates(self, reqs):
+        from sglang_ext.policies import Candidates
+
+        prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
+        cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
+        return Candidates(prompt_len=prompt, output_est=remaining_steps(self.estimator, np.zeros_like(cap), cap))
+
+    def _place(self, reqs, must_place: bool) -> np.ndarray:
+        ranks = np.asarray(self.policy.assign(self.build_view(), self._candidates(reqs), must_place=must_place),
+                           dtype=np.int64)
+        active = self._active_mask()
+        if not active.any():
+            raise RuntimeError("No active DP workers are available for routing.")
+        for i, g in enumerate(ranks):
+            if g >= 0 and not active[g]:  # defensive: a policy must never strand a request on a dead rank
+                ranks[i] = int(np.flatnonzero(active)[0]) if must_place else -1
+        return ranks
+
+    def _send(self, g: int, req) -> None:
+        from sglang.srt.managers.io_struct import sock_send
+
+        sock_send(self.ctrl.workers[g], req)
+        self._record_sent(g, req)
+
+    def _record_sent(self, g: int, req) -> None:
+        self.sent[g] += 1
+        self.inflight[g].append((_prompt_len(req), _max_new_tokens(req)))
+        self.stats["dispatched"] += 1
+
+    def dispatch(self, req) -> None:
+        """Replaces `DataParallelController.dispatching` (never sees health checks)."""
+        if self.ctrl.maybe_external_dp_rank_routing(req):  # client-pinned: honoured as stock does
+            self._record_sent(int(req.routed_dp_rank), req)
+            self.stats["pinned"] += 1
+            return
+        if self.pool_mode:
+            self.pool.append((req, time.monotonic()))
+            return  # released by the event loop once this batch of messages is read
+        g = int(self._place([req], must_place=True)[0])
+        self._send(g, req)
+
+    def release_pool(self) -> None:
+        """Pool binding: let the policy fill the slots ranks reported free, then place
+        anything that has waited past the deadline by the immediate rule."""
+        if not self.pool:
+            return
+        window = list(islice(self.pool, self.window))
+        ranks = self._place([r for r, _ in window], must_place=False)
+        if (ranks >= 0).any():
+            placed = set()
+            for i, g in enumerate(ranks):
+                if g >= 0:
+                    self._send(int(g), window[i][0])
+                    placed.add(i)
+            rest = [item for i, item in enumerate(window) if i not in placed]
+            tail = list(islice(self.pool, self.window, None))
+            self.pool = deque(rest + tail)
+        now = time.monotonic()
+        while self.pool and now - self.pool[0][1] >= self.cfg.pool_max_wait_s:
+            req, _ = self.pool.popleft()
+            self._send(int(self._place([req], must_place=True)[0]), req)
+            self.stats["pool_deadline"] += 1
+
+    def poll_timeout_ms(self) -> int:
+        if not self.pool:
+            return IDLE_POLL_MS
+        wait = self.pool[0][1] + self.cfg.pool_max_wait_s - time.monotonic()
+        return max(0, min(IDLE_POLL_MS, int(wait * 1000) + 1))
+
+    # ---- loop ------------------------------------------------------------------------
+
+    def event_loop(self) -> None:
+        from sglang.srt.managers.io_struct import sock_recv
+
+        ctrl = self.ctrl
+        poller = zmq.Poller()
+        poller.register(ctrl.recv_from_tokenizer, zmq.POLLIN)
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while True:
+                ctrl.soft_watchdog.feed()
+                poller.poll(self.poll_timeout_ms())
+                # Reports first: placement decisions then see this step's state.
+                self.on_reports(recv_reports(self.sock))
+                while True:
+                    try:
+                        recv_req = sock_recv(ctrl.recv_from_tokenizer, flags=zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        break
+                    try:
+                        ctrl._request_dispatcher(recv_req)
+                    except Exception:
+                        # Stock lets this kill the controller (and with it the server); one bad
+                        # message (e.g. a pin to an inactive rank) must not take the others down.
+                        logger.exception("sglang-ext: failed to dispatch %s", type(recv_req).__name__)
+                self.release_pool()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close(linger=0)  # zmq unlinks the ipc file of a bound socket on close
+        except Exception:
+            pass
+
+
+# ---- hooks -------------------------------------------------------------------------------
+
+
+def after_init(result, self, server_args, *args, **kwargs):
+    """AFTER hook on DataParallelController.__init__."""
+    cfg = get_config(server_args)
+    if cfg is None or not cfg.enabled:
+        return None
+    self._sglang_ext_balancer = BalancedDispatch(self, cfg)
+    self.dispatching = self._sglang_ext_balancer.dispatch
+    # Stock refreshes its shm load budget per dispatch for total_* methods; we have our own state.
+    self.refresh_load_budget_on_dispatch = False
+    return None
+
+
+def around_event_loop(original, self, *args, **kwargs):
+    """AROUND hook on DataParallelController.event_loop."""
+    balancer = getattr(self, "_sglang_ext_balancer", None)
+    if balancer is None:
+        return original(self, *args, **kwargs)
+    return balancer.event_loop()

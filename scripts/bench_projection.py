@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Benchmark the cost projection: CPU torch reference vs the compiled Triton kernel.
+
+    python scripts/bench_projection.py --ranks 32 --requests-per-rank 256 --horizon 80 --repeats 200
+
+Times `project_cost_reference` on CPU (median of --repeats calls, microseconds)
+and, when CUDA is available, the compiled Triton kernel on the GPU (warm-up,
+then median with torch.cuda.synchronize around every call), checks the results
+are identical, and prints a markdown table. Without CUDA the kernel row reads
+"n/a (no CUDA)".
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from sglang_ext.triton_kernels import project_cost, project_cost_reference, project_cost_triton
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_us(fn, repeats: int, sync=None) -> float:
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter_ns()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e3
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=32)
+    ap.add_argument("--requests-per-rank", type=int, default=256)
+    ap.add_argument("--horizon", type=int, default=80)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--no-growth", action="store_true", help="growth=False (the paper's projection)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    G, H = args.ranks, args.horizon
+    N = G * args.requests_per_rank
+    growth = not args.no_growth
+    rng = np.random.default_rng(args.seed)
+    rank = rng.integers(0, G, N, dtype=np.int64)
+    kv = rng.integers(1, 32768, N, dtype=np.int64)
+    rem = rng.integers(0, 2 * H + 1, N, dtype=np.int64)  # about half outlive the horizon
+    w = dict(a=1e-3, b=5e-5, c=7.5e-8, growth=growth)
+    torch.set_num_threads(torch.get_num_threads())  # as configured (OMP_NUM_THREADS)
+
+    ref = project_cost_reference(rank, kv, rem, G, H, **w)
+    for _ in range(args.warmup):
+        project_cost_reference(rank, kv, rem, G, H, **w)
+    t_ref = median_us(lambda: project_cost_reference(rank, kv, rem, G, H, **w), args.repeats)
+    t_pub = median_us(lambda: project_cost(rank, kv, rem, G, H, backend="torch", **w), args.repeats)
+
+    cpu = f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
+    rows = [
+        ("torch reference (numpy in)", cpu, f"{t_ref:.1f}", "-"),
+        ("project_cost(backend='torch')", "CPU", f"{t_pub:.1f}", "-"),
+    ]
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        r_d, kv_d, rem_d = (torch.from_numpy(x).to(dev) for x in (rank, kv, rem))
+        for _ in range(max(3, args.warmup)):  # includes JIT compilation
+            out = project_cost_triton(r_d, kv_d, rem_d, G, H, **w)
+        torch.cuda.synchronize()
+        same = torch.equal(out.cpu(), ref)
+        t_k = median_us(lambda: project_cost_triton(r_d, kv_d, rem_d, G, H, **w), args.repeats,
+                        torch.cuda.synchronize)
+        auto = project_cost(r_d, kv_d, rem_d, G, H, **w)
+        same_auto = auto.backend == "triton" and torch.equal(auto.cost.cpu(), ref)
+        t_auto = median_us(lambda: project_cost(r_d, kv_d, rem_d, G, H, **w), args.repeats,
+                           torch.cuda.synchronize)
+        t_tg = median_us(lambda: project_cost_reference(r_d, kv_d, rem_d, G, H, **w), args.repeats,
+                         torch.cuda.synchronize)
+        same_tg = torch.equal(project_cost_reference(r_d, kv_d, rem_d, G, H, **w).cpu(), ref)
+        name = torch.cuda.get_device_name(dev)
+        rows += [
+            ("Triton kernel (compiled)", f"CUDA: {name}", f"{t_k:.1f}", "yes" if same else "NO"),
+            ("project_cost(auto) on CUDA", f"CUDA: {name}", f"{t_auto:.1f}", "yes" if same_auto else "NO"),
+            ("torch reference on CUDA", f"CUDA: {name}", f"{t_tg:.1f}", "yes" if same_tg else "NO"),
+        ]
+        ok = same and same_auto and same_tg
+    else:
+        rows.append(("Triton kernel (compiled)", "n/a (no CUDA)", "n/a (no CUDA)", "n/a"))
+        ok = True
+
+    print(f"cost projection: G={G} ranks, N={N} requests ({args.requests_per_rank}/rank), H={H}, "
+          f"growth={growth}, median of {args.repeats} (us, incl. input conversion and validation)\n")
+    print("| implementation | device | median (us) | equal to reference |")
+    print("|---|---|---:|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if not ok:
+        raise SystemExit("MISMATCH between the Triton kernel and the torch reference")
+
+
+if __name__ == "__main__":
+    main()

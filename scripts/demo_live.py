@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Live demo: the real SGLang server on the GPU-free stand-in backend, one policy after another.
+
+For each policy (default round_robin, then bfio) it starts
+
+    <python> -m sglang.launch_server --model-path <tmp>/model --dp-size 4 --skip-tokenizer-init
+        --device cpu --port P --balancer POLICY --balancer-sim-backend paper-dsv3
+        --balancer-sim-time-scale X --balancer-log RUNDIR/telemetry
+
+in a temporary working directory (never the repository root), waits for
+/health, replays the same slice of a timed trace (first --requests requests,
+arrivals compressed so they span --arrival-span seconds), stops the server
+(its whole process group) and removes what it left behind (its TMPDIR with the
+IPC sockets, and the /dev/shm/sglang_* files it created). Then it prints the
+comparison table of `sglang-ext report` and the plot paths.
+
+    .venv/bin/python scripts/demo_live.py [--requests 300] [--arrival-span 40] [--out runs/demo]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sglang_ext.replay import ReplayConfig, replay  # noqa: E402
+from sglang_ext.report import format_table, report  # noqa: E402
+
+logger = logging.getLogger("demo_live")
+
+DEFAULT_TRACES = (REPO / "data/traces/azure_conv_2023.csv", Path("/work/shared/traces/azure_conv_2023.csv"))
+
+# A tiny Llama-shaped config: the stand-in never loads weights, but SGLang's
+# launcher still parses the model config (context length, architecture).
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@dataclass
+class DemoConfig:
+    python: str
+    trace: str
+    out: Path
+    policies: list[str]
+    requests: int = 300
+    arrival_span_s: float = 40.0
+    time_scale: float | None = None  # None: derived from arrival_span_s
+    sim_backend: str = "paper-dsv3"
+    sim_time_scale: float = 1.0
+    dp_size: int = 4
+    max_prompt_len: int = 8192
+    max_output_len: int | None = 512
+    health_timeout_s: float = 240.0
+    request_timeout_s: float = 120.0
+    model_path: str | None = None
+    server_args: list[str] | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_python() -> str:
+    venv = REPO / ".venv/bin/python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def default_trace() -> str:
+    for p in DEFAULT_TRACES:
+        if p.exists():
+            return str(p)
+    return str(DEFAULT_TRACES[0])
+
+
+def shm_sglang() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith("sglang")}
+    except FileNotFoundError:
+        return set()
+
+
+def log_tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class Server:
+    """One SGLang server in its own process group, working dir and TMPDIR."""
+
+    def __init__(self, cfg: DemoConfig, policy: str, rundir: Path):
+        self.cfg, self.policy, self.rundir = cfg, policy, rundir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.work = Path(tempfile.mkdtemp(prefix=f"sglang-demo-{policy}-"))
+        self.log = rundir / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.shm_before: set[str] = set()
+
+    def command(self) -> list[str]:
+        model = self.cfg.model_path
+        if model is None:
+            model_dir = self.work / "model"
+            model_dir.mkdir()
+            (model_dir / "config.json").write_text(json.dumps(TINY_CONFIG, indent=1))
+            model = str(model_dir)
+        return [
+            self.cfg.python, "-m", "sglang.launch_server",
+            "--model-path", model, "--dp-size", str(self.cfg.dp_size), "--skip-tokenizer-init",
+            "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port),
+            "--balancer", self.policy, "--balancer-sim-backend", self.cfg.sim_backend,
+            "--balancer-sim-time-scale", str(self.cfg.sim_time_scale),
+            "--balancer-log", str(self.rundir / "telemetry"),
+            *(self.cfg.server_args or []),
+        ]
+
+    def start(self) -> None:
+        cmd = self.command()
+        tmp = self.work / "tmp"
+        tmp.mkdir()
+        # Own TMPDIR: SGLang's IPC sockets land there, so cleanup is one rmtree.
+        env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+        self.shm_before = shm_sglang()
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        (self.rundir / "server_cmd.txt").write_text(shlex.join(cmd) + "\n")
+        logger.info("starting %s", shlex.join(cmd))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_healthy(self) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.cfg.health_timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server ({self.policy}) exited with {self.proc.returncode} before becoming "
+                                   f"healthy; last lines of {self.log}:\n{log_tail(self.log)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return time.monotonic() - t0
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"server ({self.policy}) not healthy after {self.cfg.health_timeout_s:.0f} s; "
+                           f"last lines of {self.log}:\n{log_tail(self.log)}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            pgid = self.proc.pid  # start_new_session: the group id is the leader's pid
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                logger.warning("server did not stop on SIGTERM; SIGKILL to its process group")
+            except ProcessLookupError:
+                pass
+            try:  # stragglers (spawned schedulers) that outlived the leader
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                logger.error("server process %d did not exit", self.proc.pid)
+        # Only what this server created: other sessions' /dev/shm files stay.
+        for name in shm_sglang() - self.shm_before:
+            try:
+                os.remove(f"/dev/shm/{name}")
+            except OSError:
+                pass
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
+    rundir = cfg.out / policy
+    if rundir.exists():
+        shutil.rmtree(rundir)  # stale telemetry would be appended to
+    server = Server(cfg, policy, rundir)
+    try:
+        server.start()
+        took = server.wait_healthy()
+        print(f"[{policy}] server healthy after {took:.0f} s at {server.url}", flush=True)
+        summary = replay(ReplayConfig(
+            url=server.url, trace=cfg.trace, out=str(rundir), time_scale=time_scale,
+            max_requests=cfg.requests, max_prompt_len=cfg.max_prompt_len, max_output_len=cfg.max_output_len,
+            retries=2, timeout=cfg.request_timeout_s, rid_prefix=f"demo-{policy}",
+        ))
+        print(f"[{policy}] ok {summary['ok']}/{summary['sent']}, failed {summary['failed']} "
+              f"{summary['failure_reasons'] or ''}, wall {summary['wall_time_s']:.1f} s", flush=True)
+        time.sleep(1.5)  # let the ranks flush their telemetry (1 s interval) before stopping
+    finally:
+        server.stop()
+    return rundir
+
+
+def parse_args(argv=None) -> DemoConfig:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--python", default=default_python(), help="interpreter with SGLang and sglang-ext installed")
+    ap.add_argument("--trace", default=default_trace(), help="timed trace to replay")
+    ap.add_argument("--requests", type=int, default=300, help="replay the first N requests of the trace")
+    ap.add_argument("--arrival-span", type=float, default=40.0,
+                    help="scale arrival times so the slice's arrivals span this many seconds")
+    ap.add_argument("--time-scale", type=float, default=None,
+                    help="multiply arrival times by this instead (overrides --arrival-span)")
+    ap.add_argument("--policies", default="round_robin,bfio", help="comma-separated --balancer policies, in order")
+    ap.add_argument("--dp-size", type=int, default=4, help="DP ranks of the server")
+    ap.add_argument("--sim-backend", default="paper-dsv3", help="stand-in cost preset (--balancer-sim-backend)")
+    ap.add_argument("--sim-time-scale", type=float, default=1.0,
+                    help="stand-in step-time multiplier (--balancer-sim-time-scale); smaller runs faster")
+    ap.add_argument("--max-prompt-len", type=int, default=8192, help="clip prompts to this many tokens")
+    ap.add_argument("--max-output-len", type=int, default=512,
+                    help="clip outputs to this many tokens (bounds the run's tail); 0 = no clipping")
+    ap.add_argument("--health-timeout", type=float, default=240.0, help="seconds to wait for /health")
+    ap.add_argument("--request-timeout", type=float, default=120.0,
+                    help="replay: longest silence between stream chunks before a retry")
+    ap.add_argument("--model-path", default=None, help="model directory (default: a temp dir with a tiny config.json)")
+    ap.add_argument("--server-args", default="", help="extra server flags, one shell-quoted string")
+    ap.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
+    ap.add_argument("--log-level", default="info", help="logging level")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    out = Path(a.out or REPO / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    return DemoConfig(
+        python=a.python, trace=a.trace, out=out, policies=[p for p in a.policies.split(",") if p],
+        requests=a.requests, arrival_span_s=a.arrival_span, time_scale=a.time_scale, sim_backend=a.sim_backend,
+        sim_time_scale=a.sim_time_scale, dp_size=a.dp_size, max_prompt_len=a.max_prompt_len,
+        max_output_len=a.max_output_len or None, health_timeout_s=a.health_timeout,
+        request_timeout_s=a.request_timeout, model_path=a.model_path, server_args=shlex.split(a.server_args),
+    )
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    if not Path(cfg.trace).exists():
+        print(f"demo_live: error: trace {cfg.trace} not found (--trace)", file=sys.stderr)
+        return 2
+    from sglang_ext.traces import load_trace
+
+    trace = load_trace(cfg.trace).head(cfg.requests)
+    span = float(trace.arrival_s[-1]) if trace.arrival_s is not None else 0.0
+    scale = cfg.time_scale if cfg.time_scale is not None else (cfg.arrival_span_s / span if span > 0 else 0.0)
+    print(f"trace {cfg.trace}: {len(trace)} requests over {span:.0f} s recorded; time scale {scale:.3f} "
+          f"-> arrivals over {span * scale:.0f} s; outputs clipped to {cfg.max_output_len}", flush=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    rundirs = []
+    for policy in cfg.policies:
+        try:
+            rundirs.append(run_policy(cfg, policy, scale))
+        except RuntimeError as exc:
+            print(f"demo_live: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    metrics, plots = report([str(d) for d in rundirs], out=str(cfg.out / "compare"),
+                            json_out=str(cfg.out / "metrics.json"))
+    print()
+    print(format_table(metrics))
+    for p in plots:
+        print(f"plot: {p}")
+    print(f"metrics: {cfg.out / 'metrics.json'}; server logs: {', '.join(str(d / 'server.log') for d in rundirs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The plugin's command-line flags and the config they resolve to.
+
+Flags are added to SGLang's own parser (AFTER hook on `ServerArgs.add_cli_args`)
+and read back after parsing (AFTER hook on `ServerArgs.from_cli_args`). The
+result is a `BalancerConfig` stored as `server_args._balancer`: ServerArgs is a
+msgspec Struct whose declared fields are validated and published, so only an
+underscore attribute can be added, and it survives the pickling into SGLang's
+spawned controller and scheduler processes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+#: the policies offered on the command line (fcfs and jsq are simulation baselines)
+BALANCER_CHOICES = ("round_robin", "total_requests", "total_tokens", "power_of_two", "bfio")
+BINDINGS = ("immediate", "pool")
+DEVICES = ("auto", "cpu", "cuda")
+ESTIMATORS = ("cap", "empirical")
+#: offset from --dist-init-addr's port for the report socket on multi-node runs;
+#: SGLang uses +1..+6+dp (ZMQ ports), +13 (DP-attention handshake) and +233.
+REPORT_PORT_DELTA = 197
+
+
+@dataclass
+class BalancerConfig:
+    """Everything the controller, scheduler patch and stand-in need; pickled with ServerArgs."""
+
+    policy: str | None = None  # None: SGLang's own dispatch, the plugin stays out
+    horizon: int = 20
+    binding: str = "immediate"
+    pool_max_wait_s: float = 0.5
+    device: str = "auto"
+    estimator: str = "cap"
+    log_dir: str | None = None
+    report_addr: str | None = None  # PULL socket the controller binds, ranks PUSH to
+    seed: int = 0
+    sim_backend: str | None = None  # cost preset name: run the GPU-free stand-in scheduler
+    sim_time_scale: float = 1.0
+    sim_max_running: int = 72
+    sim_dist_port: int | None = None  # gloo rendezvous port of the stand-in ranks
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy is not None
+
+    @property
+    def reporting(self) -> bool:
+        """Ranks report per step when the controller consumes it."""
+        return self.enabled and self.report_addr is not None
+
+
+def get_config(server_args) -> BalancerConfig | None:
+    return getattr(server_args, "_balancer", None)
+
+
+def _policy_choices() -> tuple[str, ...]:
+    from sglang_ext.policies import policy_names
+
+    registered = set(policy_names())
+    return tuple(n for n in BALANCER_CHOICES if n in registered)
+
+
+def _cost_presets() -> tuple[str, ...]:
+    from sglang_ext.cost import PRESETS
+
+    return tuple(PRESETS)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_cli_args(result, parser: argparse.ArgumentParser):
+    """AFTER hook on ServerArgs.add_cli_args(parser): add the --balancer-* flags."""
+    group = parser.add_argument_group("Barrier-aware DP load balancing (sglang-ext)")
+    group.add_argument(
+        "--balancer",
+        type=str,
+        default=None,
+        choices=_policy_choices(),
+        help="Dispatch requests to DP ranks with this sglang-ext policy instead of "
+        "--load-balance-method. bfio balances the projected KV load over the next "
+        "--balancer-horizon steps. Needs --dp-size > 1. Without it the plugin changes nothing.",
+    )
+    group.add_argument(
+        "--balancer-horizon",
+        type=_non_negative_int,
+        default=None,
+        help="Number of future decode steps the bfio policy projects (default: 20; 0 = myopic).",
+    )
+    group.add_argument(
+        "--balancer-binding",
+        type=str,
+        default=None,
+        choices=BINDINGS,
+        help="immediate: bind each request to a rank on arrival (SGLang's behaviour). "
+        "pool: hold requests in the controller and release them as ranks report free "
+        "slots, so the policy chooses among several (default: immediate).",
+    )
+    group.add_argument(
+        "--balancer-pool-max-wait",
+        type=_positive_float,
+        default=None,
+        help="In pool binding, the longest a request may wait in the controller (seconds) "
+        "before it is placed by the immediate rule (default: 0.5).",
+    )
+    group.add_argument(
+        "--balancer-device",
+        type=str,
+        default=None,
+        choices=DEVICES,
+        help="Where the policy's load-projection kernel runs: auto picks cuda when "
+        "available in the controller process, else cpu (default: auto).",
+    )
+    group.add_argument(
+        "--balancer-estimator",
+        type=str,
+        default=None,
+        choices=ESTIMATORS,
+        help="Output-length estimate used for projection: cap = max_new_tokens; "
+        "empirical = residual life from the lengths of finished requests (default: cap).",
+    )
+    group.add_argument(
+        "--balancer-log",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="Write per-step telemetry of every DP rank (step time, KV tokens, barrier idle) under DIR.",
+    )
+    group.add_argument(
+        "--balancer-report-addr",
+        type=str,
+        default=None,
+        help="ZMQ address the controller binds for the per-step rank reports (tcp://host:port "
+        "or ipc://path). Default: an ipc path in TMPDIR on one node; with --nnodes > 1, "
+        f"tcp on --dist-init-addr's host at its port + {REPORT_PORT_DELTA}.",
+    )
+    group.add_argument(
+        "--balancer-seed",
+        type=int,
+        default=None,
+        help="Seed of randomized policies such as power_of_two (default: 0).",
+    )
+    group.add_argument(
+        "--balancer-sim-backend",
+        type=str,
+        default=None,
+        choices=_cost_presets(),
+        help="Replace the model scheduler by a GPU-free stand-in whose step times come from "
+        "this cost preset. It speaks SGLang's real scheduler protocol and synchronises the "
+        "DP ranks every step through a gloo all-reduce. Use with --device cpu "
+        "--skip-tokenizer-init and a model directory holding only config.json.",
+    )
+    group.add_argument(
+        "--balancer-sim-time-scale",
+        type=_positive_float,
+        default=None,
+        help="Multiply the stand-in's simulated step times by this factor when sleeping "
+        "(default: 1.0; smaller runs faster).",
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_report_addr(args: argparse.Namespace) -> str:
+    nnodes = getattr(args, "nnodes", 1) or 1
+    dist = getattr(args, "dist_init_addr", None)
+    if nnodes > 1:
+        if not dist:
+            raise SystemExit("error: --balancer with --nnodes > 1 needs --dist-init-addr or --balancer-report-addr")
+        host, _, port = dist.rpartition(":")
+        return f"tcp://{host.strip('[]')}:{int(port) + REPORT_PORT_DELTA}"
+    # Same directory as SGLang's own IPC files, so one TMPDIR cleanup covers both.
+    return f"ipc://{tempfile.gettempdir()}/sglang_ext_balancer_{uuid.uuid4().hex[:12]}"
+
+
+def from_cli_args(result, cls, args: argparse.Namespace):
+    """AFTER hook on ServerArgs.from_cli_args(args): attach the BalancerConfig."""
+    server_args = result
+    policy = getattr(args, "balancer", None)
+    sim = getattr(args, "balancer_sim_backend", None)
+    if policy is None:
+        needing = [
+            f"--{k.replace('_', '-')}"
+            for k in ("balancer_horizon", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
+                      "balancer_estimator", "balancer_report_addr", "balancer_seed")
+            if getattr(args, k, None) is not None
+        ]
+        if needing:
+            raise SystemExit(f"error: {', '.join(needing)} only apply with --balancer {{{','.join(_policy_choices())}}}")
+        if sim is None and getattr(args, "balancer_log", None) is None:
+            return None  # the plugin stays out entirely
+    cfg = BalancerConfig(policy=policy)
+    for field, key in (("horizon", "balancer_horizon"), ("binding", "balancer_binding"),
+                       ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
+                       ("estimator", "balancer_estimator"), ("log_dir", "balancer_log"),
+                       ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),
+                       ("sim_time_scale", "balancer_sim_time_scale")):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, field, value)
+    if cfg.log_dir is not None:
+        cfg.log_dir = os.path.abspath(cfg.log_dir)
+    if cfg.enabled:
+        dp_size = getattr(args, "dp_size", 1) or 1
+        if dp_size < 2:
+            logger.warning("--balancer %s has no effect with --dp-size %d (no DP controller)", policy, dp_size)
+        cfg.report_addr = getattr(args, "balancer_report_addr", None) or _default_report_addr(args)
+    if cfg.sim_backend is not None:
+        if getattr(args, "max_running_requests", None):
+            cfg.sim_max_running = int(args.max_running_requests)
+        # One rendezvous port for all stand-in ranks (SGLang gives each plain-DP rank its own nccl port).
+        cfg.sim_dist_port = _free_port()
+        from sglang_ext.plugin import enable_standin_launch
+
+        enable_standin_launch()
+    server_args._balancer = cfg
+    logger.info("sglang-ext balancer config: %s", cfg)
+    return None

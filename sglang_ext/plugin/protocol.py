@@ -1,0 +1,102 @@
+"""Per-step load reports from DP ranks to the controller.
+
+Rank 0 of each DP group PUSHes one `RankReport` per scheduler step to the PULL
+socket the controller binds at `BalancerConfig.report_addr` (ipc on one node,
+tcp across nodes). The real scheduler patch and the GPU-free stand-in send the
+same message through the same `ReportSender`, so the controller cannot tell them
+apart.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+logger = logging.getLogger(__name__)
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class RankReport:
+    """One rank's state after a step."""
+
+    dp_rank: int
+    step: int
+    received: int  # requests (health checks excluded) this rank has received so far, cumulative
+    free_slots: int  # running-request slots it could still fill (capacity - running - waiting)
+    # Running requests: KV length now, tokens generated so far, max_new_tokens cap.
+    run_kv: np.ndarray = field(default_factory=lambda: _EMPTY)
+    run_generated: np.ndarray = field(default_factory=lambda: _EMPTY)
+    run_cap: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # Waiting (received, not yet admitted): prompt length and max_new_tokens.
+    wait_prompt: np.ndarray = field(default_factory=lambda: _EMPTY)
+    wait_cap: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # Output lengths of requests that finished since the last report (estimator input).
+    finished_lengths: np.ndarray = field(default_factory=lambda: _EMPTY)
+    time: float = field(default_factory=time.time)
+
+    @property
+    def kv_tokens(self) -> int:
+        return int(self.run_kv.sum() + self.wait_prompt.sum())
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.run_kv.shape[0] + self.wait_prompt.shape[0])
+
+
+def is_health_check_rid(rid) -> bool:
+    return isinstance(rid, str) and rid.startswith("HEALTH_CHECK")
+
+
+class ReportSender:
+    """PUSH side: never blocks the scheduler; a report that cannot go now is dropped
+    (the next step's report supersedes it)."""
+
+    def __init__(self, addr: str, dp_rank: int):
+        self.dp_rank = dp_rank
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, 64)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(addr)
+        self.dropped = 0
+        # Finished lengths of a dropped report are carried to the next one.
+        self._pending_finished: list[np.ndarray] = []
+
+    def send(self, report: RankReport) -> bool:
+        if self._pending_finished:
+            report.finished_lengths = np.concatenate(self._pending_finished + [report.finished_lengths])
+            self._pending_finished = []
+        try:
+            self._sock.send(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL), flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self.dropped += 1
+            if report.finished_lengths.size:
+                self._pending_finished.append(report.finished_lengths)
+            return False
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+
+def recv_reports(sock: zmq.Socket) -> list[RankReport]:
+    """Drain every report waiting on the PULL socket (non-blocking)."""
+    out = []
+    while True:
+        try:
+            raw = sock.recv(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return out
+        try:
+            obj = pickle.loads(raw)
+        except Exception:  # a stray peer must not take the controller down
+            logger.warning("dropping an undecodable balancer report (%d bytes)", len(raw))
+            continue
+        if isinstance(obj, RankReport):
+            out.append(obj)

@@ -1,0 +1,394 @@
+"""Summaries and plots of one or more runs (`sglang-ext report DIR [DIR2 ...]`).
+
+A run directory holds telemetry (`rank<g>.jsonl`, rotated `rank<g>.jsonl.N`,
+in DIR or one level below, e.g. DIR/telemetry/) and/or replay output
+(`requests.jsonl`, `summary.json`, in DIR or one level below). Either may be
+absent, not both.
+
+Per run it prints: idle fraction (sum of idle / sum of step time over all ranks
+and steps), joules per output token, throughput, TTFT and TPOT p50/p99, and the
+KV balance (mean over steps of mean_g L_g / max_g L_g, the TensorRT-LLM
+measure). When the replay recorded its time window, telemetry is restricted to
+it, so server warm-up and health checks do not dilute the numbers.
+
+Plots (matplotlib, Agg): idle per step per rank, power per rank and KV tokens
+per rank over time; with several runs, one column per run with shared y axes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .telemetry import rank_files
+
+logger = logging.getLogger(__name__)
+
+_RANK_RE = re.compile(r"^rank(\d+)\.jsonl$")
+_NUMERIC = ("step", "wall_time", "batch_size", "kv_tokens", "step_time_s", "idle_s", "energy_j", "power_w")
+_REQUIRED = _NUMERIC + ("idle_source", "energy_source")
+# Plots stay readable and fast on long runs: average into this many time bins per rank.
+_MAX_PLOT_POINTS = 2000
+
+
+@dataclass
+class RunData:
+    name: str
+    path: Path
+    telemetry: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # rank -> column -> array
+    energy_sources: set = field(default_factory=set)
+    idle_sources: dict = field(default_factory=dict)
+    telemetry_dir: Path | None = None
+    requests: list[dict] | None = None
+    summary: dict | None = None
+    window: tuple[float, float] | None = None  # unix seconds of the replay, when known
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _candidates(d: Path) -> list[Path]:
+    """DIR first, then its immediate subdirectories (sorted, for determinism)."""
+    return [d, *sorted(p for p in d.iterdir() if p.is_dir())]
+
+
+def _load_rank(files: list[str], run: RunData) -> dict[str, np.ndarray] | None:
+    cols: dict[str, list] = {k: [] for k in _NUMERIC}
+    for fname in files:
+        with open(fname, "rb") as fh:
+            lines = fh.read().splitlines()
+        for i, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                if i == len(lines):  # a server killed mid-write leaves a torn last line
+                    logger.warning("%s:%d: truncated last line skipped", fname, i)
+                    continue
+                raise UsageError(f"{fname}:{i}: invalid JSON") from None
+            if not isinstance(rec, dict):
+                raise UsageError(f"{fname}:{i}: not a JSON object")
+            for k in _REQUIRED:
+                if k not in rec:
+                    raise UsageError(f"{fname}:{i}: field {k!r} missing")
+            for k in _NUMERIC:
+                v = rec[k]
+                # energy_j/power_w are null only for NVML lines never settled (killed server).
+                cols[k].append(math.nan if v is None else v)
+            run.energy_sources.add(rec["energy_source"])
+            run.idle_sources[rec["idle_source"]] = run.idle_sources.get(rec["idle_source"], 0) + 1
+    if not cols["step"]:
+        return None
+    try:
+        out = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
+    except (TypeError, ValueError):
+        raise UsageError(f"{files[-1]}: a numeric field holds a non-number") from None
+    order = np.argsort(out["wall_time"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def _load_telemetry(run: RunData) -> None:
+    for cand in _candidates(run.path):
+        ranks = sorted(int(m.group(1)) for p in cand.iterdir() if (m := _RANK_RE.match(p.name)))
+        # rotated-only ranks (rank0.jsonl.1 without rank0.jsonl) still count
+        ranks += sorted({int(m.group(1)) for p in cand.iterdir()
+                         if (m := re.match(r"^rank(\d+)\.jsonl\.\d+$", p.name))} - set(ranks))
+        loaded = {}
+        for g in sorted(ranks):
+            cols = _load_rank(rank_files(cand / f"rank{g}.jsonl"), run)
+            if cols is not None:
+                loaded[g] = cols
+        if loaded:
+            run.telemetry, run.telemetry_dir = loaded, cand
+            return
+
+
+def _load_replay(run: RunData) -> None:
+    for cand in _candidates(run.path):
+        req, summ = cand / "requests.jsonl", cand / "summary.json"
+        if not (req.exists() or summ.exists()):
+            continue
+        if summ.exists():
+            try:
+                run.summary = json.loads(summ.read_text())
+            except ValueError as exc:
+                raise UsageError(f"{summ}: invalid JSON ({exc})") from None
+        if req.exists():
+            rows = []
+            for i, raw in enumerate(req.read_text().splitlines(), start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    rows.append(json.loads(raw))
+                except ValueError:
+                    raise UsageError(f"{req}:{i}: invalid JSON") from None
+            run.requests = rows
+        if run.summary and run.summary.get("start_unix") and run.summary.get("end_unix"):
+            run.window = (float(run.summary["start_unix"]), float(run.summary["end_unix"]))
+        return
+
+
+def load_run(d: str | os.PathLike, name: str | None = None) -> RunData:
+    path = Path(d)
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such run directory")
+    run = RunData(name or path.name or str(path), path)
+    _load_telemetry(run)
+    _load_replay(run)
+    if not run.telemetry and not run.requests and not run.summary:
+        raise UsageError(
+            f"{path}: no telemetry (rank*.jsonl) or replay output (requests.jsonl, summary.json) in it "
+            "or its subdirectories"
+        )
+    return run
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def _windowed(run: RunData) -> dict[int, dict[str, np.ndarray]]:
+    """Telemetry inside the replay window (all of it when no window is known)."""
+    if run.window is None:
+        return run.telemetry
+    lo, hi = run.window
+    hi += 1.0  # the last steps' lines are stamped just after the last response
+    out = {}
+    for g, cols in run.telemetry.items():
+        m = (cols["wall_time"] >= lo) & (cols["wall_time"] <= hi)
+        if m.any():
+            out[g] = {k: v[m] for k, v in cols.items()}
+    return out or run.telemetry  # clocks disagree (other host): better all than nothing
+
+
+def _pcts(values) -> tuple[float | None, float | None]:
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return None, None
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def kv_balance(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
+    """Mean over steps present on every rank of mean_g(KV) / max_g(KV)."""
+    if len(tel) < 2:
+        return None
+    common = None
+    for cols in tel.values():
+        s = np.unique(cols["step"])
+        common = s if common is None else np.intersect1d(common, s, assume_unique=True)
+    if common is None or common.size == 0:
+        return None
+    kv = []
+    for cols in tel.values():
+        steps, idx = np.unique(cols["step"], return_index=True)  # first line of a repeated step id
+        pos = np.searchsorted(steps, common)
+        kv.append(cols["kv_tokens"][idx[pos]])
+    kv = np.vstack(kv)  # (G, steps)
+    top = kv.max(axis=0)
+    m = top > 0
+    return float(np.mean(kv.mean(axis=0)[m] / top[m])) if m.any() else None
+
+
+def compute_metrics(run: RunData) -> dict:
+    tel = _windowed(run)
+    m: dict = {"run": run.name, "dir": str(run.path)}
+    step_time = sum(float(np.sum(c["step_time_s"])) for c in tel.values())
+    idle = sum(float(np.sum(c["idle_s"])) for c in tel.values())
+    energy = sum(float(np.nansum(c["energy_j"])) for c in tel.values())
+    m["ranks"] = len(tel)
+    m["steps"] = max((len(c["step"]) for c in tel.values()), default=0)
+    m["telemetry_window"] = "replay" if (run.window and tel is not run.telemetry) else "all"
+    m["idle_fraction"] = idle / step_time if step_time > 0 else None
+    m["idle_sources"] = dict(run.idle_sources)
+    m["energy_j"] = energy if tel else None
+    m["energy_sources"] = sorted(run.energy_sources)
+    m["unsettled_energy_lines"] = int(sum(np.isnan(c["energy_j"]).sum() for c in tel.values()))
+    m["kv_balance"] = kv_balance(tel)
+
+    reqs = run.requests or []
+    ok = [r for r in reqs if r.get("ok")]
+    if reqs:
+        # Every token the server produced cost energy, including those of failed attempts.
+        tokens = int(sum(r.get("tokens_received") or 0 for r in reqs))
+        m["tokens_source"] = "replay"
+    elif tel:
+        # Without replay output: each running request makes one token per decode step.
+        tokens = int(sum(float(np.sum(c["batch_size"])) for c in tel.values()))
+        m["tokens_source"] = "telemetry (sum of batch sizes)"
+    else:
+        tokens, m["tokens_source"] = int((run.summary or {}).get("output_tokens") or 0), "summary"
+    m["output_tokens"] = tokens
+    m["joules_per_token"] = energy / tokens if (tel and tokens > 0) else None
+
+    wall = (run.summary or {}).get("wall_time_s")
+    if not wall and tel:
+        wall = max(float(c["wall_time"].max()) for c in tel.values()) - min(
+            float(c["wall_time"].min()) for c in tel.values())
+    ok_tokens = int(sum(r.get("tokens_received") or 0 for r in ok)) if reqs else tokens
+    m["wall_time_s"] = wall
+    m["throughput_tok_s"] = ok_tokens / wall if wall else None
+    m["requests"] = len(reqs) if reqs else (run.summary or {}).get("sent")
+    m["ok"] = len(ok) if reqs else (run.summary or {}).get("ok")
+    m["failed"] = (len(reqs) - len(ok)) if reqs else (run.summary or {}).get("failed")
+    if run.summary:
+        m["failure_reasons"] = run.summary.get("failure_reasons", {})
+        m["retries"] = run.summary.get("retries")
+    for key in ("ttft_s", "tpot_s", "latency_s"):
+        if reqs:
+            p50, p99 = _pcts(r.get(key) for r in ok)
+        else:
+            s = (run.summary or {}).get(key) or {}
+            p50, p99 = s.get("p50"), s.get("p99")
+        m[f"{key[:-2]}_p50_s"], m[f"{key[:-2]}_p99_s"] = p50, p99
+    return m
+
+
+def _f(x, fmt="{:.1f}", scale=1.0) -> str:
+    if x is None:
+        return "-"
+    return fmt.format(x * scale if scale != 1.0 else x)
+
+
+def format_table(metrics: list[dict]) -> str:
+    head = ("| run | ranks | steps | idle % | J / token | energy source | tok/s | TTFT p50 / p99 (ms) "
+            "| TPOT p50 / p99 (ms) | ok / failed | KV balance |")
+    rows = [head, "|" + "---|" * 11]
+    for m in metrics:
+        rows.append(
+            f"| {m['run']} | {m['ranks']} | {m['steps']} | {_f(m['idle_fraction'], '{:.1f}', 100)} "
+            f"| {_f(m['joules_per_token'], '{:.3f}')} | {', '.join(m['energy_sources']) or '-'} "
+            f"| {_f(m['throughput_tok_s'])} "
+            f"| {_f(m['ttft_p50_s'], scale=1e3)} / {_f(m['ttft_p99_s'], scale=1e3)} "
+            f"| {_f(m['tpot_p50_s'], '{:.2f}', 1e3)} / {_f(m['tpot_p99_s'], '{:.2f}', 1e3)} "
+            f"| {_f(m['ok'], '{}')} / {_f(m['failed'], '{}')} | {_f(m['kv_balance'], '{:.3f}')} |"
+        )
+    return "\n".join(rows)
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+
+def _downsample(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of y in equal time bins (vectorised) when there are too many points to draw."""
+    if t.size <= _MAX_PLOT_POINTS:
+        return t, y
+    edges = np.linspace(t[0], t[-1], _MAX_PLOT_POINTS + 1)
+    idx = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, _MAX_PLOT_POINTS - 1)
+    ok = ~np.isnan(y)
+    cnt = np.bincount(idx[ok], minlength=_MAX_PLOT_POINTS)
+    sums = np.bincount(idx[ok], weights=y[ok], minlength=_MAX_PLOT_POINTS)
+    keep = cnt > 0
+    centers = (edges[:-1] + edges[1:]) / 2
+    return centers[keep], sums[keep] / cnt[keep]
+
+
+FIGURES = (
+    # file name, column, y scale, y label, title
+    ("idle_per_rank.png", "idle_s", 1e3, "barrier idle per step (ms)", "idle per step"),
+    ("power.png", "power_w", 1.0, "power (W)", "power per rank"),
+    ("kv_tokens.png", "kv_tokens", 1.0, "KV tokens", "KV tokens per rank"),
+)
+
+
+def plot_runs(runs: list[RunData], out: str | os.PathLike) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    n = len(runs)
+    for fname, col, scale, ylabel, title in FIGURES:
+        fig, axes = plt.subplots(1, n, sharey=True, squeeze=False, figsize=(1.5 + 5 * n, 3.8))
+        for ax, run in zip(axes[0], runs):
+            tel = _windowed(run)
+            if not tel:
+                ax.text(0.5, 0.5, "no telemetry", ha="center", va="center", transform=ax.transAxes)
+            else:
+                t0 = min(float(c["wall_time"].min()) for c in tel.values())
+                for g, c in sorted(tel.items()):
+                    x, y = _downsample(c["wall_time"] - t0, c[col] * scale)
+                    ax.plot(x, y, lw=0.8, label=f"rank {g}")
+                if len(tel) <= 16:
+                    ax.legend(fontsize=7, loc="upper right")
+            label = title
+            if col == "power_w" and run.energy_sources:
+                label += f" ({', '.join(sorted(run.energy_sources))})"
+            ax.set_title(f"{run.name}: {label}", fontsize=9)
+            ax.set_xlabel("time (s)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+# -- entry points ----------------------------------------------------------------------------
+
+
+def _unique_names(dirs: list[str]) -> list[str]:
+    names = [Path(d).name or d for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(Path(d)) for d in dirs]  # same basename twice: use the full paths
+
+
+def report(dirs: list[str], out: str | None = None, json_out: str | None = None,
+           plots: bool = True) -> tuple[list[dict], list[str]]:
+    """Load, measure and plot runs; returns (metrics per run, plot paths)."""
+    if not dirs:
+        raise UsageError("no run directory given")
+    runs = [load_run(d, name) for d, name in zip(dirs, _unique_names(dirs))]
+    metrics = [compute_metrics(r) for r in runs]
+    if out is None:
+        out = str(Path(dirs[0]) / "plots") if len(dirs) == 1 else "report"
+    paths = plot_runs(runs, out) if plots else []
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        with open(json_out, "w") as fh:
+            json.dump({"runs": metrics, "plots": paths}, fh, indent=2)
+    return metrics, paths
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="run directories (telemetry rank*.jsonl and/or replay requests.jsonl, summary.json)")
+    p.add_argument("--out", default=None,
+                   help="directory for the PNG plots (default DIR/plots for one run, ./report for several)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics as JSON to this file")
+    p.add_argument("--no-plots", action="store_true", help="print the table only")
+
+
+def main(args: argparse.Namespace) -> int:
+    metrics, paths = report(args.dirs, args.out, args.json, plots=not args.no_plots)
+    print(format_table(metrics))
+    for m in metrics:
+        notes = []
+        if m["energy_sources"] and any(s.startswith("model:") for s in m["energy_sources"]):
+            notes.append("energy from the power model, not measured")
+        if m.get("idle_sources") and "predicted" in m["idle_sources"]:
+            notes.append(f"idle partly predicted ({m['idle_sources'].get('predicted', 0)} lines)")
+        if m.get("failure_reasons"):
+            notes.append(f"failures: {m['failure_reasons']}")
+        if m["unsettled_energy_lines"]:
+            notes.append(f"{m['unsettled_energy_lines']} lines without energy")
+        if notes:
+            print(f"- {m['run']}: " + "; ".join(notes))
+    for p in paths:
+        print(f"plot: {p}")
+    if args.json:
+        print(f"metrics: {args.json}")
+    return 0

@@ -1,0 +1,270 @@
+"""Online mode: timed arrivals, per-rank capacity, prefill as a barrier step,
+unknown output lengths.
+
+The loop is step-driven like a DP-attention server: at each iteration the
+arrivals up to the clock are bound (immediately to a rank, or into a central
+pool), ranks admit from their queues, and one barrier step runs: a prefill
+step if any rank admitted something, else a decode step. Every rank joins every
+step (DP attention's collective); a rank waits T - sync - t_g. With nothing to
+run the clock jumps to the next arrival (not counted as step time).
+
+Load: `capacity_rps` is the request rate the ranks can serve when every slot is
+busy (G * B requests, each holding its slot for its mean output length of
+steps). load = arrival rate / capacity; `rate_scale` multiplies the recorded
+arrival rate.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ..cost import CostModel, PowerModel, cost_preset, power_preset
+from ..estimators import Estimator, OracleEstimator
+from ..policies import Candidates, ClusterView, Policy
+from ..traces import Trace
+from .metrics import DecisionTimer, SimResult, pct
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineConfig:
+    ranks: int = 8
+    batch: int = 72  # max running requests per rank
+    kv_capacity: int = 1 << 62  # KV tokens per rank (admission stops above it)
+    binding: str = "immediate"  # or "pool"
+    pool_window: int | None = None  # candidates offered per pool call (default 4*G)
+    max_pool_wait_s: float = 5.0  # a pooled request older than this is bound immediately
+    rate_scale: float = 1.0  # multiplies the recorded arrival rate
+    cost: CostModel | None = None
+    power: PowerModel | None = None
+    max_prompt_len: int | None = None  # clip prompts to a context limit
+    progress: bool = False
+
+
+def capacity_rps(trace: Trace, cost: CostModel, ranks: int, batch: int) -> float:
+    """Requests/s the ranks serve with every slot busy: G*B slots, each request
+    holding one for mean(output) steps of a full-batch step time, plus its share
+    of prefill time."""
+    mean_out = float(trace.output_len.mean())
+    mean_kv = float(trace.prompt_len.mean() + trace.output_len.mean() / 2)
+    step = cost.a + cost.b * batch + cost.c * batch * mean_kv + cost.sync
+    prefill_per_req = cost.a / batch + cost.prefill_per_token * float(trace.prompt_len.mean())
+    per_slot_s = mean_out * step + prefill_per_req * batch
+    return ranks * batch / per_slot_s
+
+
+def native_rate(trace: Trace) -> float:
+    span = float(trace.arrival_s[-1] - trace.arrival_s[0])
+    return (len(trace) - 1) / span if span > 0 else float("inf")
+
+
+def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: Estimator | None = None,
+                    seed: int = 0) -> SimResult:
+    if trace.arrival_s is None:
+        raise ValueError(f"{trace.name}: online mode needs a timed trace (arrival times); "
+                         "length-only files run in --mode paper")
+    if cfg.binding not in ("immediate", "pool"):
+        raise ValueError(f"binding must be 'immediate' or 'pool', got {cfg.binding!r}")
+    G, B = cfg.ranks, cfg.batch
+    cost = cfg.cost or cost_preset("paper-dsv3", B)
+    power = cfg.power or power_preset("h100")
+    estimator = estimator or OracleEstimator()
+    n = len(trace)
+    arrival = trace.arrival_s / cfg.rate_scale
+    prompt = trace.prompt_len.astype(np.int64)
+    if cfg.max_prompt_len:
+        prompt = np.minimum(prompt, cfg.max_prompt_len)
+    out_len = trace.output_len.astype(np.int64)
+    est_total = np.zeros(n, np.int64)
+    window = cfg.pool_window or 4 * G
+    timer = DecisionTimer()
+    policy.reset()
+
+    # Queued at a rank (bound, not yet running), in binding order.
+    q_id = np.zeros(0, np.int64)
+    q_rank = np.zeros(0, np.int64)
+    pool = np.zeros(0, np.int64)  # central pool (pool binding), arrival order
+    # Running.
+    r_id = np.zeros(0, np.int64)
+    r_rank = np.zeros(0, np.int64)
+    r_kv = np.zeros(0, np.int64)
+    r_gen = np.zeros(0, np.int64)
+    first_tok = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    nxt = 0  # next arrival index
+    clock = 0.0
+
+    decode_time = wait_time = energy = 0.0
+    tokens = 0
+    steps = 0
+    imb_sum = 0.0
+    decode_steps = 0
+
+    def view_of(extra_free: bool) -> ClusterView:
+        held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
+        kv = (np.bincount(r_rank, weights=r_kv, minlength=G)
+              + np.bincount(q_rank, weights=prompt[q_id], minlength=G)).astype(np.int64)
+        view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held)
+        if policy.needs_requests:
+            # Queued requests count as if running from now: they will be soon.
+            view.req_rank = np.concatenate([r_rank, q_rank])
+            view.req_kv = np.concatenate([r_kv, prompt[q_id]])
+            view.req_remaining = np.concatenate([estimator.remaining(r_gen, est_total[r_id]),
+                                                 est_total[q_id]])
+        return view
+
+    def bind_now(ids: np.ndarray) -> None:
+        """Immediate binding: one policy call per request, as SGLang dispatches."""
+        nonlocal q_id, q_rank
+        for i in ids:
+            view = view_of(False)
+            cands = Candidates(prompt_len=prompt[i:i + 1], output_est=est_total[i:i + 1])
+            t0 = time.perf_counter()
+            g = int(policy.assign(view, cands, must_place=True)[0])
+            timer.add(time.perf_counter() - t0)
+            q_id = np.append(q_id, i)
+            q_rank = np.append(q_rank, g)
+
+    def fill_from_pool() -> None:
+        nonlocal pool, q_id, q_rank
+        if pool.size == 0:
+            return
+        # Overdue requests are bound by the immediate rule: nobody is stranded.
+        overdue = clock - arrival[pool] > cfg.max_pool_wait_s
+        if overdue.any():
+            bind_now(pool[overdue])
+            pool = pool[~overdue]
+        view = view_of(False)
+        if pool.size == 0 or view.free_slots.sum() == 0:
+            return
+        vis = pool[:window]
+        cands = Candidates(prompt_len=prompt[vis], output_est=est_total[vis])
+        t0 = time.perf_counter()
+        ranks = policy.assign(view, cands, must_place=False)
+        timer.add(time.perf_counter() - t0)
+        take = ranks >= 0
+        q_id = np.concatenate([q_id, vis[take]])
+        q_rank = np.concatenate([q_rank, ranks[take]])
+        pool = np.concatenate([vis[~take], pool[window:]])
+
+    bar = tqdm(total=n, desc=f"online {policy.name}", unit="req", disable=not cfg.progress, leave=False)
+    done_count = 0
+    while done_count < n:
+        # 1. arrivals up to now
+        hi = int(np.searchsorted(arrival, clock, side="right"))
+        if hi > nxt:
+            new = np.arange(nxt, hi)
+            est_total[new] = estimator.initial(prompt[new], out_len[new], None)
+            nxt = hi
+            if cfg.binding == "immediate":
+                bind_now(new)
+            else:
+                pool = np.concatenate([pool, new])
+        if cfg.binding == "pool":
+            fill_from_pool()
+        # 2. ranks admit from their queues (FCFS per rank) up to slots and KV capacity
+        admitted = np.zeros(0, np.int64)
+        if q_id.size:
+            order = np.argsort(q_rank, kind="stable")
+            qi, qr = q_id[order], q_rank[order]
+            starts = np.searchsorted(qr, np.arange(G))
+            pos = np.arange(qi.size) - starts[qr]
+            running = np.bincount(r_rank, minlength=G)
+            kv_now = np.bincount(r_rank, weights=r_kv, minlength=G)
+            csum = np.cumsum(prompt[qi])
+            base = np.concatenate([[0], csum])[starts][qr]
+            fits = (pos < B - running[qr]) & (kv_now[qr] + csum - base <= cfg.kv_capacity)
+            # FCFS: a rank stops at its first request that does not fit
+            blocked = np.zeros(qi.size, bool)
+            bad = np.flatnonzero(~fits)
+            if bad.size:
+                first_bad = np.full(G, qi.size)
+                np.minimum.at(first_bad, qr[bad], bad)
+                blocked = np.arange(qi.size) >= first_bad[qr]
+            adm = fits & ~blocked
+            admitted, adm_rank = qi[adm], qr[adm]
+            q_id, q_rank = qi[~adm], qr[~adm]
+            # restore binding order among the rest (ids grow with arrival)
+            o2 = np.argsort(q_id, kind="stable")
+            q_id, q_rank = q_id[o2], q_rank[o2]
+        if admitted.size:
+            # 3a. prefill barrier step: every rank joins; the longest prefill sets its length
+            pre_tokens = np.bincount(adm_rank, weights=prompt[admitted], minlength=G)
+            has = np.bincount(adm_rank, minlength=G) > 0
+            local = np.where(has, cost.a + cost.prefill_per_token * pre_tokens, 0.0)
+            T = local.max() + cost.sync
+            energy += power.step_energy(T, local, has | (np.bincount(r_rank, minlength=G) > 0))
+            clock += T
+            steps += 1
+            first_tok[admitted] = clock
+            r_id = np.concatenate([r_id, admitted])
+            r_rank = np.concatenate([r_rank, adm_rank])
+            r_kv = np.concatenate([r_kv, prompt[admitted] + 1])
+            r_gen = np.concatenate([r_gen, np.ones(admitted.size, np.int64)])
+            tokens += admitted.size
+        elif r_id.size:
+            # 3b. decode step
+            nrun = np.bincount(r_rank, minlength=G)
+            L = np.bincount(r_rank, weights=r_kv, minlength=G)
+            local = np.where(nrun > 0, cost.step_time(nrun, L), cost.a)  # empty ranks still join
+            T = local.max() + cost.sync
+            waits = T - cost.sync - local
+            decode_time += T
+            wait_time += float(waits.sum())
+            energy += power.step_energy(T, np.where(nrun > 0, local, 0.0), nrun > 0)
+            imb_sum += G * L.max() - L.sum()
+            decode_steps += 1
+            clock += T
+            steps += 1
+            r_kv += 1
+            r_gen += 1
+            tokens += r_id.size
+        else:
+            # nothing to run: jump to the next arrival (or the pool deadline)
+            nxt_t = arrival[nxt] if nxt < n else np.inf
+            if pool.size:
+                nxt_t = min(nxt_t, float(arrival[pool].min()) + cfg.max_pool_wait_s + 1e-9)
+            if not np.isfinite(nxt_t):
+                raise RuntimeError("simulation stalled: requests left but nothing can run "
+                                   "(a prompt larger than --kv-capacity?)")
+            clock = max(clock, float(nxt_t))
+            continue
+        # 4. departures
+        done = r_gen >= out_len[r_id]
+        if done.any():
+            ids = r_id[done]
+            finish[ids] = clock
+            estimator.observe(out_len[ids])
+            keep = ~done
+            r_id, r_rank, r_kv, r_gen = r_id[keep], r_rank[keep], r_kv[keep], r_gen[keep]
+            done_count += ids.size
+            bar.update(ids.size)
+    bar.close()
+
+    ttft = first_tok - arrival
+    multi = out_len > 1
+    tpot = (finish[multi] - first_tok[multi]) / (out_len[multi] - 1)
+    latency = finish - arrival
+    elapsed = float(finish.max() - arrival[0])
+    res = SimResult(
+        idle_fraction=wait_time / (G * decode_time) if decode_time > 0 else 0.0,
+        throughput_tok_s=float(out_len.sum()) / elapsed if elapsed > 0 else None,
+        tpot_ms=float(np.mean(tpot) * 1e3) if tpot.size else None,
+        tpot_ms_p99=pct(tpot * 1e3, 99),
+        ttft_ms_p50=pct(ttft * 1e3, 50),
+        ttft_ms_p99=pct(ttft * 1e3, 99),
+        imbalance=imb_sum / decode_steps if decode_steps else 0.0,
+        energy_j_per_token=energy / tokens if tokens else None,
+        decision_us_p50=timer.p50(),
+        decision_us_p99=timer.p99(),
+        requests_finished=int(np.isfinite(finish).sum()),
+        steps=steps,
+    )
+    res.extra = {"latency_ms_p50": pct(latency * 1e3, 50), "latency_ms_p99": pct(latency * 1e3, 99),
+                 "tpot_ms_p50": pct(tpot * 1e3, 50)}
+    return res

@@ -1,0 +1,111 @@
+"""Report on recorded data: telemetry from StepTelemetry, replay output from the replay module."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sglang_ext import cli
+from sglang_ext.cost import PowerModel
+from sglang_ext.replay import RequestResult, _result_line, summarize
+from sglang_ext.report import compute_metrics, load_run, report
+from sglang_ext.telemetry import StepTelemetry
+
+PM = PowerModel("toy", busy_w=300.0, wait_w=100.0, idle_w=50.0)
+STEP = 0.01
+
+
+def make_run(root, name, idle_by_rank, n_steps=40, ttfts=(0.1, 0.2, 0.3, 0.4), tokens=25, with_replay=True):
+    """Telemetry of len(idle_by_rank) ranks (every step STEP s, rank g idle idle_by_rank[g] s)
+    plus a replay output of len(ttfts) requests that got `tokens` tokens each (plus one failure)."""
+    run = root / name
+    start = time.time()
+    tels = [StepTelemetry(run / "telemetry", g, power_model=PM, use_nvml=False) for g in range(len(idle_by_rank))]
+    for k in range(n_steps):
+        for g, tel in enumerate(tels):
+            tel.record(step=k, batch_size=2, kv_tokens=1000 * (g + 1) + k, predicted_cost_s=STEP,
+                       step_time_s=STEP, idle_s=idle_by_rank[g], idle_source="measured")
+    for tel in tels:
+        tel.close()
+    if with_replay:
+        results = [RequestResult(i, 100, tokens, tokens_received=tokens, ttft_s=t, tpot_s=0.01 * (i + 1),
+                                 latency_s=t + 1, dp_rank=i % 2, attempts=1, ok=True) for i, t in enumerate(ttfts)]
+        results.append(RequestResult(len(ttfts), 100, tokens, tokens_received=3, attempts=3, ok=False,
+                                     error="http_500", retry_reasons=["http_500", "http_500"]))
+        (run / "requests.jsonl").write_text("".join(json.dumps(_result_line(r)) + "\n" for r in results))
+        summary = summarize(results, wall_s=2.0, start_unix=start - 0.1, end_unix=time.time())
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_metrics_on_recorded_data(tmp_path):
+    run = make_run(tmp_path, "rr", idle_by_rank=[0.0, 0.004])
+    m = compute_metrics(load_run(run))
+    assert m["ranks"] == 2 and m["steps"] == 40
+    assert m["idle_fraction"] == pytest.approx(0.004 / (2 * STEP))
+    energy = 40 * ((300 * STEP) + (300 * 0.006 + 100 * 0.004))
+    assert m["energy_j"] == pytest.approx(energy)
+    tokens = 4 * 25 + 3  # the failed request's partial tokens were produced too
+    assert m["output_tokens"] == tokens and m["tokens_source"] == "replay"
+    assert m["joules_per_token"] == pytest.approx(energy / tokens)
+    assert m["throughput_tok_s"] == pytest.approx(100 / 2.0)
+    assert m["ttft_p50_s"] == pytest.approx(np.percentile([0.1, 0.2, 0.3, 0.4], 50))
+    assert m["ttft_p99_s"] == pytest.approx(np.percentile([0.1, 0.2, 0.3, 0.4], 99))
+    assert m["tpot_p50_s"] == pytest.approx(0.025)
+    assert m["ok"] == 4 and m["failed"] == 1 and m["failure_reasons"] == {"http_500": 1}
+    assert m["energy_sources"] == ["model:toy"] and m["telemetry_window"] == "replay"
+    # KV of rank 0 is ~half of rank 1's: balance = mean(kv)/max(kv) ~ 0.75
+    assert 0.74 < m["kv_balance"] < 0.76
+
+
+def test_report_cli_two_runs_side_by_side(tmp_path, capsys):
+    a = make_run(tmp_path, "round_robin", idle_by_rank=[0.0, 0.005, 0.002])
+    b = make_run(tmp_path, "bfio", idle_by_rank=[0.0, 0.001, 0.0005], ttfts=(0.05, 0.1, 0.15, 0.2))
+    out, js = tmp_path / "plots", tmp_path / "m.json"
+    rc = cli.main(["report", str(a), str(b), "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| round_robin | 3 | 40 | 23.3 |" in text and "| bfio | 3 | 40 | 5.0 |" in text
+    for name in ("idle_per_rank.png", "power.png", "kv_tokens.png"):
+        png = out / name
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(js.read_text())
+    assert [m["run"] for m in doc["runs"]] == ["round_robin", "bfio"]
+    assert doc["runs"][1]["idle_fraction"] < doc["runs"][0]["idle_fraction"]
+
+
+def test_report_telemetry_only_and_replay_only(tmp_path):
+    tel_only = make_run(tmp_path, "tel", idle_by_rank=[0.0, 0.002], with_replay=False)
+    m = compute_metrics(load_run(tel_only))
+    assert m["tokens_source"].startswith("telemetry") and m["output_tokens"] == 2 * 40 * 2
+    assert m["ttft_p50_s"] is None and m["joules_per_token"] > 0
+    run = make_run(tmp_path, "rep", idle_by_rank=[0.0])
+    for f in (run / "telemetry").iterdir():
+        f.unlink()
+    (run / "telemetry").rmdir()
+    metrics, paths = report([str(run)])
+    assert metrics[0]["ranks"] == 0 and metrics[0]["idle_fraction"] is None and metrics[0]["ok"] == 4
+    assert all((run / "plots" / p.rsplit("/", 1)[1]).exists() for p in paths)  # "no telemetry" panels
+
+
+def test_truncated_last_line_tolerated_bad_middle_line_named(tmp_path):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001], with_replay=False)
+    f = run / "telemetry" / "rank1.jsonl"
+    f.write_text(f.read_text() + '{"step": 99, "wall_ti')  # killed mid-write
+    assert compute_metrics(load_run(run))["steps"] == 40
+    lines = f.read_text().splitlines()
+    lines[5] = "garbage"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"rank1\.jsonl:6: invalid JSON"):
+        load_run(run)
+
+
+def test_missing_and_empty_dirs_exit_2(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "absent")]) == 2
+    assert "absent: no such run directory" in capsys.readouterr().err
+    (tmp_path / "empty" / "telemetry").mkdir(parents=True)
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert "empty: no telemetry" in capsys.readouterr().err
