@@ -36,7 +36,8 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.86, growth: bool = True,
                  a: float = 0.0, b: float = 0.0, c: float = 1.0, backend: str = "auto",
-                 overflow: float | None = None, fit: float = 0.0, reward: float = 1.0):
+                 overflow: float | None = None, fit: float = 0.0, reward: float = 1.0,
+                 now_weight: float = 10.0):
         if horizon < 0:
             raise ValueError(f"bfio horizon must be >= 0, got {horizon}")
         self.horizon = int(horizon)
@@ -48,6 +49,8 @@ class BFIO(Policy):
         self.reward = reward  # weight of the load a placement moves out of the queue
         self.fit = fit  # >0 prefers the tightest fit among ranks (best-fit), <0 the loosest
         self.w = self.decay ** np.arange(self.horizon + 1)
+        # The next step is certain, the rest predicted: now_weight > 1 leans on it.
+        self.w[0] *= now_weight
         self._h = np.arange(self.horizon + 1)
 
     # -- projection -------------------------------------------------------

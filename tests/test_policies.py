@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+
+from sglang_ext.policies import Candidates, ClusterView, make_policy, parse_policy_spec, policy_names
+
+
+def view(free, kv, nreq=None):
+    free = np.asarray(free)
+    return ClusterView(free_slots=free, kv_tokens=np.asarray(kv), num_requests=np.asarray(nreq if nreq is not None else np.zeros_like(free)))
+
+
+def cands(prompts, outs=None):
+    prompts = np.asarray(prompts)
+    return Candidates(prompt_len=prompts, output_est=np.asarray(outs if outs is not None else np.full(prompts.size, 10)))
+
+
+def test_registry_names_and_errors():
+    assert {"fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two", "bfio"} <= set(policy_names())
+    with pytest.raises(ValueError, match="unknown policy 'nope'; valid: fcfs"):
+        make_policy("nope")
+    assert parse_policy_spec("bfio:horizon=0:decay=0.5") == ("bfio", {"horizon": 0, "decay": 0.5})
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_policy_spec("bfio:horizon")
+
+
+def test_fcfs_fills_rank_zero_first():
+    out = make_policy("fcfs").assign(view([2, 1, 3], [0, 0, 0]), cands([5, 6, 7, 8, 9]))
+    assert out.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_round_robin_restarts_each_call_in_pool_mode_and_skips_full():
+    p = make_policy("round_robin")
+    assert p.assign(view([1, 0, 2], [0] * 3), cands([1, 1, 1, 1])).tolist() == [0, 2, 2, -1]
+    assert p.assign(view([1, 1, 1], [0] * 3), cands([1])).tolist() == [0]  # restarted at rank 0
+
+
+def test_round_robin_keeps_cursor_under_immediate_binding():
+    p = make_policy("round_robin")
+    got = [int(p.assign(view([5, 5, 5], [0] * 3), cands([1]), must_place=True)[0]) for _ in range(4)]
+    assert got == [0, 1, 2, 0]
+
+
+def test_jsq_counts_what_it_just_sent_and_ties_go_low():
+    out = make_policy("jsq").assign(view([3, 3, 0], [10, 10, 0]), cands([5, 1, 1]))
+    # rank 2 has no slot; rank 0 wins the tie, then rank 1 is lighter, then rank 1 (11 < 15)
+    assert out.tolist() == [0, 1, 1]
+
+
+def test_total_requests_and_total_tokens_immediate():
+    v = view([0, 0, 0], [100, 5, 50], nreq=[1, 3, 2])
+    assert make_policy("total_requests").assign(v, cands([7]), must_place=True).tolist() == [0]
+    assert make_policy("total_tokens").assign(v, cands([7]), must_place=True).tolist() == [1]
+
+
+def test_power_of_two_is_seeded_and_respects_slots():
+    a = make_policy("power_of_two", seed=3).assign(view([1, 0, 1, 1], [5, 0, 9, 1]), cands([1, 1, 1, 1]))
+    b = make_policy("power_of_two", seed=3).assign(view([1, 0, 1, 1], [5, 0, 9, 1]), cands([1, 1, 1, 1]))
+    assert a.tolist() == b.tolist()
+    assert 1 not in a.tolist() and sorted(x for x in a if x >= 0) == [0, 2, 3]
+
+
+def _bfio_view(G=4):
+    # rank 0: a long heavy request; rank 1: a heavy request ending in 2 steps; ranks 2-3 empty
+    return ClusterView(free_slots=np.full(G, 2), kv_tokens=np.array([1000, 1000, 0, 0][:G]),
+                       num_requests=np.array([1, 1, 0, 0][:G]), req_rank=np.array([0, 1]),
+                       req_kv=np.array([1000, 1000]), req_remaining=np.array([50, 2]))
+
+
+def test_bfio_immediate_sees_the_future():
+    p = make_policy("bfio", horizon=20)
+    v = _bfio_view()
+    v.free_slots[2:] = 0  # only ranks 0 and 1 can take it
+    # present loads tie (1000 vs 1000); rank 1 empties in 2 steps, so a long request goes there
+    assert p.assign(v, cands([900], [40]), must_place=True).tolist() == [1]
+    # total_tokens cannot tell them apart and takes the lowest index
+    assert make_policy("total_tokens").assign(v, cands([900], [40]), must_place=True).tolist() == [0]
+
+
+def test_bfio_h0_reduces_to_total_tokens():
+    rng = np.random.default_rng(0)
+    p, tt = make_policy("bfio", horizon=0), make_policy("total_tokens")
+    for _ in range(50):
+        G = int(rng.integers(2, 9))
+        kv = rng.integers(0, 1000, G)
+        v = ClusterView(free_slots=np.full(G, 4), kv_tokens=kv, num_requests=np.ones(G, int),
+                        req_rank=np.arange(G), req_kv=kv, req_remaining=np.full(G, 100))
+        c = cands([int(rng.integers(1, 500))], [50])
+        assert p.assign(v, c, must_place=True).tolist() == tt.assign(v, c, must_place=True).tolist()
+
+
+def test_bfio_pool_respects_slots_and_prefers_fitting_requests():
+    p = make_policy("bfio", horizon=5)
+    v = ClusterView(free_slots=np.array([0, 1]), kv_tokens=np.array([1000, 200]), num_requests=np.array([1, 1]),
+                    req_rank=np.array([0, 1]), req_kv=np.array([1000, 200]), req_remaining=np.array([30, 30]))
+    out = p.assign(v, cands([50, 790, 3000], [30, 30, 30]))
+    # one slot, on rank 1 (deficit ~800): the 790-token request fills it best
+    assert out.tolist() == [-1, 1, -1]
+
+
+def test_bfio_places_everything_when_slots_suffice_and_balances():
+    p = make_policy("bfio", horizon=3)
+    v = ClusterView(free_slots=np.full(4, 10), kv_tokens=np.zeros(4, int), num_requests=np.zeros(4, int))
+    prompts = np.array([400, 300, 300, 200, 200, 100, 100, 100, 100, 100])
+    out = p.assign(v, cands(prompts, np.full(10, 10)))
+    assert (out >= 0).all()
+    loads = np.bincount(out, weights=prompts, minlength=4)
+    assert loads.max() - loads.min() <= 100
+
+
+@pytest.mark.parametrize("name", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two", "bfio"])
+def test_every_policy_obeys_slots_and_must_place(name):
+    rng = np.random.default_rng(1)
+    p = make_policy(name, horizon=4, seed=0)
+    for _ in range(20):
+        G = int(rng.integers(1, 6))
+        free = rng.integers(0, 3, G)
+        nreq = rng.integers(0, 5, G)
+        v = ClusterView(free_slots=free, kv_tokens=rng.integers(0, 500, G), num_requests=nreq,
+                        req_rank=np.repeat(np.arange(G), nreq), req_kv=rng.integers(1, 100, nreq.sum()),
+                        req_remaining=rng.integers(1, 20, nreq.sum()))
+        c = cands(rng.integers(1, 300, 6), rng.integers(1, 30, 6))
+        out = p.assign(v, c)
+        placed = out[out >= 0]
+        assert (np.bincount(placed, minlength=G) <= free).all()
+        assert placed.size == min(6, free.sum())  # work-conserving
+        forced = p.assign(v, c, must_place=True)
+        assert ((forced >= 0) & (forced < G)).all()

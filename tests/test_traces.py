@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from sglang_ext.errors import TraceError
+from sglang_ext.traces import load_trace, paper_order
+
+
+def test_azure_csv_loads_with_relative_times(traces_dir):
+    t = load_trace(traces_dir / "azure_conv_2023.csv")
+    assert len(t) == 19366
+    assert t.arrival_s[0] == 0.0 and np.all(np.diff(t.arrival_s) >= 0)
+    assert t.prompt_len[0] == 374 and t.output_len[0] == 44
+    # second row is 4.3145788 s after the first
+    assert t.arrival_s[1] == pytest.approx(50.9951690 - 46.6805900, abs=1e-6)
+
+
+def test_mooncake_jsonl_ms_to_seconds(traces_dir):
+    t = load_trace(traces_dir / "mooncake_conversation.jsonl")
+    assert len(t) == 12031
+    assert t.prompt_len[0] == 6758 and t.output_len[0] == 500
+    assert t.arrival_s.max() > 60  # ms converted to s, an hour-long trace
+
+
+def test_length_json_and_paper_order(traces_dir):
+    t = load_trace(traces_dir / "burstgpt_lengths_8000.json")
+    assert t.arrival_s is None and len(t) == 8000
+    o = paper_order(t, 8000, 42)
+    idx = np.random.default_rng(42).choice(8000, size=8000, replace=False)
+    assert np.array_equal(o.prompt_len, t.prompt_len[idx])
+    with pytest.raises(TraceError, match="asked for 9000"):
+        paper_order(t, 9000, 42)
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,10,5\n2023-11-16 18:15:47.1,abc,5\n",
+         r"bad\.csv:3: field 'ContextTokens': not an integer"),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,10,0\n",
+         r"bad\.csv:2: field 'GeneratedTokens': must be positive"),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,10,5\n2023-11-16 18:15:45.1,10,5\n",
+         r"bad\.csv:3: field 'TIMESTAMP': timestamp goes backwards"),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n,10,5\n", r"bad\.csv:2: field 'TIMESTAMP': missing"),
+        ("TIMESTAMP,Context\n", r"bad\.csv:1: missing column"),
+    ],
+)
+def test_bad_csv_rows_name_file_line_field(tmp_path, body, where):
+    p = tmp_path / "bad.csv"
+    p.write_text(body)
+    with pytest.raises(TraceError, match=where):
+        load_trace(p)
+
+
+def test_bad_jsonl_and_skip_option(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n'
+                 '{"timestamp": 10, "input_length": -1, "output_length": 3}\n'
+                 '{"timestamp": 20, "output_length": 3}\n'
+                 'not json\n'
+                 '{"timestamp": 30, "input_length": 7, "output_length": 2}\n')
+    with pytest.raises(TraceError, match=r"m\.jsonl:2: field 'input_length': must be positive"):
+        load_trace(p)
+    t = load_trace(p, skip_bad=True)
+    assert len(t) == 2 and t.skipped == 3
+    assert list(t.prompt_len) == [5, 7] and t.arrival_s[-1] == pytest.approx(0.03)
+
+
+def test_bad_length_json(tmp_path):
+    p = tmp_path / "l.json"
+    p.write_text('{"data": [{"input_length": 3, "output_length": 2}, {"input_length": 3}]}')
+    with pytest.raises(TraceError, match=r"l\.json:record 1: field 'output_length': missing"):
+        load_trace(p)
+    p.write_text('{"nodata": 1}')
+    with pytest.raises(TraceError, match="field 'data'"):
+        load_trace(p)
+
+
+def test_unknown_and_missing_files(tmp_path):
+    with pytest.raises(TraceError, match="no such trace file"):
+        load_trace(tmp_path / "nope.csv")
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(TraceError, match="unknown trace format"):
+        load_trace(tmp_path / "x.txt")
