@@ -78,7 +78,7 @@ class DemoConfig:
     dp_size: int = 4
     max_prompt_len: int = 8192
     max_output_len: int | None = 512
-    health_timeout_s: float = 240.0
+    health_timeout_s: float = 300.0
     request_timeout_s: float = 120.0
     model_path: str | None = None
     server_args: list[str] | None = None
@@ -242,7 +242,7 @@ def parse_args(argv=None) -> DemoConfig:
     ap.add_argument("--max-prompt-len", type=int, default=8192, help="clip prompts to this many tokens")
     ap.add_argument("--max-output-len", type=int, default=512,
                     help="clip outputs to this many tokens (bounds the run's tail); 0 = no clipping")
-    ap.add_argument("--health-timeout", type=float, default=240.0, help="seconds to wait for /health")
+    ap.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for /health")
     ap.add_argument("--request-timeout", type=float, default=120.0,
                     help="replay: longest silence between stream chunks before a retry")
     ap.add_argument("--model-path", default=None, help="model directory (default: a temp dir with a tiny config.json)")

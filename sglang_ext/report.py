@@ -6,9 +6,10 @@ in DIR or one level below, e.g. DIR/telemetry/) and/or replay output
 absent, not both.
 
 Per run it prints: idle fraction (sum of idle / sum of step time over all ranks
-and steps), joules per output token, throughput, TTFT and TPOT p50/p99, and the
-KV balance (mean over steps of mean_g L_g / max_g L_g, the TensorRT-LLM
-measure). When the replay recorded its time window, telemetry is restricted to
+and steps, as recorded; and as the cost model implies from `predicted_cost_s`,
+sum_g (max_g pred - pred_g) / sum_g T, immune to timing noise), joules per
+output token, throughput, TTFT and TPOT p50/p99, and the KV balance (mean
+over steps of mean_g L_g / max_g L_g, the TensorRT-LLM measure). When the replay recorded its time window, telemetry is restricted to
 it, so server warm-up and health checks do not dilute the numbers.
 
 Plots (matplotlib, Agg): idle per step per rank, power per rank and KV tokens
@@ -33,7 +34,8 @@ from .telemetry import rank_files
 logger = logging.getLogger(__name__)
 
 _RANK_RE = re.compile(r"^rank(\d+)\.jsonl$")
-_NUMERIC = ("step", "wall_time", "batch_size", "kv_tokens", "step_time_s", "idle_s", "energy_j", "power_w")
+_NUMERIC = ("step", "wall_time", "batch_size", "kv_tokens", "predicted_cost_s", "step_time_s", "idle_s",
+            "energy_j", "power_w")
 _REQUIRED = _NUMERIC + ("idle_source", "energy_source")
 # Plots stay readable and fast on long runs: average into this many time bins per rank.
 _MAX_PLOT_POINTS = 2000
@@ -176,8 +178,8 @@ def _pcts(values) -> tuple[float | None, float | None]:
     return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
 
 
-def kv_balance(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
-    """Mean over steps present on every rank of mean_g(KV) / max_g(KV)."""
+def _aligned(tel: dict[int, dict[str, np.ndarray]], column: str) -> np.ndarray | None:
+    """(G, S) matrix of `column` over the step ids present on every rank, or None."""
     if len(tel) < 2:
         return None
     common = None
@@ -186,12 +188,33 @@ def kv_balance(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
         common = s if common is None else np.intersect1d(common, s, assume_unique=True)
     if common is None or common.size == 0:
         return None
-    kv = []
+    rows = []
     for cols in tel.values():
         steps, idx = np.unique(cols["step"], return_index=True)  # first line of a repeated step id
-        pos = np.searchsorted(steps, common)
-        kv.append(cols["kv_tokens"][idx[pos]])
-    kv = np.vstack(kv)  # (G, steps)
+        rows.append(cols[column][idx[np.searchsorted(steps, common)]])
+    return np.vstack(rows)
+
+
+def model_idle_fraction(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
+    """Idle fraction implied by the cost model: sum_g (max_g pred - pred_g) / sum_g T.
+
+    Independent of timing noise (a CPU-bound stand-in on a small host measures
+    OS scheduling delays as barrier wait), so it is reported next to the
+    recorded one. None when there is no prediction (real GPU) or one rank."""
+    pred = _aligned(tel, "predicted_cost_s")
+    if pred is None or np.isnan(pred).any():
+        return None
+    step = _aligned(tel, "step_time_s")
+    idle = pred.max(axis=0, keepdims=True) - pred
+    total = float(step.sum())
+    return float(idle.sum()) / total if total > 0 else None
+
+
+def kv_balance(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
+    """Mean over steps present on every rank of mean_g(KV) / max_g(KV)."""
+    kv = _aligned(tel, "kv_tokens")
+    if kv is None:
+        return None
     top = kv.max(axis=0)
     m = top > 0
     return float(np.mean(kv.mean(axis=0)[m] / top[m])) if m.any() else None
@@ -207,6 +230,7 @@ def compute_metrics(run: RunData) -> dict:
     m["steps"] = max((len(c["step"]) for c in tel.values()), default=0)
     m["telemetry_window"] = "replay" if (run.window and tel is not run.telemetry) else "all"
     m["idle_fraction"] = idle / step_time if step_time > 0 else None
+    m["idle_fraction_model"] = model_idle_fraction(tel)
     m["idle_sources"] = dict(run.idle_sources)
     m["energy_j"] = energy if tel else None
     m["energy_sources"] = sorted(run.energy_sources)
@@ -258,12 +282,13 @@ def _f(x, fmt="{:.1f}", scale=1.0) -> str:
 
 
 def format_table(metrics: list[dict]) -> str:
-    head = ("| run | ranks | steps | idle % | J / token | energy source | tok/s | TTFT p50 / p99 (ms) "
-            "| TPOT p50 / p99 (ms) | ok / failed | KV balance |")
-    rows = [head, "|" + "---|" * 11]
+    head = ("| run | ranks | steps | idle % | idle % (model) | J / token | energy source | tok/s "
+            "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ok / failed | KV balance |")
+    rows = [head, "|" + "---|" * 12]
     for m in metrics:
         rows.append(
             f"| {m['run']} | {m['ranks']} | {m['steps']} | {_f(m['idle_fraction'], '{:.1f}', 100)} "
+            f"| {_f(m.get('idle_fraction_model'), '{:.1f}', 100)} "
             f"| {_f(m['joules_per_token'], '{:.3f}')} | {', '.join(m['energy_sources']) or '-'} "
             f"| {_f(m['throughput_tok_s'])} "
             f"| {_f(m['ttft_p50_s'], scale=1e3)} / {_f(m['ttft_p99_s'], scale=1e3)} "

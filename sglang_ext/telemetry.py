@@ -218,7 +218,9 @@ class StepTelemetry:
             "dp_rank": self.dp_rank,
             "batch_size": batch_size,
             "kv_tokens": int(kv_tokens),
-            "predicted_cost_s": float(predicted_cost_s),
+            # None (JSON null) when the caller has no prediction (NaN): keeps the file strict JSON.
+            "predicted_cost_s": None if predicted_cost_s is None or predicted_cost_s != predicted_cost_s
+            else float(predicted_cost_s),
             "step_time_s": step_time_s,
             "idle_s": idle_s,
             "idle_source": idle_source,

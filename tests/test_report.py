@@ -26,7 +26,8 @@ def make_run(root, name, idle_by_rank, n_steps=40, ttfts=(0.1, 0.2, 0.3, 0.4), t
     tels = [StepTelemetry(run / "telemetry", g, power_model=PM, use_nvml=False) for g in range(len(idle_by_rank))]
     for k in range(n_steps):
         for g, tel in enumerate(tels):
-            tel.record(step=k, batch_size=2, kv_tokens=1000 * (g + 1) + k, predicted_cost_s=STEP,
+            tel.record(step=k, batch_size=2, kv_tokens=1000 * (g + 1) + k,
+                       predicted_cost_s=STEP - idle_by_rank[g],
                        step_time_s=STEP, idle_s=idle_by_rank[g], idle_source="measured")
     for tel in tels:
         tel.close()
@@ -46,6 +47,7 @@ def test_metrics_on_recorded_data(tmp_path):
     m = compute_metrics(load_run(run))
     assert m["ranks"] == 2 and m["steps"] == 40
     assert m["idle_fraction"] == pytest.approx(0.004 / (2 * STEP))
+    assert m["idle_fraction_model"] == pytest.approx(m["idle_fraction"])  # predictions agree with the record
     energy = 40 * ((300 * STEP) + (300 * 0.006 + 100 * 0.004))
     assert m["energy_j"] == pytest.approx(energy)
     tokens = 4 * 25 + 3  # the failed request's partial tokens were produced too
@@ -68,7 +70,7 @@ def test_report_cli_two_runs_side_by_side(tmp_path, capsys):
     rc = cli.main(["report", str(a), str(b), "--out", str(out), "--json", str(js)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "| round_robin | 3 | 40 | 23.3 |" in text and "| bfio | 3 | 40 | 5.0 |" in text
+    assert "| round_robin | 3 | 40 | 23.3 | 23.3 |" in text and "| bfio | 3 | 40 | 5.0 | 5.0 |" in text
     for name in ("idle_per_rank.png", "power.png", "kv_tokens.png"):
         png = out / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -151,3 +151,11 @@ def test_nvml_read_failure_falls_back(tmp_path, monkeypatch):
     rec = record_steps(tel, 1)[0]
     assert rec["energy_source"] == "model:h100" and rec["energy_j"] > 0
     tel.close()
+
+
+def test_missing_prediction_is_null(tmp_path, no_nvml):
+    with StepTelemetry(tmp_path, 0) as tel:
+        rec = tel.record(step=1, batch_size=1, kv_tokens=5, predicted_cost_s=float("nan"), step_time_s=0.01,
+                         idle_s=0.0, idle_source="measured")
+    assert rec["predicted_cost_s"] is None
+    assert read_lines(tmp_path / "rank0.jsonl")[0]["predicted_cost_s"] is None

@@ -10,6 +10,7 @@ spawned controller and scheduler processes.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import socket
@@ -184,6 +185,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _default_report_addr(args: argparse.Namespace) -> str:
     nnodes = getattr(args, "nnodes", 1) or 1
     dist = getattr(args, "dist_init_addr", None)
@@ -228,6 +236,10 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         if dp_size < 2:
             logger.warning("--balancer %s has no effect with --dp-size %d (no DP controller)", policy, dp_size)
         cfg.report_addr = getattr(args, "balancer_report_addr", None) or _default_report_addr(args)
+        if cfg.report_addr.startswith("ipc://"):
+            # The controller that binds it is killed (not closed) at shutdown, so the
+            # launcher, which outlives it, removes the socket file.
+            atexit.register(_unlink_quietly, cfg.report_addr[len("ipc://"):])
     if cfg.sim_backend is not None:
         if getattr(args, "max_running_requests", None):
             cfg.sim_max_running = int(args.max_running_requests)

@@ -6,7 +6,8 @@ launcher, tokenizer manager, HTTP server and DP controller run unchanged:
 - `load_plugins()`, then `publish(server_args, role="scheduler", ranks=...)`;
 - PULL requests from `port_args.scheduler_input_ipc_name`, PUSH
   `BatchTokenIDOutput` to `port_args.tokenizer_ipc_name` (--skip-tokenizer-init),
-  a DEALER on `rpc_ipc_name`, the ready message on the pipe;
+  a DEALER on `rpc_ipc_name`, the ready message on the pipe (outputs go as the
+  detokenizer's `BatchStrOutput`, see `_flush_outbox`);
 - admits up to `max_running` requests per rank, runs steps whose duration comes
   from the cost model (`CostModel.step_time` plus prefill per prompt token),
   sleeping `duration * time_scale`;
@@ -26,7 +27,6 @@ import logging
 import os
 import signal
 import time
-from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -256,26 +256,27 @@ class StandinScheduler:
         self.running = still
 
     def _flush_outbox(self) -> None:
-        from sglang.srt.managers.io_struct import BatchTokenIDOutput, sock_send
+        """Send this step's outputs to the tokenizer manager.
+
+        As `BatchStrOutput`, i.e. what SGLang's detokenizer sends, rather than the
+        scheduler's `BatchTokenIDOutput`: under --skip-tokenizer-init the latter has no
+        text, and stock /v1/completions then fails on the missing "text". Each token
+        gets a fixed text " t<id>", so both /generate and the OpenAI routes work."""
+        from sglang.srt.managers.io_struct import BatchStrOutput, sock_send
 
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []
         k = len(items)
-        out = BatchTokenIDOutput(
+        out = BatchStrOutput(
             rids=[r.rid for r, _, _ in items],
             http_worker_ipcs=[r.http_worker_ipc for r, _, _ in items],
             finished_reasons=[fin for _, _, fin in items],
-            decoded_texts=[""] * k,
-            decode_ids=[array("i") for _ in range(k)],
-            read_offsets=[0] * k,
-            output_ids=[array("i", toks) for _, toks, _ in items],
-            skip_special_tokens=[True] * k,
-            spaces_between_special_tokens=[True] * k,
-            no_stop_trim=[False] * k,
+            output_strs=["".join(f" t{t}" for t in toks) for _, toks, _ in items],
+            output_ids=[list(toks) for _, toks, _ in items],
             prompt_tokens=[r.prompt_len for r, _, _ in items],
-            reasoning_tokens=[0] * k,
             completion_tokens=[r.generated for r, _, _ in items],
+            reasoning_tokens=[0] * k,
             cached_tokens=[0] * k,
             input_token_logprobs_val=None, input_token_logprobs_idx=None,
             output_token_logprobs_val=None, output_token_logprobs_idx=None,

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sglang_ext.sim.metrics import RESULT_KEYS
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sglang_ext.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_simulate_paper_json_contract_and_plot(tmp_path, traces_dir):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    p = run_cli("simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--mode", "paper",
+                "--ranks", "8", "--batch", "16", "--policies", "fcfs,bfio", "--requests", "600",
+                "--json", str(out), "--plot", str(png))
+    assert p.returncode == 0, p.stderr
+    assert "| fcfs" in p.stdout and "| bfio" in p.stdout
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"config", "results"}
+    for pol in ("fcfs", "bfio"):
+        assert set(RESULT_KEYS) <= set(doc["results"][pol])
+        assert doc["results"][pol]["ttft_ms_p50"] is None  # paper mode has no TTFT
+        assert doc["results"][pol]["requests_finished"] == 600
+    assert png.stat().st_size > 10_000
+
+
+def test_simulate_online_runs(tmp_path, traces_dir):
+    out = tmp_path / "o.json"
+    p = run_cli("simulate", "--trace", str(traces_dir / "azure_code_2023.csv"), "--mode", "online", "--ranks", "4",
+                "--batch", "16", "--policies", "total_tokens,bfio", "--requests", "300", "--rate-scale", "2",
+                "--estimator", "empirical", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["config"]["estimator"] == "empirical"
+    assert doc["results"]["bfio"]["ttft_ms_p99"] is not None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--policies", "fcfs,nope"], "unknown policy 'nope'"),
+    (["--ranks", "0"], "--ranks: must be positive"),
+    (["--estimator", "psychic"], "unknown estimator"),
+    (["--cost-preset", "tpu"], "unknown cost preset"),
+    (["--trace", "/nonexistent.csv"], "no such trace file"),
+    (["--mode", "online"], "online mode needs a timed trace"),
+])
+def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):
+    base = ["simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--requests", "50"]
+    p = run_cli(*base, *args)
+    assert p.returncode == 2
+    assert needle in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_trace_row_names_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,10,5\n2023-11-16 18:15:47.1,-3,5\n")
+    p = run_cli("simulate", "--trace", str(bad), "--mode", "online", "--ranks", "2", "--batch", "4")
+    assert p.returncode == 2 and "bad.csv:3: field 'ContextTokens'" in p.stderr
+    p = run_cli("simulate", "--trace", str(bad), "--mode", "online", "--ranks", "2", "--batch", "4", "--skip-bad-rows",
+                "--policies", "jsq")
+    assert p.returncode == 0, p.stderr
