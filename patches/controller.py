@@ -179,11 +179,20 @@ class BalancedDispatch:
         return Candidates(prompt_len=prompt, output_est=remaining_steps(self.estimator, np.zeros_like(cap), cap))
 
     def _place(self, reqs, must_place: bool) -> np.ndarray:
-        ranks = np.asarray(self.policy.assign(self.build_view(), self._candidates(reqs), must_place=must_place),
-                           dtype=np.int64)
         active = self._active_mask()
         if not active.any():
             raise RuntimeError("No active DP workers are available for routing.")
+        try:
+            view = self.build_view()
+            ranks = np.asarray(self.policy.assign(view, self._candidates(reqs), must_place=must_place),
+                               dtype=np.int64)
+        except Exception:  # noqa: BLE001  (a policy bug must not lose requests)
+            logger.exception("sglang-ext: policy %s failed; falling back to the least-loaded rank", self.cfg.policy)
+            if not must_place:
+                return np.full(len(reqs), -1, dtype=np.int64)  # stay pooled; the deadline places them
+            loads = np.array([self.reports[g].kv_tokens if self.reports[g] else 0 for g in range(self.num_ranks)])
+            loads = np.where(active, loads, np.iinfo(np.int64).max)
+            return np.full(len(reqs), int(np.argmin(loads)), dtype=np.int64)
         for i, g in enumerate(ranks):
             if g >= 0 and not active[g]:  # defensive: a policy must never strand a request on a dead rank
                 ranks[i] = int(np.flatnonzero(active)[0]) if must_place else -1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import numpy as np
 
@@ -83,12 +84,14 @@ def feasible(assignment, free, work_conserving: bool = True) -> bool:
 
 
 def solve_exact(L, X, free, weights=None, time_limit: float = 60.0, work_conserving: bool = True,
-                strict: bool = False):
+                strict: bool = False, return_info: bool = False):
     """Optimal assignment of the finite-horizon integer program (module docstring).
 
     Returns (assignment (n,) int64 with -1 = not placed, objective value). When
     HiGHS hits `time_limit` the best assignment found is returned (a warning is
-    logged; `strict=True` raises NotOptimalError instead).
+    logged; `strict=True` raises NotOptimalError instead). With return_info=True
+    a third element is a dict: optimal (bool), bound (a proven lower bound on
+    the optimum), seconds, message.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix, vstack
@@ -98,36 +101,44 @@ def solve_exact(L, X, free, weights=None, time_limit: float = 60.0, work_conserv
     n = X.shape[0]
     out = np.full(n, -1, dtype=np.int64)
     if n == 0 or free.sum() == 0:
-        return out, objective(L, X, out, w)
+        v = objective(L, X, out, w)
+        info = dict(optimal=True, bound=v, seconds=0.0, message="trivial")
+        return (out, v, info) if return_info else (out, v)
+    t0 = time.perf_counter()
 
-    # Variables: x[j, g] at j*G + g (nx = n*G), then M[h] at nx + h.
-    nx = n * G
-    xw = X @ w  # (n,) weighted load each candidate moves into the batch
-    c = np.concatenate([np.repeat(-xw, G), G * w])
+    # Candidates with identical profiles are interchangeable: one integer
+    # variable y[k, g] in [0, count_k] per distinct profile k and rank g (removes
+    # the symmetry between duplicates). Then M[h] at nx + h.
+    U, inverse, count = np.unique(X, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    K = U.shape[0]
+    nx = K * G
+    uw = U @ w  # (K,) weighted load each profile moves into the batch
+    c = np.concatenate([np.repeat(-uw, G), G * w])
     const = -float(w @ L.sum(axis=1))
 
     rows = []
     lb, ub = [], []
-    j_idx = np.repeat(np.arange(n), G)
-    g_idx = np.tile(np.arange(G), n)
+    k_idx = np.repeat(np.arange(K), G)
+    g_idx = np.tile(np.arange(G), K)
     var = np.arange(nx)
-    # each candidate at most once
-    rows.append(coo_matrix((np.ones(nx), (j_idx, var)), shape=(n, nx + H1)))
-    lb.append(np.zeros(n)); ub.append(np.ones(n))
+    # each candidate at most once: sum_g y[k, g] <= count_k
+    rows.append(coo_matrix((np.ones(nx), (k_idx, var)), shape=(K, nx + H1)))
+    lb.append(np.zeros(K)); ub.append(count.astype(np.float64))
     # slots per rank
     rows.append(coo_matrix((np.ones(nx), (g_idx, var)), shape=(G, nx + H1)))
     lb.append(np.zeros(G)); ub.append(free.astype(np.float64))
     # work-conserving
-    k = _target(n, free, work_conserving)
-    if k is not None:
+    target = _target(n, free, work_conserving)
+    if target is not None:
         rows.append(coo_matrix((np.ones(nx), (np.zeros(nx, np.int64), var)), shape=(1, nx + H1)))
-        lb.append(np.array([k], float)); ub.append(np.array([k], float))
-    # envelope: M_h - sum_j X_j(h) x_jg >= L_g(h), row index h*G + g
-    hh, jj, gg = np.meshgrid(np.arange(H1), np.arange(n), np.arange(G), indexing="ij")
-    keep = X[jj, hh] != 0
+        lb.append(np.array([target], float)); ub.append(np.array([target], float))
+    # envelope: M_h - sum_k U_k(h) y[k, g] >= L_g(h), row index h*G + g
+    hh, kk, gg = np.meshgrid(np.arange(H1), np.arange(K), np.arange(G), indexing="ij")
+    keep = U[kk, hh] != 0
     r_x = (hh * G + gg)[keep]
-    c_x = (jj * G + gg)[keep]
-    v_x = -X[jj, hh][keep]
+    c_x = (kk * G + gg)[keep]
+    v_x = -U[kk, hh][keep]
     r_m = np.arange(H1 * G)
     c_m = nx + np.repeat(np.arange(H1), G)
     rows.append(coo_matrix((np.concatenate([v_x, np.ones(H1 * G)]),
@@ -138,8 +149,9 @@ def solve_exact(L, X, free, weights=None, time_limit: float = 60.0, work_conserv
     A = vstack(rows).tocsr()
     cons = LinearConstraint(A, np.concatenate(lb), np.concatenate(ub))
     integrality = np.concatenate([np.ones(nx), np.zeros(H1)])
+    y_ub = np.minimum(count[:, None], free[None, :]).reshape(-1).astype(np.float64)
     bounds = Bounds(np.concatenate([np.zeros(nx), L.max(axis=1)]),
-                    np.concatenate([np.ones(nx), np.full(H1, np.inf)]))
+                    np.concatenate([y_ub, np.full(H1, np.inf)]))
     res = milp(c, constraints=cons, integrality=integrality, bounds=bounds,
                options={"time_limit": float(time_limit), "mip_rel_gap": 0.0, "presolve": True})
     if res.x is None:
@@ -149,14 +161,22 @@ def solve_exact(L, X, free, weights=None, time_limit: float = 60.0, work_conserv
         if strict:
             raise NotOptimalError(msg)
         logger.warning(msg)
-    xs = res.x[:nx].reshape(n, G) > 0.5
-    placed = xs.any(axis=1)
-    out[placed] = xs[placed].argmax(axis=1)
+    y = np.rint(res.x[:nx]).astype(np.int64).reshape(K, G)
+    for k in range(K):  # hand each profile's slots to its candidates in arrival order
+        members = np.flatnonzero(inverse == k)
+        ranks = np.repeat(np.arange(G), y[k])
+        out[members[:ranks.size]] = ranks
     value = objective(L, X, out, w)
     # The evaluator is the reference; the solver's value should agree (same model).
     if res.status == 0 and abs(value - (res.fun + const)) > 1e-6 * max(1.0, abs(value)):
         logger.warning("MILP objective %.6f differs from evaluated %.6f", res.fun + const, value)
-    return out, value
+    if not return_info:
+        return out, value
+    dual = getattr(res, "mip_dual_bound", None)
+    bound = value if res.status == 0 else (float(dual) + const if dual is not None and np.isfinite(dual) else -np.inf)
+    info = dict(optimal=res.status == 0, bound=min(bound, value), seconds=time.perf_counter() - t0,
+                message=str(res.message))
+    return out, value, info
 
 
 def brute_force(L, X, free, weights=None, work_conserving: bool = True):

@@ -103,6 +103,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--balancer-horizon",
+        metavar="H",
         type=_non_negative_int,
         default=None,
         help="Number of future decode steps the bfio policy projects (default: 20; 0 = myopic).",
@@ -118,6 +119,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--balancer-pool-max-wait",
+        metavar="SECONDS",
         type=_positive_float,
         default=None,
         help="In pool binding, the longest a request may wait in the controller (seconds) "
@@ -148,6 +150,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--balancer-report-addr",
+        metavar="ADDR",
         type=str,
         default=None,
         help="ZMQ address the controller binds for the per-step rank reports (tcp://host:port "
@@ -156,6 +159,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--balancer-seed",
+        metavar="SEED",
         type=int,
         default=None,
         help="Seed of randomized policies such as power_of_two (default: 0).",
@@ -172,6 +176,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--balancer-sim-time-scale",
+        metavar="X",
         type=_positive_float,
         default=None,
         help="Multiply the stand-in's simulated step times by this factor when sleeping "

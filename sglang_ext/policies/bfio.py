@@ -36,8 +36,8 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.86, growth: bool = True,
                  a: float = 0.0, b: float = 0.0, c: float = 1.0, backend: str = "auto",
-                 overflow: float | None = None, fit: float = 0.0, reward: float = 1.0,
-                 now_weight: float = 10.0):
+                 overflow: float | None = None, reward: float = 1.0,
+                 now_weight: float = 10.0, parallel: bool = True):
         if horizon < 0:
             raise ValueError(f"bfio horizon must be >= 0, got {horizon}")
         self.horizon = int(horizon)
@@ -46,11 +46,16 @@ class BFIO(Policy):
         self.weights = (float(a), float(b), float(c))
         self.backend = backend
         self.overflow = overflow  # penalty per unit the envelope rises (default G)
+        # parallel: a round takes every rank's best proposal even when it lifts the
+        # envelope (scored against the envelope at the round's start); False
+        # rescores after every such pair (exact greedy, slower).
+        self.parallel = parallel
         self.reward = reward  # weight of the load a placement moves out of the queue
-        self.fit = fit  # >0 prefers the tightest fit among ranks (best-fit), <0 the loosest
         self.w = self.decay ** np.arange(self.horizon + 1)
         # The next step is certain, the rest predicted: now_weight > 1 leans on it.
         self.w[0] *= now_weight
+        # Tie-break terms are scaled below the smallest possible growth step.
+        self._tie_scale = 1e-3 * float(self.w.min())
         self._h = np.arange(self.horizon + 1)
 
     # -- projection -------------------------------------------------------
@@ -99,7 +104,7 @@ class BFIO(Policy):
     def _place_all(self, L, X, free, out):
         """Every candidate gets a slot: largest first (LPT), each on the rank
         whose future envelope grows least."""
-        for j in np.argsort(-(X @ self.w), kind="stable"):
+        for j in np.argsort(-(X @ self.w), kind="stable").tolist():
             g = self._least_growth(L, X[j], free)
             out[j] = g
             L[:, g] += X[j]
@@ -110,55 +115,87 @@ class BFIO(Policy):
         ok = free > 0
         if not ok.any():
             ok = np.ones_like(ok)
-        grow = L + (x - L.max(axis=1))[:, None]  # (H+1, G): > 0 where the envelope rises
-        np.maximum(grow, 0.0, out=grow)
+        live = np.flatnonzero(ok)
+        # Envelope over all ranks: a full rank still sets the barrier.
+        grow = np.maximum(L[:, live] + (x - L.max(axis=1))[:, None], 0.0)
         primary = self.w @ grow
-        # Secondary: the projected load this request would share a rank with.
-        secondary = (self.w * x) @ L
-        key = np.where(ok, primary, np.inf)
-        best = np.flatnonzero(key <= key.min() + 1e-9 * max(1.0, abs(key.min())))
-        return int(best[np.argmin(secondary[best])])
+        shared = (self.w * x) @ L[:, live]
+        key = primary + shared * (self._tie_scale / (np.abs(shared).max() + 1.0))
+        return int(live[np.argmin(key)])
 
     def _select(self, L, X, free, out):
-        """Pool with more candidates than slots: best (candidate, rank) pairs."""
-        G = L.shape[1]
+        """Pool with more candidates than slots: best (candidate, rank) pairs,
+        score = w . (reward * x_j - overflow_penalty * rise of the envelope).
+
+        Rounds: one candidate per rank with a free slot, matched greedily by
+        score (`_match_round`); then the changed columns are rescored (all of
+        them when the envelope rose)."""
+        n, G = X.shape[0], L.shape[1]
         w = self.w
-        ranks = np.flatnonzero(free > 0)
-        E = L.max(axis=1)
-        gain = self.reward * (X @ w)  # reward: load moved from the queue into the batch
-        # score[j, r] = w . (x_j - G * max(L_r + x_j - E, 0))
+        gain = self.reward * (X @ w)
         pen = G if self.overflow is None else self.overflow
-
-        def column(g):
-            gap = L[:, g][None, :] + X - E[None, :]  # > 0: overflow, < 0: slack left
-            return gain - pen * (np.maximum(gap, 0.0) @ w) + self.fit * (np.minimum(gap, 0.0) @ w)
-
-        def all_columns(cols):
-            gap = L[None, :, cols] + X[:, :, None] - E[None, :, None]  # (n, H+1, k)
-            return (gain[:, None] - pen * np.einsum("nhk,h->nk", np.maximum(gap, 0.0), w)
-                    + self.fit * np.einsum("nhk,h->nk", np.minimum(gap, 0.0), w))
-
-        S = np.full((X.shape[0], G), -np.inf)
-        S[:, ranks] = all_columns(ranks)
-        left = int(free[ranks].sum())
-        while left:
-            flat = int(np.argmax(S))
-            j, g = divmod(flat, G)
-            if not np.isfinite(S[j, g]):
+        E = L.max(axis=1)
+        S = np.full((n, G), -np.inf)
+        over = np.zeros((n, G))
+        taken = np.zeros(n, bool)
+        stale = np.flatnonzero(free > 0)
+        while True:
+            live = np.flatnonzero(free > 0)
+            if live.size == 0 or taken.all():
                 break
-            out[j] = g
-            L[:, g] += X[j]
-            free[g] -= 1
-            left -= 1
-            S[j, :] = -np.inf
-            newE = np.maximum(E, L[:, g])
-            if (newE > E).any():  # the envelope moved: every rank's deficit changed
+            if stale.size:
+                rise = np.einsum("nhk,h->nk", np.maximum(L[None, :, stale] + X[:, :, None] - E[None, :, None], 0.0), w)
+                over[:, stale] = rise
+                S[:, stale] = gain[:, None] - pen * rise
+                S[taken] = -np.inf
+            js, gs = self._match_round(S[:, live], over[:, live], live)
+            if js.size == 0:
+                break
+            out[js] = gs
+            taken[js] = True
+            S[js] = -np.inf
+            L[:, gs] += X[js].T
+            free[gs] -= 1
+            newE = np.maximum(E, L[:, gs].max(axis=1))
+            if (newE > E).any():
                 E = newE
-                live = np.flatnonzero(free > 0)
-                S[:, live] = all_columns(live)
-                S[out >= 0, :] = -np.inf
-            elif free[g] > 0:
-                S[:, g] = np.where(out >= 0, -np.inf, column(g))
-            if free[g] == 0:
-                S[:, g] = -np.inf
+                stale = np.flatnonzero(free > 0)
+            else:
+                stale = gs[free[gs] > 0]
         return out
+
+    def _match_round(self, S: np.ndarray, over: np.ndarray, live: np.ndarray):
+        """Greedy matching of candidates to ranks (at most one each), best
+        pair first, in vectorised proposal rounds: every open rank proposes
+        its best free candidate and each candidate goes to its best proposer.
+        Without `parallel`: only the single best pair (the exact
+        sequential greedy, one rescoring per placement)."""
+        if not self.parallel:
+            flat = int(np.argmax(S))
+            j, r = divmod(flat, S.shape[1])
+            if not np.isfinite(S[j, r]):
+                return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.array([j], np.int64), live[[r]].astype(np.int64)
+        S = S.copy()
+        open_rank = np.ones(S.shape[1], bool)
+        js, rs = [], []
+        while open_rank.any():
+            cols = np.flatnonzero(open_rank)
+            bj = S[:, cols].argmax(axis=0)
+            bs = S[bj, cols]
+            ok = np.isfinite(bs)
+            open_rank[cols[~ok]] = False
+            if not ok.any():
+                break
+            cols, bj, bs = cols[ok], bj[ok], bs[ok]
+            # each proposed candidate goes to its best-scoring proposer
+            order = np.argsort(-bs, kind="stable")
+            _, first = np.unique(bj[order], return_index=True)
+            win = order[first]
+            js.extend(bj[win].tolist())
+            rs.extend(cols[win].tolist())
+            S[bj[win], :] = -np.inf
+            open_rank[cols[win]] = False
+        if not js:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.asarray(js, np.int64), live[np.asarray(rs, np.int64)]

@@ -1,0 +1,190 @@
+"""Fast tests of the SGLang plugin pieces without a server: CLI flags, the controller's
+dispatch/pool/in-flight logic with a fake controller, and the scheduler patch's reports
+with a fake scheduler. The real thing runs in test_e2e_server.py (slow)."""
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zmq
+
+from sglang_ext.plugin import config
+from sglang_ext.plugin.protocol import RankReport, recv_reports
+
+pytest.importorskip("sglang")
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dp-size", type=int, default=1)
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--dist-init-addr", default=None)
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    config.add_cli_args(None, parser)
+    args = parser.parse_args(argv)
+    server_args = SimpleNamespace()
+    config.from_cli_args(server_args, None, args)
+    return getattr(server_args, "_balancer", None)
+
+
+def test_cli_defaults_and_values():
+    cfg = _parse(["--dp-size", "4", "--balancer", "bfio"])
+    assert (cfg.policy, cfg.horizon, cfg.binding, cfg.device, cfg.estimator) == ("bfio", 20, "immediate", "auto", "cap")
+    assert cfg.report_addr.startswith("ipc://")
+    cfg = _parse(["--dp-size", "4", "--balancer", "power_of_two", "--balancer-horizon", "0",
+                  "--balancer-binding", "pool", "--balancer-estimator", "empirical"])
+    assert (cfg.horizon, cfg.binding, cfg.estimator) == (0, "pool", "empirical")
+
+
+def test_cli_without_balancer_changes_nothing():
+    assert _parse(["--dp-size", "4"]) is None
+
+
+def test_cli_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "nope"])
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "bfio" in err
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-horizon", "-1"])
+    with pytest.raises(SystemExit, match="only apply with --balancer"):
+        _parse(["--balancer-horizon", "5"])
+
+
+def test_cli_multinode_report_addr_is_tcp():
+    cfg = _parse(["--dp-size", "4", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000", "--balancer", "bfio"])
+    assert cfg.report_addr == f"tcp://10.0.0.1:{5000 + config.REPORT_PORT_DELTA}"
+
+
+# ---- controller ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_controller(monkeypatch, tmp_path):
+    import sglang.srt.managers.io_struct as io_struct
+
+    sent = []
+    monkeypatch.setattr(io_struct, "sock_send", lambda sock, obj: sent.append((sock, obj)))
+
+    def make(policy="total_tokens", binding="immediate", max_wait=0.5, ranks=4):
+        from sglang_ext.patches.controller import BalancedDispatch
+
+        ctrl = SimpleNamespace(workers=list(range(ranks)), _active_workers=list(range(ranks)),
+                               context=zmq.Context.instance())
+        ctrl.maybe_external_dp_rank_routing = lambda req: (
+            req.routed_dp_rank is not None and (sent.append((req.routed_dp_rank, req)) or True))
+        cfg = config.BalancerConfig(policy=policy, binding=binding, pool_max_wait_s=max_wait,
+                                    report_addr=f"ipc://{tmp_path}/rep-{policy}-{binding}")
+        bal = BalancedDispatch(ctrl, cfg)
+        return bal, sent
+
+    yield make
+
+
+def _req(prompt, max_new=16, pin=None, rid="r"):
+    return SimpleNamespace(rid=rid, input_ids=[1] * prompt, routed_dp_rank=pin,
+                           sampling_params=SimpleNamespace(max_new_tokens=max_new))
+
+
+def test_burst_is_spread_by_in_flight_accounting(fake_controller):
+    bal, sent = fake_controller("total_tokens")
+    for _ in range(8):
+        bal.dispatch(_req(100))
+    ranks = [g for g, _ in sent]
+    assert sorted(np.bincount(ranks, minlength=4)) == [2, 2, 2, 2]
+    assert [len(q) for q in bal.inflight] == [2, 2, 2, 2]
+    # a report acknowledging rank 0's two requests clears them from flight
+    bal.on_reports([RankReport(dp_rank=0, step=1, received=2, free_slots=70, run_kv=np.array([100, 100]),
+                               run_generated=np.array([1, 1]), run_cap=np.array([16, 16]))])
+    assert len(bal.inflight[0]) == 0
+    view = bal.build_view()
+    assert view.kv_tokens[0] == 200 and view.num_requests[0] == 2
+
+
+def test_pinned_request_is_honoured_and_counted(fake_controller):
+    bal, sent = fake_controller("bfio")
+    bal.dispatch(_req(50, pin=3))
+    assert sent[-1][0] == 3 and len(bal.inflight[3]) == 1 and bal.stats["pinned"] == 1
+
+
+def test_pool_fills_free_slots_then_deadline_places_the_rest(fake_controller):
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=0.05)
+    for g in range(4):
+        bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=1)])
+    for i in range(10):
+        bal.dispatch(_req(10 + i, rid=f"r{i}"))
+    assert not sent  # held until the loop releases
+    bal.release_pool()
+    assert len(sent) == 4 and len(bal.pool) == 6
+    assert sorted(g for g, _ in sent) == [0, 1, 2, 3]
+    assert 0 < bal.poll_timeout_ms() <= 51
+    time.sleep(0.06)
+    bal.release_pool()
+    assert len(sent) == 10 and not bal.pool and bal.stats["pool_deadline"] == 6
+    assert sorted(r.rid for _, r in sent) == sorted(f"r{i}" for i in range(10))  # each exactly once
+
+
+def test_policy_failure_falls_back_instead_of_losing_the_request(fake_controller, monkeypatch):
+    bal, sent = fake_controller("bfio")
+    monkeypatch.setattr(bal.policy, "assign", lambda *a, **k: 1 / 0)
+    bal.dispatch(_req(10))
+    assert len(sent) == 1
+
+
+# ---- scheduler patch ---------------------------------------------------------------------------
+
+
+class _FakeReq:
+    def __init__(self, seqlen, generated, cap, done=False, prompt=None):
+        self.seqlen = seqlen
+        self.output_ids = [7] * generated
+        self.origin_input_ids = [1] * (prompt if prompt is not None else seqlen - generated)
+        self.sampling_params = SimpleNamespace(max_new_tokens=cap)
+        self._done = done
+
+    def finished(self):
+        return self._done
+
+
+def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
+    from sglang_ext.patches import scheduler as patch
+
+    addr = f"ipc://{tmp_path}/reports"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(addr)
+    monkeypatch.setattr(patch, "_rank_info", lambda: (2, True))
+    cfg = config.BalancerConfig(policy="bfio", report_addr=addr)
+    running = [_FakeReq(110, 10, 64), _FakeReq(55, 5, 32)]
+    done = _FakeReq(40, 8, 8, done=True)
+    sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg), max_running_requests=8,
+                            running_batch=SimpleNamespace(reqs=running + [done]),
+                            waiting_queue=[_FakeReq(30, 0, 16, prompt=30)])
+    for rid in ("a", "HEALTH_CHECK_x", "b"):
+        patch.after_handle_request(None, sched, SimpleNamespace(rid=rid))
+    patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=running + [done]))
+    deadline = time.monotonic() + 5
+    reports = []
+    while not reports and time.monotonic() < deadline:
+        reports = recv_reports(pull)
+        time.sleep(0.01)
+    rep = reports[-1]
+    assert (rep.dp_rank, rep.step, rep.received, rep.free_slots) == (2, 1, 2, 8 - 2 - 1)
+    assert rep.run_kv.tolist() == [110, 55] and rep.run_generated.tolist() == [10, 5]
+    assert rep.run_cap.tolist() == [64, 32] and rep.wait_prompt.tolist() == [30]
+    assert rep.finished_lengths.tolist() == [8]
+    pull.close(linger=0)
+
+
+def test_scheduler_patch_is_inert_without_balancer():
+    from sglang_ext.patches import scheduler as patch
+
+    sched = SimpleNamespace(server_args=SimpleNamespace())
+    assert patch.after_handle_request(None, sched, SimpleNamespace(rid="a")) is None
+    assert patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=[])) is None
+    assert sched.__dict__["_sglang_ext"] is False
