@@ -205,3 +205,78 @@ def instance_from_view(view, cands, horizon: int):
     p = BFIO(horizon=horizon, decay=1.0, now_weight=1.0)
     return p.project(view).astype(np.float64), p.profiles(cands).astype(np.float64), \
         np.maximum(view.free_slots, 0)
+
+
+def local_search(L, X, free, assignment, weights=None, max_rounds: int = 1000):
+    """Improve a feasible assignment by best-improvement moves until none helps:
+    replace a placed candidate with a waiting one (same rank), swap the ranks of
+    two placed candidates, or move one to a rank with a free slot. Keeps the
+    number placed, so a work-conserving assignment stays work-conserving.
+    Returns (assignment, objective)."""
+    L, X, free, w = _check(L, X, free, weights)
+    G = L.shape[1]
+    a = np.asarray(assignment, dtype=np.int64).copy()
+    T = L.copy()
+    for j in np.flatnonzero(a >= 0):
+        T[:, a[j]] += X[j]
+    left = free - np.bincount(a[a >= 0], minlength=G)
+
+    def value(T):
+        return float(w @ (G * T.max(axis=1) - T.sum(axis=1)))
+
+    def batch_value(Tb):  # (m, H1, G)
+        return (G * Tb.max(axis=2) - Tb.sum(axis=2)) @ w
+
+    cur = value(T)
+    for _ in range(max_rounds):
+        best = (cur - 1e-9, None)
+        placed = np.flatnonzero(a >= 0)
+        waiting = np.flatnonzero(a < 0)
+        for j in placed:
+            g = a[j]
+            if waiting.size:  # replace j by a waiting candidate
+                Tb = np.repeat(T[None], waiting.size, axis=0)
+                Tb[:, :, g] += X[waiting] - X[j]
+                v = batch_value(Tb)
+                i = int(np.argmin(v))
+                if v[i] < best[0]:
+                    best = (v[i], ("replace", j, waiting[i]))
+            others = placed[a[placed] != g]
+            if others.size:  # swap ranks with a placed candidate elsewhere
+                Tb = np.repeat(T[None], others.size, axis=0)
+                d = X[others] - X[j]  # (m, H1)
+                Tb[:, :, g] += d
+                Tb[np.arange(others.size), :, a[others]] -= d
+                v = batch_value(Tb)
+                i = int(np.argmin(v))
+                if v[i] < best[0]:
+                    best = (v[i], ("swap", j, others[i]))
+            for h in np.flatnonzero(left > 0):  # move to a free slot
+                if h == g:
+                    continue
+                Tm = T.copy()
+                Tm[:, g] -= X[j]
+                Tm[:, h] += X[j]
+                v = value(Tm)
+                if v < best[0]:
+                    best = (v, ("move", j, h))
+        if best[1] is None:
+            break
+        kind, j, o = best[1]
+        g = a[j]
+        if kind == "replace":
+            T[:, g] += X[o] - X[j]
+            a[o], a[j] = g, -1
+        elif kind == "swap":
+            h = a[o]
+            T[:, g] += X[o] - X[j]
+            T[:, h] += X[j] - X[o]
+            a[j], a[o] = h, g
+        else:
+            T[:, g] -= X[j]
+            T[:, o] += X[j]
+            left[g] += 1
+            left[o] -= 1
+            a[j] = o
+        cur = value(T)
+    return a, objective(L, X, a, w)
