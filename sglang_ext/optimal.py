@@ -154,14 +154,20 @@ def solve_exact(L, X, free, weights=None, time_limit: float = 60.0, work_conserv
                     np.concatenate([y_ub, np.full(H1, np.inf)]))
     res = milp(c, constraints=cons, integrality=integrality, bounds=bounds,
                options={"time_limit": float(time_limit), "mip_rel_gap": 0.0, "presolve": True})
-    if res.x is None:
+    if res.x is None and res.status != 1:  # 1 = iteration/time limit
         raise RuntimeError(f"MILP failed: {res.message}")
     if res.status != 0:
         msg = f"MILP not proven optimal ({res.message}); returning the best assignment found"
         if strict:
             raise NotOptimalError(msg)
         logger.warning(msg)
-    y = np.rint(res.x[:nx]).astype(np.int64).reshape(K, G)
+    if res.x is None:  # stopped before any incumbent: fill slots in arrival order
+        slot_rank = np.repeat(np.arange(G), free)
+        m = min(n, slot_rank.size) if work_conserving else 0
+        out[:m] = slot_rank[:m]
+        y = np.zeros((K, G), np.int64)
+    else:
+        y = np.rint(res.x[:nx]).astype(np.int64).reshape(K, G)
     for k in range(K):  # hand each profile's slots to its candidates in arrival order
         members = np.flatnonzero(inverse == k)
         ranks = np.repeat(np.arange(G), y[k])

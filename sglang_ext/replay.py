@@ -177,7 +177,7 @@ async def _attempt(session, url: str, body: bytes, cfg: ReplayConfig) -> Attempt
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
             if resp.status != 200:
-                text = (await resp.text())[:200]
+                text = (await resp.read())[:200].decode(errors="replace")
                 retryable = resp.status >= 500 or resp.status in (408, 429)
                 logger.debug("HTTP %d: %s", resp.status, text)
                 return Attempt(False, f"http_{resp.status}", retryable)

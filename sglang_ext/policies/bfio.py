@@ -16,13 +16,16 @@ overflow is how far j lifts g above the current envelope E(h) = max_g L_g(h).
   i.e. the largest request that still fits under a rank's future deficit;
   when every slot can be filled with all candidates, place them largest first
   (LPT) on the rank whose envelope grows least.
-- immediate (one arriving request): the rank whose envelope grows least; ties
-  (nothing overflows, the common case) go to the rank with the least projected
-  load along the request's lifetime, which at H=0 is exactly SGLang's
-  total_tokens rule: with nothing to choose from it never drops below the best
-  myopic rule.
+- immediate (one arriving request): only *where* is open, and where matters
+  over the request's whole stay, so the lookahead is long (immediate_horizon,
+  uniform weights): the rank whose envelope grows least; ties (nothing
+  overflows, the common case) go to the rank with the least projected load
+  along the request's lifetime. At H=0 that is exactly SGLang's total_tokens
+  rule: with nothing to choose from it never drops below the best myopic rule.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,38 +33,57 @@ from ..triton_kernels import project_cost
 from .base import Candidates, ClusterView, Policy
 
 
+@dataclass(frozen=True)
+class _Horizon:
+    """Lookahead length and step weights of one kind of decision."""
+
+    H: int
+    w: np.ndarray  # (H+1,) weight of each future step
+    tie_scale: float  # tie-break terms stay below the smallest growth step
+
+    @classmethod
+    def make(cls, H: int, decay: float, now_weight: float) -> "_Horizon":
+        w = decay ** np.arange(H + 1, dtype=np.float64)
+        w[0] *= now_weight  # the next step is certain, the rest predicted
+        return cls(H, w, 1e-3 * float(w.min()))
+
+
 class BFIO(Policy):
     name = "bfio"
     needs_requests = True
 
-    def __init__(self, horizon: int = 20, decay: float = 0.86, growth: bool = True,
-                 a: float = 0.0, b: float = 0.0, c: float = 1.0, backend: str = "auto",
-                 overflow: float | None = None, reward: float = 1.0,
-                 now_weight: float = 10.0, parallel: bool = True):
-        if horizon < 0:
-            raise ValueError(f"bfio horizon must be >= 0, got {horizon}")
+    def __init__(self, horizon: int = 20, decay: float = 0.86, now_weight: float = 10.0,
+                 immediate_horizon: int = 100, immediate_decay: float = 1.0,
+                 growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
+                 reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
+                 backend: str = "auto"):
+        if horizon < 0 or immediate_horizon < 0:
+            raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
+        if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
+            raise ValueError("bfio decay must be in (0, 1]")
         self.horizon = int(horizon)
-        self.decay = float(decay)
         self.growth = bool(growth)
         self.weights = (float(a), float(b), float(c))
         self.backend = backend
+        self.reward = reward  # weight of the load a placement moves out of the queue
         self.overflow = overflow  # penalty per unit the envelope rises (default G)
         # parallel: a round takes every rank's best proposal even when it lifts the
         # envelope (scored against the envelope at the round's start); False
-        # rescores after every such pair (exact greedy, slower).
+        # rescores after every placement (the exact sequential greedy, slower).
         self.parallel = parallel
-        self.reward = reward  # weight of the load a placement moves out of the queue
-        self.w = self.decay ** np.arange(self.horizon + 1)
-        # The next step is certain, the rest predicted: now_weight > 1 leans on it.
-        self.w[0] *= now_weight
-        # Tie-break terms are scaled below the smallest possible growth step.
-        self._tie_scale = 1e-3 * float(self.w.min())
-        self._h = np.arange(self.horizon + 1)
+        # Pool decisions choose *which* requests: the next steps matter most.
+        self._pool = _Horizon.make(self.horizon, decay, now_weight)
+        # An arriving request has only *where* to go, and where matters over its
+        # whole stay: a long, uniformly weighted horizon. horizon=0 stays myopic
+        # everywhere (then the rule is exactly total_tokens).
+        self._imm = (_Horizon.make(0, 1.0, 1.0) if self.horizon == 0
+                     else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay, 1.0))
 
     # -- projection -------------------------------------------------------
-    def project(self, view: ClusterView) -> np.ndarray:
+    def project(self, view: ClusterView, H: int | None = None) -> np.ndarray:
         """(H+1, G) projected cost of what each rank already holds."""
-        G, H = view.num_ranks, self.horizon
+        G = view.num_ranks
+        H = self.horizon if H is None else H
         a, b, c = self.weights
         if view.req_rank.size or not view.kv_tokens.any():
             proj = project_cost(view.req_rank, view.req_kv, view.req_remaining, G, H,
@@ -70,26 +92,33 @@ class BFIO(Policy):
         # No per-request detail (e.g. a coarse load report): hold today's load flat.
         return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (H + 1, G)).astype(np.float64)
 
-    def profiles(self, cands: Candidates) -> np.ndarray:
+    def profiles(self, cands: Candidates, H: int | None = None) -> np.ndarray:
         """(n, H+1) cost each candidate adds at each horizon step."""
         _, b, c = self.weights
-        h = self._h[None, :]
+        H = self.horizon if H is None else H
+        h = np.arange(H + 1)[None, :]
         grow = h if self.growth else 0
         alive = h < cands.output_est[:, None]
         return np.where(alive, b + c * (cands.prompt_len[:, None] + grow), 0.0)
 
+    @property
+    def w(self) -> np.ndarray:
+        """Step weights of pool decisions."""
+        return self._pool.w
+
     # -- placement --------------------------------------------------------
     def assign(self, view, cands, must_place=False):
-        n, G = len(cands), view.num_ranks
+        n = len(cands)
         out = np.full(n, -1, dtype=np.int64)
         if n == 0:
             return out
-        L = self.project(view).copy()  # (H+1, G)
-        X = self.profiles(cands)  # (n, H+1)
+        hz = self._imm if must_place else self._pool
+        L = self.project(view, hz.H).copy()  # (H+1, G)
+        X = self.profiles(cands, hz.H)  # (n, H+1)
         free = view.free_slots.copy()
         if must_place:
             for j in range(n):
-                g = self._least_growth(L, X[j], free)
+                g = self._least_growth(hz, L, X[j], free)
                 out[j] = g
                 L[:, g] += X[j]
                 free[g] -= 1
@@ -98,32 +127,32 @@ class BFIO(Policy):
         if slots == 0:
             return out
         if n <= slots:
-            return self._place_all(L, X, free, out)
-        return self._select(L, X, free, out)
+            return self._place_all(hz, L, X, free, out)
+        return self._select(hz, L, X, free, out)
 
-    def _place_all(self, L, X, free, out):
+    def _place_all(self, hz, L, X, free, out):
         """Every candidate gets a slot: largest first (LPT), each on the rank
         whose future envelope grows least."""
-        for j in np.argsort(-(X @ self.w), kind="stable").tolist():
-            g = self._least_growth(L, X[j], free)
+        for j in np.argsort(-(X @ hz.w), kind="stable").tolist():
+            g = self._least_growth(hz, L, X[j], free)
             out[j] = g
             L[:, g] += X[j]
             free[g] -= 1
         return out
 
-    def _least_growth(self, L: np.ndarray, x: np.ndarray, free: np.ndarray) -> int:
+    def _least_growth(self, hz: "_Horizon", L: np.ndarray, x: np.ndarray, free: np.ndarray) -> int:
         ok = free > 0
         if not ok.any():
             ok = np.ones_like(ok)
         live = np.flatnonzero(ok)
         # Envelope over all ranks: a full rank still sets the barrier.
         grow = np.maximum(L[:, live] + (x - L.max(axis=1))[:, None], 0.0)
-        primary = self.w @ grow
-        shared = (self.w * x) @ L[:, live]
-        key = primary + shared * (self._tie_scale / (np.abs(shared).max() + 1.0))
+        primary = hz.w @ grow
+        shared = (hz.w * x) @ L[:, live]
+        key = primary + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         return int(live[np.argmin(key)])
 
-    def _select(self, L, X, free, out):
+    def _select(self, hz, L, X, free, out):
         """Pool with more candidates than slots: best (candidate, rank) pairs,
         score = w . (reward * x_j - overflow_penalty * rise of the envelope).
 
@@ -131,7 +160,7 @@ class BFIO(Policy):
         score (`_match_round`); then the changed columns are rescored (all of
         them when the envelope rose)."""
         n, G = X.shape[0], L.shape[1]
-        w = self.w
+        w = hz.w
         gain = self.reward * (X @ w)
         pen = G if self.overflow is None else self.overflow
         E = L.max(axis=1)
