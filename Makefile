@@ -12,7 +12,7 @@ install: .venv/.installed
 
 # The main job: round_robin vs bfio on a live SGLang server (stand-in backend on CPU).
 demo: install
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo_live.py
 
 # Simulator-only comparison (seconds): the paper-mode table on a shipped trace and a plot.
 demo-sim: install

@@ -71,13 +71,9 @@ class BalancedDispatch:
     """Policy-driven dispatch plus the per-rank state it needs."""
 
     def __init__(self, controller, cfg: BalancerConfig):
-        from sglang_ext.policies import Candidates, make_policy  # noqa: F401  (import errors surface at launch)
-
         self.ctrl = controller
         self.cfg = cfg
         self.num_ranks = len(controller.workers)
-        self.device = _resolve_device(cfg.device)
-        self.policy = make_policy(cfg.policy, horizon=cfg.horizon, seed=cfg.seed, device=self.device)
         self.estimator = make_estimator(cfg.estimator, seed=cfg.seed)
         self.pool_mode = cfg.binding == "pool"
         self.window = 4 * self.num_ranks  # the paper's visible window
@@ -91,6 +87,15 @@ class BalancedDispatch:
         self.pool: deque[tuple[object, float]] = deque()
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0}
 
+        self.device = "cpu"
+        self.policy = self._make_policy()
+        if _resolve_device(cfg.device) == "cuda":
+            self.device = "cuda"
+            self.policy = self._make_policy()
+            if self.policy.needs_requests and not self._cuda_projection_works():
+                self.device = "cpu"
+                self.policy = self._make_policy()
+
         self.sock = controller.context.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(cfg.report_addr)
@@ -98,6 +103,36 @@ class BalancedDispatch:
             "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s reports on %s",
             cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, cfg.report_addr,
         )
+
+    def _make_policy(self):
+        """The projection kernel runs where its input tensors live (Triton for CUDA tensors,
+        torch on CPU): on cpu, pin the torch backend; on cuda, build_view ships the
+        per-request arrays to the GPU."""
+        from sglang_ext.policies import make_policy
+
+        backend = "torch" if self.device == "cpu" else "auto"
+        return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend)
+
+    def _cuda_projection_works(self) -> bool:
+        """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to
+        CPU here instead of failing requests later."""
+        from sglang_ext.policies import Candidates
+
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("torch.cuda.is_available() is False in the controller")
+            G = self.num_ranks
+            view = self.build_view()
+            view.req_rank = torch.arange(G, device="cuda")
+            view.req_kv = torch.full((G,), 10, dtype=torch.int64, device="cuda")
+            view.req_remaining = torch.full((G,), 5, dtype=torch.int64, device="cuda")
+            self.policy.assign(view, Candidates(prompt_len=[5], output_est=[5]), must_place=True)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("sglang-ext: --balancer-device cuda unusable (%s); projecting on cpu", exc)
+            return False
 
     # ---- state -------------------------------------------------------------------
 
@@ -164,9 +199,13 @@ class BalancedDispatch:
         kv = np.where(active, kv, _INACTIVE_LOAD)
         num = np.where(active, num, _INACTIVE_LOAD)
         if need_reqs:
+            arrays = [np.concatenate(x) if x else np.zeros(0, np.int64) for x in (rr, rk, rrem)]
+            if self.device == "cuda":
+                import torch
+
+                arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
             return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
-                               req_rank=np.concatenate(rr), req_kv=np.concatenate(rk),
-                               req_remaining=np.concatenate(rrem))
+                               req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2])
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num)
 
     # ---- placement -----------------------------------------------------------------
@@ -243,6 +282,21 @@ class BalancedDispatch:
             self._send(int(self._place([req], must_place=True)[0]), req)
             self.stats["pool_deadline"] += 1
 
+    def _place_aborted_from_pool(self, msg) -> None:
+        """An abort for a request still pooled here: place it now (immediate rule), before the
+        abort is forwarded on the same per-rank sockets, so the rank sees the request, then
+        the abort, and answers it as aborted exactly as stock SGLang would."""
+        from sglang.srt.managers.io_struct import AbortReq
+
+        if not isinstance(msg, AbortReq):
+            return
+        hit = [item for item in self.pool if msg.abort_all or item[0].rid == msg.rid]
+        if not hit:
+            return
+        self.pool = deque(item for item in self.pool if not (msg.abort_all or item[0].rid == msg.rid))
+        for req, _ in hit:
+            self._send(int(self._place([req], must_place=True)[0]), req)
+
     def poll_timeout_ms(self) -> int:
         if not self.pool:
             return IDLE_POLL_MS
@@ -269,6 +323,8 @@ class BalancedDispatch:
                         recv_req = sock_recv(ctrl.recv_from_tokenizer, flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         break
+                    if self.pool:
+                        self._place_aborted_from_pool(recv_req)
                     try:
                         ctrl._request_dispatcher(recv_req)
                     except Exception:

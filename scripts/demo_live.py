@@ -11,7 +11,7 @@ in a temporary working directory (never the repository root), waits for
 /health, replays the same slice of a timed trace (first --requests requests,
 arrivals compressed so they span --arrival-span seconds), stops the server
 (its whole process group) and removes what it left behind (its TMPDIR with the
-IPC sockets, and the /dev/shm/sglang_* files it created). Then it prints the
+IPC sockets, and the /dev/shm segments its processes held). Then it prints the
 comparison table of `sglang-ext report` and the plot paths.
 
     .venv/bin/python scripts/demo_live.py [--requests 300] [--arrival-span 40] [--out runs/demo]
@@ -104,9 +104,46 @@ def default_trace() -> str:
 
 def shm_sglang() -> set[str]:
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("sglang")}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("sglang", "sgl_shm"))}
     except FileNotFoundError:
         return set()
+
+
+def group_pids(pgid: int) -> set[int]:
+    """Live processes in process group `pgid` (the server and everything it spawned)."""
+    pids = set()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.add(int(d.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+def shm_used_by(pids: set[int]) -> set[str]:
+    """/dev/shm files that these processes hold open or mapped: exactly the server's
+    own segments, so that a cleanup never touches another server's (tests running
+    beside the demo create theirs at the same time)."""
+    found = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("/dev/shm/"):
+                    found.add(target.split(" (deleted)")[0])
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                i = line.find("/dev/shm/")
+                if i >= 0:
+                    found.add(line[i:].split(" (deleted)")[0])
+        except OSError:
+            pass
+    return found
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -176,8 +213,12 @@ class Server:
                            f"last lines of {self.log}:\n{log_tail(self.log)}")
 
     def stop(self) -> None:
+        owned: set[str] = set()
+        pids: set[int] = set()
         if self.proc is not None and self.proc.poll() is None:
             pgid = self.proc.pid  # start_new_session: the group id is the leader's pid
+            pids = group_pids(pgid)
+            owned = shm_used_by(pids)
             try:
                 os.killpg(pgid, signal.SIGTERM)
                 self.proc.wait(timeout=20)
@@ -193,13 +234,22 @@ class Server:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 logger.error("server process %d did not exit", self.proc.pid)
-        # Only what this server created: other sessions' /dev/shm files stay.
+        # Only what this server created: segments its processes held, plus new
+        # pid-stamped ones (sgl_shm_<kind>_<pid>_<rand>) of its pids. Other
+        # servers' /dev/shm files stay, even if they appeared meanwhile.
         for name in shm_sglang() - self.shm_before:
-            try:
-                os.remove(f"/dev/shm/{name}")
-            except OSError:
-                pass
-        shutil.rmtree(self.work, ignore_errors=True)
+            parts = name.split("_")
+            stamped = name.startswith("sgl_shm_") and len(parts) >= 4 and parts[-2].isdigit() and int(parts[-2]) in pids
+            if stamped:
+                owned.add(f"/dev/shm/{name}")
+        for path in owned:
+            if path.startswith("/dev/shm/") and os.path.basename(path).startswith(("sglang", "sgl_shm")):
+                try:
+                    os.remove(path)
+                    logger.info("removed %s", path)
+                except OSError:
+                    pass
+        shutil.rmtree(self.work, ignore_errors=True)  # its TMPDIR: the IPC socket files
 
 
 def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:

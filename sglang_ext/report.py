@@ -37,8 +37,10 @@ _RANK_RE = re.compile(r"^rank(\d+)\.jsonl$")
 _NUMERIC = ("step", "wall_time", "batch_size", "kv_tokens", "predicted_cost_s", "step_time_s", "idle_s",
             "energy_j", "power_w")
 _REQUIRED = _NUMERIC + ("idle_source", "energy_source")
-# Plots stay readable and fast on long runs: average into this many time bins per rank.
-_MAX_PLOT_POINTS = 2000
+# Plots stay readable and fast on long runs: above this many steps, a rank's line
+# is the mean per step in this many equal time bins (raw per-step lines of 4
+# ranks overlap into a solid band).
+_MAX_PLOT_POINTS = 300
 
 
 @dataclass
@@ -341,9 +343,14 @@ def plot_runs(runs: list[RunData], out: str | os.PathLike) -> list[str]:
                 ax.text(0.5, 0.5, "no telemetry", ha="center", va="center", transform=ax.transAxes)
             else:
                 t0 = min(float(c["wall_time"].min()) for c in tel.values())
+                binned = False
                 for g, c in sorted(tel.items()):
                     x, y = _downsample(c["wall_time"] - t0, c[col] * scale)
-                    ax.plot(x, y, lw=0.8, label=f"rank {g}")
+                    binned |= x.size < c[col].size
+                    ax.plot(x, y, lw=0.9, label=f"rank {g}")
+                if binned:
+                    ax.text(0.01, 0.98, f"mean per step in {_MAX_PLOT_POINTS} time bins", fontsize=7,
+                            va="top", transform=ax.transAxes, color="0.4")
                 if len(tel) <= 16:
                     ax.legend(fontsize=7, loc="upper right")
             label = title

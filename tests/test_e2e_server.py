@@ -171,7 +171,10 @@ class TestRoundRobin:
         if "bfio" not in RESULTS or "round_robin" not in RESULTS:
             pytest.skip("needs both workloads")
         bfio, rr = RESULTS["bfio"], RESULTS["round_robin"]
-        assert bfio["spread"] < rr["spread"], (bfio, rr)
+        # The measured objective: per synchronized step, G * max_g KV_g - sum_g KV_g, summed over
+        # the run, from the ranks' telemetry. (The response-side total of prompt + output tokens
+        # per dp_rank is printed above for reference: it misses /v1/completions, which carries no
+        # dp_rank, and ignores when the tokens were held, so it is too coarse to assert on.)
         assert bfio["telemetry_imbalance"] < rr["telemetry_imbalance"], (bfio, rr)
 
     def test_shutdown_is_clean(self, server):

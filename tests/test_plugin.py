@@ -72,14 +72,14 @@ def fake_controller(monkeypatch, tmp_path):
     sent = []
     monkeypatch.setattr(io_struct, "sock_send", lambda sock, obj: sent.append((sock, obj)))
 
-    def make(policy="total_tokens", binding="immediate", max_wait=0.5, ranks=4):
+    def make(policy="total_tokens", binding="immediate", max_wait=0.5, ranks=4, device="cpu"):
         from sglang_ext.patches.controller import BalancedDispatch
 
         ctrl = SimpleNamespace(workers=list(range(ranks)), _active_workers=list(range(ranks)),
                                context=zmq.Context.instance())
         ctrl.maybe_external_dp_rank_routing = lambda req: (
             req.routed_dp_rank is not None and (sent.append((req.routed_dp_rank, req)) or True))
-        cfg = config.BalancerConfig(policy=policy, binding=binding, pool_max_wait_s=max_wait,
+        cfg = config.BalancerConfig(policy=policy, binding=binding, pool_max_wait_s=max_wait, device=device,
                                     report_addr=f"ipc://{tmp_path}/rep-{policy}-{binding}")
         bal = BalancedDispatch(ctrl, cfg)
         return bal, sent
@@ -128,6 +128,15 @@ def test_pool_fills_free_slots_then_deadline_places_the_rest(fake_controller):
     bal.release_pool()
     assert len(sent) == 10 and not bal.pool and bal.stats["pool_deadline"] == 6
     assert sorted(r.rid for _, r in sent) == sorted(f"r{i}" for i in range(10))  # each exactly once
+
+
+def test_cuda_device_falls_back_to_cpu_when_unusable(fake_controller):
+    import torch
+
+    bal, sent = fake_controller("bfio", device="cuda")
+    assert bal.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    bal.dispatch(_req(10))
+    assert len(sent) == 1
 
 
 def test_policy_failure_falls_back_instead_of_losing_the_request(fake_controller, monkeypatch):
@@ -188,3 +197,15 @@ def test_scheduler_patch_is_inert_without_balancer():
     assert patch.after_handle_request(None, sched, SimpleNamespace(rid="a")) is None
     assert patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=[])) is None
     assert sched.__dict__["_sglang_ext"] is False
+
+
+def test_abort_of_a_pooled_request_places_it_before_the_abort(fake_controller):
+    from sglang.srt.managers.io_struct import AbortReq
+
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=60)
+    for g in range(4):
+        bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=0)])
+    bal.dispatch(_req(10, rid="keep"))
+    bal.dispatch(_req(10, rid="gone"))
+    bal._place_aborted_from_pool(AbortReq(rid="gone"))
+    assert [r.rid for _, r in sent] == ["gone"] and [r.rid for r, _ in bal.pool] == ["keep"]

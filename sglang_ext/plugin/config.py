@@ -240,11 +240,12 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         dp_size = getattr(args, "dp_size", 1) or 1
         if dp_size < 2:
             logger.warning("--balancer %s has no effect with --dp-size %d (no DP controller)", policy, dp_size)
-        cfg.report_addr = getattr(args, "balancer_report_addr", None) or _default_report_addr(args)
-        if cfg.report_addr.startswith("ipc://"):
-            # The controller that binds it is killed (not closed) at shutdown, so the
-            # launcher, which outlives it, removes the socket file.
-            atexit.register(_unlink_quietly, cfg.report_addr[len("ipc://"):])
+        else:
+            cfg.report_addr = getattr(args, "balancer_report_addr", None) or _default_report_addr(args)
+            if cfg.report_addr.startswith("ipc://"):
+                # The controller that binds it is killed (not closed) at shutdown, so the
+                # launcher, which outlives it, removes the socket file.
+                atexit.register(_unlink_quietly, cfg.report_addr[len("ipc://"):])
     if cfg.sim_backend is not None:
         if getattr(args, "max_running_requests", None):
             cfg.sim_max_running = int(args.max_running_requests)

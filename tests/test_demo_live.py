@@ -1,0 +1,78 @@
+"""scripts/demo_live.py without SGLang: the server command line and the cleanup after a stop."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = importlib.util.spec_from_file_location("demo_live", REPO / "scripts" / "demo_live.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["demo_live"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_command_line(demo, tmp_path):
+    cfg = demo.parse_args(["--out", str(tmp_path / "o"), "--server-args", "--balancer-horizon 10"])
+    srv = demo.Server(cfg, "bfio", tmp_path / "o" / "bfio")
+    try:
+        cmd = srv.command()
+        assert cmd[1:3] == ["-m", "sglang.launch_server"]
+        flags = dict(zip(cmd[3::1], cmd[4::1]))
+        assert flags["--dp-size"] == "4" and flags["--device"] == "cpu" and flags["--balancer"] == "bfio"
+        assert flags["--balancer-sim-backend"] == "paper-dsv3"
+        assert flags["--balancer-log"] == str(tmp_path / "o" / "bfio" / "telemetry")
+        assert "--skip-tokenizer-init" in cmd and cmd[-2:] == ["--balancer-horizon", "10"]
+        model = Path(flags["--model-path"])
+        assert (model / "config.json").exists() and REPO not in model.parents
+        assert REPO not in srv.work.parents and srv.work != REPO  # never the repository root
+    finally:
+        srv.stop()
+    assert not srv.work.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_stop_kills_group_and_cleans_up(demo, tmp_path):
+    cfg = demo.parse_args(["--out", str(tmp_path / "o")])
+    srv = demo.Server(cfg, "round_robin", tmp_path / "o" / "rr")
+    srv.shm_before = demo.shm_sglang()
+    ours = Path(f"/dev/shm/sglang_loads_test_ours_{os.getpid()}.shm")
+    other = Path(f"/dev/shm/sglang_loads_test_other_{os.getpid()}.shm")
+    # A leader with a child in the same new session (like the server and its
+    # schedulers); the child holds `ours` open, as a scheduler holds its segment.
+    child = f"import time; f = open({str(ours)!r}, 'wb'); f.write(b'x'); f.flush(); time.sleep(60)"
+    srv.proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                 f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(60)"],
+                                start_new_session=True)
+    other.write_bytes(b"x")  # another server's segment, created meanwhile
+    try:
+        for _ in range(100):
+            if ours.exists() and ours.stat().st_size:
+                break
+            time.sleep(0.05)
+        srv.stop()
+        assert srv.proc.poll() is not None
+        assert not ours.exists()
+        assert other.exists()
+    finally:
+        for f in (ours, other):
+            f.unlink(missing_ok=True)
+    # Nobody left running in the group (killed children may linger as zombies
+    # until the container's init reaps them).
+    for _ in range(40):
+        states = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for p in demo.group_pids(srv.proc.pid) if Path(f"/proc/{p}/stat").exists()]
+        if all(st == "Z" for st in states):
+            break
+        time.sleep(0.05)
+    assert all(st == "Z" for st in states), states
