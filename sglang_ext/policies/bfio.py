@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..triton_kernels import project_cost
 from .base import Candidates, ClusterView, Policy
@@ -52,7 +53,7 @@ class BFIO(Policy):
     name = "bfio"
     needs_requests = True
 
-    def __init__(self, horizon: int = 20, decay: float = 0.86, now_weight: float = 10.0,
+    def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
                  immediate_horizon: int = 100, immediate_decay: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
@@ -167,13 +168,20 @@ class BFIO(Policy):
         S = np.full((n, G), -np.inf)
         over = np.zeros((n, G))
         taken = np.zeros(n, bool)
+        # Scoring runs in float32, h-major: the (H+1, n, k) temporaries then stay
+        # in cache (several times faster than float64 at G=32, H=20).
+        w32 = w.astype(np.float32)
+        XT = X.T.astype(np.float32)  # (H+1, n)
+        A = XT - E[:, None].astype(np.float32)  # candidate minus envelope
         stale = np.flatnonzero(free > 0)
         while True:
             live = np.flatnonzero(free > 0)
             if live.size == 0 or taken.all():
                 break
             if stale.size:
-                rise = np.einsum("nhk,h->nk", np.maximum(L[None, :, stale] + X[:, :, None] - E[None, :, None], 0.0), w)
+                gap = A[:, :, None] + L[:, None, stale].astype(np.float32)  # (H+1, n, k)
+                np.maximum(gap, 0.0, out=gap)
+                rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(n, stale.size)
                 over[:, stale] = rise
                 S[:, stale] = gain[:, None] - pen * rise
                 S[taken] = -np.inf
@@ -188,16 +196,15 @@ class BFIO(Policy):
             newE = np.maximum(E, L[:, gs].max(axis=1))
             if (newE > E).any():
                 E = newE
+                A = XT - E[:, None].astype(np.float32)
                 stale = np.flatnonzero(free > 0)
             else:
                 stale = gs[free[gs] > 0]
         return out
 
     def _match_round(self, S: np.ndarray, over: np.ndarray, live: np.ndarray):
-        """Greedy matching of candidates to ranks (at most one each), best
-        pair first, in vectorised proposal rounds: every open rank proposes
-        its best free candidate and each candidate goes to its best proposer.
-        Without `parallel`: only the single best pair (the exact
+        """Match candidates to ranks (at most one each) for the best total
+        score. Without `parallel`: only the single best pair (the exact
         sequential greedy, one rescoring per placement)."""
         if not self.parallel:
             flat = int(np.argmax(S))
@@ -205,26 +212,13 @@ class BFIO(Policy):
             if not np.isfinite(S[j, r]):
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
             return np.array([j], np.int64), live[[r]].astype(np.int64)
-        S = S.copy()
-        open_rank = np.ones(S.shape[1], bool)
-        js, rs = [], []
-        while open_rank.any():
-            cols = np.flatnonzero(open_rank)
-            bj = S[:, cols].argmax(axis=0)
-            bs = S[bj, cols]
-            ok = np.isfinite(bs)
-            open_rank[cols[~ok]] = False
-            if not ok.any():
-                break
-            cols, bj, bs = cols[ok], bj[ok], bs[ok]
-            # each proposed candidate goes to its best-scoring proposer
-            order = np.argsort(-bs, kind="stable")
-            _, first = np.unique(bj[order], return_index=True)
-            win = order[first]
-            js.extend(bj[win].tolist())
-            rs.extend(cols[win].tolist())
-            S[bj[win], :] = -np.inf
-            open_rank[cols[win]] = False
-        if not js:
+        finite = np.isfinite(S)
+        if not finite.any():
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.asarray(js, np.int64), live[np.asarray(rs, np.int64)]
+        # Best total score with each candidate and each rank used at most once
+        # (a rectangular assignment problem, solved in C by scipy).
+        low = S[finite].min() - 1e9 * (1.0 + np.abs(S[finite]).max())
+        js, rs = linear_sum_assignment(np.where(finite, S, low), maximize=True)
+        keep = finite[js, rs]
+        js, rs = js[keep], rs[keep]
+        return js.astype(np.int64), live[rs].astype(np.int64)
