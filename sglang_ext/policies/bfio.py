@@ -57,7 +57,7 @@ class BFIO(Policy):
                  immediate_horizon: int = 100, immediate_decay: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
-                 backend: str = "auto"):
+                 sequential_limit: int = 256, round_split: int = 2, backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
@@ -72,6 +72,11 @@ class BFIO(Policy):
         # envelope (scored against the envelope at the round's start); False
         # rescores after every placement (the exact sequential greedy, slower).
         self.parallel = parallel
+        # Calls placing more than this many requests at once go in rounds.
+        self.sequential_limit = int(sequential_limit)
+        # A round places 1/round_split as many requests as there are open ranks,
+        # so the lightest ranks can take several in a row, as sequential LPT would.
+        self.round_split = max(1, int(round_split))
         # Pool decisions choose *which* requests: the next steps matter most.
         self._pool = _Horizon.make(self.horizon, decay, now_weight)
         # An arriving request has only *where* to go, and where matters over its
@@ -132,13 +137,35 @@ class BFIO(Policy):
         return self._select(hz, L, X, free, out)
 
     def _place_all(self, hz, L, X, free, out):
-        """Every candidate gets a slot: largest first (LPT), each on the rank
-        whose future envelope grows least."""
-        for j in np.argsort(-(X @ hz.w), kind="stable").tolist():
-            g = self._least_growth(hz, L, X[j], free)
-            out[j] = g
-            L[:, g] += X[j]
-            free[g] -= 1
+        """Every candidate gets a slot: largest first (LPT). Sequentially, each
+        on the rank whose envelope grows least, while the call is small; in
+        rounds for large calls (ramp-up, big G): the next k largest
+        candidates (k = open ranks / round_split) matched to distinct ranks
+        at least total growth (one assignment problem per round)."""
+        order = np.argsort(-(X @ hz.w), kind="stable")
+        if order.size <= self.sequential_limit:
+            for j in order.tolist():
+                g = self._least_growth(hz, L, X[j], free)
+                out[j] = g
+                L[:, g] += X[j]
+                free[g] -= 1
+            return out
+        w32 = hz.w.astype(np.float32)
+        k = 0
+        while k < order.size:
+            live = np.flatnonzero(free > 0)
+            C = order[k:k + max(1, live.size // self.round_split)]
+            E = L.max(axis=1)
+            gap = (X[C].T - E[:, None]).astype(np.float32)[:, :, None] + L[:, None, live].astype(np.float32)
+            np.maximum(gap, 0.0, out=gap)
+            rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(C.size, live.size)
+            shared = (X[C] * hz.w) @ L[:, live]
+            cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
+            ci, ri = linear_sum_assignment(cost)
+            out[C[ci]] = live[ri]
+            np.add.at(L.T, live[ri], X[C[ci]])
+            free[live[ri]] -= 1
+            k += C.size
         return out
 
     def _least_growth(self, hz: "_Horizon", L: np.ndarray, x: np.ndarray, free: np.ndarray) -> int:
