@@ -146,7 +146,8 @@ def after_process_batch_result(result, self, batch, *args, **kwargs):
             wait, st.sync_wait_s = st.sync_wait_s, 0.0
             st.telemetry.record(
                 step=st.step, batch_size=int(report.run_kv.shape[0]), kv_tokens=int(report.run_kv.sum()),
-                predicted_cost_s=float("nan"),  # no cost model on a real GPU step_time_s=step_time, idle_s=wait, idle_source="measured",
+                # no cost model on a real GPU: the prediction is null, the wait is timed
+                predicted_cost_s=float("nan"), step_time_s=step_time, idle_s=wait, idle_source="measured",
             )
     except Exception:  # noqa: BLE001  (a reporting bug must never stop serving)
         logger.exception("sglang-ext: step report failed")

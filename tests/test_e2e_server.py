@@ -153,7 +153,19 @@ class TestBfioImmediate:
         files = sorted(p.name for p in server.log_dir.glob("rank*.jsonl"))
         assert files == [f"rank{g}.jsonl" for g in range(DP)]
         rec = json.loads((server.log_dir / "rank0.jsonl").read_text().splitlines()[-1])
-        assert rec["source"] == "standin" and rec["idle_source"] == "measured"
+        assert rec["source"] == "standin" and rec["idle_source"] == "predicted"
+        # Every step is one barrier: the slowest rank waits ~0, the others wait max - own.
+        by_step = {}
+        for g in range(DP):
+            for line in (server.log_dir / f"rank{g}.jsonl").read_text().splitlines():
+                r = json.loads(line)
+                assert 0.0 <= r["idle_s"] <= r["step_time_s"] + 1e-12
+                by_step.setdefault(r["step"], []).append(r)
+        full = [rs for rs in by_step.values() if len(rs) == DP]
+        assert full, "no step logged by every rank"
+        for rs in full:
+            assert min(r["idle_s"] for r in rs) == pytest.approx(0.0, abs=1e-9)
+            assert len({round(r["step_time_s"], 9) for r in rs}) == 1  # one collective, one step time
 
     def test_shutdown_is_clean(self, server):
         _check_shutdown(server)

@@ -11,8 +11,9 @@ launcher, tokenizer manager, HTTP server and DP controller run unchanged:
 - admits up to `max_running` requests per rank, runs steps whose duration comes
   from the cost model (`CostModel.step_time` plus prefill per prompt token),
   sleeping `duration * time_scale`;
-- synchronises all DP ranks every step with a gloo all-reduce (MAX) of the step
-  time: a real collective, whose wall-clock wait is the measured barrier idle;
+- synchronises all DP ranks every step with a real collective, a gloo
+  all-reduce (MAX) of the model step times; each rank's barrier idle follows
+  as max - own (logged as idle_source "predicted");
 - streams one token per step per request and finishes each at max_new_tokens;
 - reports per step through the same `ReportSender` as the scheduler patch.
 
@@ -344,10 +345,15 @@ class StandinScheduler:
             self._flush_outbox()
             self._report(force=True)
             if self.telemetry is not None:
+                # The barrier wait a GPU rank would see: the collective's MAX of the
+                # model step times minus this rank's own. The wall-clock wait in the
+                # all-reduce is also there, but on a CPU box with more ranks than
+                # cores it is mostly waiting for a core, so it is only logged at debug.
+                logger.debug("rank %d step %d: wall wait %.3f ms", self.dp_rank, self.step, waited * 1e3)
                 self.telemetry.record(
                     step=self.step, batch_size=n, kv_tokens=kv, predicted_cost_s=local,
-                    step_time_s=step_time, idle_s=min(waited / self.time_scale, step_time),
-                    idle_source="measured",
+                    step_time_s=step_time, idle_s=max(step_time - self.cost.sync - local, 0.0),
+                    idle_source="predicted",
                 )
 
     def close(self) -> None:

@@ -57,7 +57,8 @@ class BFIO(Policy):
                  immediate_horizon: int = 100, immediate_decay: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
-                 sequential_limit: int = 256, round_split: int = 2, backend: str = "auto"):
+                 sequential_limit: int = 256, round_split: int = 2, levels: int = 1,
+                 backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
@@ -77,6 +78,8 @@ class BFIO(Policy):
         # A round places 1/round_split as many requests as there are open ranks,
         # so the lightest ranks can take several in a row, as sequential LPT would.
         self.round_split = max(1, int(round_split))
+        # Envelope levels tried by pool selection (1: today's envelope only).
+        self.levels = max(1, int(levels))
         # Pool decisions choose *which* requests: the next steps matter most.
         self._pool = _Horizon.make(self.horizon, decay, now_weight)
         # An arriving request has only *where* to go, and where matters over its
@@ -181,7 +184,31 @@ class BFIO(Policy):
         return int(live[np.argmin(key)])
 
     def _select(self, hz, L, X, free, out):
-        """Pool with more candidates than slots: best (candidate, rank) pairs,
+        """Pool with more candidates than slots. With levels > 1 the greedy
+        also runs against raised envelope floors (the current envelope plus
+        quantiles of the candidates' sizes): lifting every rank to a common,
+        higher level can beat filling today's deficits, and a one-at-a-time
+        greedy never lifts the envelope by itself. The placement with the
+        smallest summed imbalance wins."""
+        if self.levels <= 1:
+            return self._select_at(hz, L, X, free, out, None)
+        G = L.shape[1]
+        sizes = X[:, 0]
+        best, best_val = None, np.inf
+        for q in np.linspace(0.0, 1.0, self.levels):
+            floor = L.max(axis=1) + (np.quantile(sizes, q) if q > 0 else 0.0)
+            o = self._select_at(hz, L.copy(), X, free.copy(), out.copy(), floor)
+            T = L.copy()
+            placed = o >= 0
+            np.add.at(T.T, o[placed], X[placed])
+            val = float(hz.w @ (G * T.max(axis=1) - T.sum(axis=1)))
+            if val < best_val:
+                best, best_val = o, val
+        out[:] = best
+        return out
+
+    def _select_at(self, hz, L, X, free, out, floor):
+        """Best (candidate, rank) pairs against the envelope (or `floor`),
         score = w . (reward * x_j - overflow_penalty * rise of the envelope).
 
         Rounds: one candidate per rank with a free slot, matched greedily by
@@ -191,7 +218,7 @@ class BFIO(Policy):
         w = hz.w
         gain = self.reward * (X @ w)
         pen = G if self.overflow is None else self.overflow
-        E = L.max(axis=1)
+        E = L.max(axis=1) if floor is None else np.maximum(L.max(axis=1), floor)
         S = np.full((n, G), -np.inf)
         over = np.zeros((n, G))
         taken = np.zeros(n, bool)
