@@ -52,6 +52,17 @@ class NoisyEstimator(Estimator):
         noisy = o * self._rng.uniform(1 - self.delta, 1 + self.delta, size=o.shape)
         return np.maximum(np.rint(noisy), 1).astype(np.int64)
 
+    def remaining(self, generated, predicted_total):
+        """Knowing the noise model, the true length lies in [est/(1+d), est/(1-d)];
+        given that the request is still running after g tokens, expect the
+        middle of what is left of that interval. (Plain est - g would call every
+        request that outlived its estimate 'about to finish'.)"""
+        g = np.asarray(generated, dtype=np.float64)
+        est = np.asarray(predicted_total, dtype=np.float64)
+        lo = np.maximum(est / (1 + self.delta), g)
+        hi = np.maximum(est / (1 - self.delta), g + 1)
+        return np.maximum(np.rint((lo + hi) / 2 - g), 1).astype(np.int64)
+
 
 class CapEstimator(Estimator):
     """Assume every request runs to its max_new_tokens."""
