@@ -28,34 +28,24 @@ from .paper import PaperConfig, simulate_paper
 logger = logging.getLogger(__name__)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+def _number(kind, ok, need: str):
+    """argparse type: parse with `kind`, then require ok(value) (message: need)."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {v}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+_positive_int = _number(int, lambda v: v > 0, "positive")
+_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
+_positive_float = _number(float, lambda v: v > 0, "positive")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
