@@ -18,7 +18,7 @@ overflow is how far j lifts g above the current envelope E(h) = max_g L_g(h).
   (LPT) on the rank whose envelope grows least.
 - immediate (one arriving request): only *where* is open, and where matters
   over the request's whole stay, so the lookahead is long (immediate_horizon,
-  uniform weights): the rank whose envelope grows least; ties (nothing
+  slowly decaying weights): the rank whose envelope grows least; ties (nothing
   overflows, the common case) go to the rank with the least projected load
   along the request's lifetime. At H=0 that is exactly SGLang's total_tokens
   rule: with nothing to choose from it never drops below the best myopic rule.
@@ -54,7 +54,7 @@ class BFIO(Policy):
     needs_requests = True
 
     def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
-                 immediate_horizon: int = 100, immediate_decay: float = 1.0,
+                 immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 256, round_split: int = 2, levels: int = 1,
@@ -86,7 +86,8 @@ class BFIO(Policy):
         # whole stay: a long, uniformly weighted horizon. horizon=0 stays myopic
         # everywhere (then the rule is exactly total_tokens).
         self._imm = (_Horizon.make(0, 1.0, 1.0) if self.horizon == 0
-                     else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay, 1.0))
+                     else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay,
+                                        immediate_now))
 
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H: int | None = None) -> np.ndarray:
