@@ -57,7 +57,7 @@ class BFIO(Policy):
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
-                 sequential_limit: int = 256, round_split: int = 2, levels: int = 1,
+                 sequential_limit: int = 0, round_split: int = 2, levels: int = 1,
                  backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
