@@ -123,13 +123,14 @@ def _check_shutdown(server):
     rc = server.stop(timeout=60)
     still = [p.pid for p in procs if _alive(p)]
     assert not still, f"processes left after shutdown: {still} (launcher rc {rc})"
-    leftover_own = [p for p in os.listdir(server.tmpdir) if p.startswith("sglang_ext_")]
-    assert not leftover_own, f"plugin IPC files left behind: {leftover_own}"
+    # The server's private TMPDIR holds every IPC file it made: SGLang's own ZMQ sockets
+    # (which a SIGTERM'd stock server leaves behind) and the plugin's; all must be gone.
+    leftover = [p for p in os.listdir(server.tmpdir)
+                if p.startswith(("tmp", "sglang")) and not os.path.isdir(os.path.join(server.tmpdir, p))]
+    assert not leftover, f"IPC files left behind in TMPDIR: {leftover}"
     new_shm = {n for n in os.listdir("/dev/shm") if n.startswith("sglang_")} - server.shm_before
-    # Stock SGLang's own IPC temp files (tmpXXXX in TMPDIR) survive a SIGTERM'd server
-    # (design.md section 6); they are in this server's private TMPDIR, which teardown removes.
+    assert not new_shm, f"/dev/shm files left behind: {sorted(new_shm)}"
     server.cleanup_files()
-    assert not new_shm or not any(os.path.exists(f"/dev/shm/{n}") for n in new_shm)
     assert not os.path.exists(server.tmpdir)
 
 

@@ -209,3 +209,26 @@ def test_abort_of_a_pooled_request_places_it_before_the_abort(fake_controller):
     bal.dispatch(_req(10, rid="gone"))
     bal._place_aborted_from_pool(AbortReq(rid="gone"))
     assert [r.rid for _, r in sent] == ["gone"] and [r.rid for r, _ in bal.pool] == ["keep"]
+
+
+def test_ipc_ledger_records_and_removes_sglang_ipc_files(tmp_path, monkeypatch):
+    import tempfile
+    from types import SimpleNamespace
+
+    from sglang_ext.plugin import ipc_cleanup
+    from sglang_ext.plugin.config import BalancerConfig
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files = [tmp_path / f"tmp{i}" for i in range(3)]
+    for f in files:
+        f.write_text("")
+    port_args = SimpleNamespace(tokenizer_ipc_name=f"ipc://{files[0]}", scheduler_input_ipc_name=f"ipc://{files[1]}",
+                                rpc_ipc_name=f"ipc://{files[2]}", metrics_ipc_name="tcp://127.0.0.1:5")
+    off = SimpleNamespace(_balancer=None)
+    ipc_cleanup.after_port_args_init(port_args, off)  # plugin off: records nothing
+    assert not (tmp_path / "sglang_ext_ipc_4242.txt").exists()
+    on = SimpleNamespace(_balancer=BalancerConfig(policy="bfio", launcher_pid=4242))
+    ipc_cleanup.after_port_args_init(port_args, on)
+    assert (tmp_path / "sglang_ext_ipc_4242.txt").read_text().split() == [str(f) for f in files]
+    assert ipc_cleanup.remove_recorded(4242) == 3
+    assert not any(f.exists() for f in files) and not (tmp_path / "sglang_ext_ipc_4242.txt").exists()

@@ -7,7 +7,8 @@ imports every target: registering scheduler hooks unconditionally would import
 the whole scheduler stack into the detokenizer too.
 
 - launcher (server_args imported): CLI flags (`config.add_cli_args`,
-  `config.from_cli_args`); when --balancer-sim-backend is given, from_cli_args
+  `config.from_cli_args`), and in every process `PortArgs.init_new` records its
+  ipc files for the launcher to remove at exit (`ipc_cleanup`); when --balancer-sim-backend is given, from_cli_args
   also hooks `Engine._launch_scheduler_processes` to launch the stand-in;
 - DP controller: `patches.controller` (dispatch through the policy, poller loop);
 - schedulers: `patches.scheduler` (per-step reports, telemetry).
@@ -22,6 +23,7 @@ import sys
 logger = logging.getLogger(__name__)
 
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+_PORT_ARGS = "sglang.srt.server_args.PortArgs"
 _CONTROLLER = "sglang.srt.managers.data_parallel_controller.DataParallelController"
 _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 _DP_ATTN = "sglang.srt.managers.scheduler_components.dp_attn.SchedulerDPAttnAdapter"
@@ -39,6 +41,10 @@ def load() -> None:
 
     HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", config.add_cli_args, HookType.AFTER)
     HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", config.from_cli_args, HookType.AFTER)
+    # Every process that allocates ipc sockets records them for the launcher's cleanup.
+    from .ipc_cleanup import after_port_args_init
+
+    HookRegistry.register(f"{_PORT_ARGS}.init_new", after_port_args_init, HookType.AFTER)
 
     if _module_of(_CONTROLLER) in sys.modules:
         from sglang_ext.patches import controller

@@ -47,6 +47,7 @@ class BalancerConfig:
     sim_time_scale: float = 1.0
     sim_max_running: int = 72
     sim_dist_port: int | None = None  # gloo rendezvous port of the stand-in ranks
+    launcher_pid: int | None = None  # names the ledger of ipc files removed at exit
 
     @property
     def enabled(self) -> bool:
@@ -246,6 +247,10 @@ def from_cli_args(result, cls, args: argparse.Namespace):
                 # The controller that binds it is killed (not closed) at shutdown, so the
                 # launcher, which outlives it, removes the socket file.
                 atexit.register(_unlink_quietly, cfg.report_addr[len("ipc://"):])
+    if cfg.enabled:
+        from sglang_ext.plugin.ipc_cleanup import install_launcher_cleanup
+
+        cfg.launcher_pid = install_launcher_cleanup()
     if cfg.sim_backend is not None:
         if getattr(args, "max_running_requests", None):
             cfg.sim_max_running = int(args.max_running_requests)
