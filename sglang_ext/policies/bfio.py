@@ -232,7 +232,6 @@ class BFIO(Policy):
         pen = G if self.overflow is None else self.overflow
         E = L.max(axis=1) if floor is None else np.maximum(L.max(axis=1), floor)
         S = np.full((n, G), -np.inf)
-        over = np.zeros((n, G))
         taken = np.zeros(n, bool)
         # Scoring runs in float32, h-major, on the horizon's evaluation points:
         # the (points, n, k) temporaries then stay in cache (several times
@@ -249,14 +248,13 @@ class BFIO(Policy):
                 gap = A[:, :, None] + L[pts][:, None, stale].astype(np.float32)  # (points, n, k)
                 np.maximum(gap, 0.0, out=gap)
                 rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(n, stale.size)
-                over[:, stale] = rise
-                S[:, stale] = gain[:, None] - pen * rise
-                S[taken] = -np.inf
-            js, gs = self._match_round(S[:, live], over[:, live], live)
+                S[:, stale] = gain[:, None] - pen * rise  # taken rows have gain -inf
+            js, gs = self._match_round(S[:, live], live)
             if js.size == 0:
                 break
             out[js] = gs
             taken[js] = True
+            gain[js] = -np.inf
             S[js] = -np.inf
             L[:, gs] += X[js].T
             free[gs] -= 1
@@ -269,7 +267,7 @@ class BFIO(Policy):
                 stale = gs[free[gs] > 0]
         return out
 
-    def _match_round(self, S: np.ndarray, over: np.ndarray, live: np.ndarray):
+    def _match_round(self, S: np.ndarray, live: np.ndarray):
         """Match candidates to ranks (at most one each) for the best total
         score. Without `parallel`: only the single best pair (the exact
         sequential greedy, one rescoring per placement)."""
