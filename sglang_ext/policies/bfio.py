@@ -34,6 +34,11 @@ from ..triton_kernels import project_cost
 from .base import Candidates, ClusterView, Policy
 
 
+#: score of an impossible pair: finite, so the assignment solver takes the matrix
+#: as is, and far below any real score (|score| < G * tokens * sum(w) << 1e13).
+_NEG = -1e13
+
+
 @dataclass(frozen=True)
 class _Horizon:
     """Lookahead length and step weights of one kind of decision."""
@@ -231,7 +236,7 @@ class BFIO(Policy):
         gain = self.reward * (X @ w)
         pen = G if self.overflow is None else self.overflow
         E = L.max(axis=1) if floor is None else np.maximum(L.max(axis=1), floor)
-        S = np.full((n, G), -np.inf)
+        S = np.full((n, G), _NEG)
         taken = np.zeros(n, bool)
         # Scoring runs in float32, h-major, on the horizon's evaluation points:
         # the (points, n, k) temporaries then stay in cache (several times
@@ -248,14 +253,14 @@ class BFIO(Policy):
                 gap = A[:, :, None] + L[pts][:, None, stale].astype(np.float32)  # (points, n, k)
                 np.maximum(gap, 0.0, out=gap)
                 rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(n, stale.size)
-                S[:, stale] = gain[:, None] - pen * rise  # taken rows have gain -inf
+                S[:, stale] = gain[:, None] - pen * rise  # taken rows have gain _NEG
             js, gs = self._match_round(S[:, live], live)
             if js.size == 0:
                 break
             out[js] = gs
             taken[js] = True
-            gain[js] = -np.inf
-            S[js] = -np.inf
+            gain[js] = _NEG
+            S[js] = _NEG
             L[:, gs] += X[js].T
             free[gs] -= 1
             newE = np.maximum(E, L[:, gs].max(axis=1))
@@ -274,16 +279,13 @@ class BFIO(Policy):
         if not self.parallel:
             flat = int(np.argmax(S))
             j, r = divmod(flat, S.shape[1])
-            if not np.isfinite(S[j, r]):
+            if S[j, r] <= _NEG / 2:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
             return np.array([j], np.int64), live[[r]].astype(np.int64)
-        finite = np.isfinite(S)
-        if not finite.any():
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         # Best total score with each candidate and each rank used at most once
-        # (a rectangular assignment problem, solved in C by scipy).
-        low = S[finite].min() - 1e9 * (1.0 + np.abs(S[finite]).max())
-        js, rs = linear_sum_assignment(np.where(finite, S, low), maximize=True)
-        keep = finite[js, rs]
+        # (a rectangular assignment problem, solved in C by scipy); pairs left
+        # at the _NEG sentinel (taken candidates) are dropped.
+        js, rs = linear_sum_assignment(S, maximize=True)
+        keep = S[js, rs] > _NEG / 2
         js, rs = js[keep], rs[keep]
         return js.astype(np.int64), live[rs].astype(np.int64)
