@@ -73,7 +73,7 @@ class BFIO(Policy):
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
-                 sequential_limit: int = 0, round_split: int = 2, levels: int = 1,
+                 sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, levels: int = 1,
                  backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
@@ -94,6 +94,7 @@ class BFIO(Policy):
         # A round places 1/round_split as many requests as there are open ranks,
         # so the lightest ranks can take several in a row, as sequential LPT would.
         self.round_split = max(1, int(round_split))
+        self.round_cap = max(1, int(round_cap))  # at most this many placements per round
         # Envelope levels tried by pool selection (1: today's envelope only).
         self.levels = max(1, int(levels))
         # Pool decisions choose *which* requests: the next steps matter most.
@@ -174,8 +175,13 @@ class BFIO(Policy):
         k = 0
         while k < order.size:
             live = np.flatnonzero(free > 0)
-            C = order[k:k + max(1, live.size // self.round_split)]
+            C = order[k:k + min(self.round_cap, max(1, live.size // self.round_split))]
             E = L.max(axis=1)
+            m = max(2 * C.size, 64)
+            if live.size > m:
+                # The round's candidates go to the least-loaded ranks anyway: offer
+                # them those m ranks, not all (keeps each round small at big G).
+                live = live[np.argpartition(hz.w @ L[:, live], m - 1)[:m]]
             gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + L[pts][:, None, live].astype(np.float32)
             np.maximum(gap, 0.0, out=gap)
             rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(C.size, live.size)
