@@ -39,7 +39,11 @@ def main():
     ap.add_argument("--max-prompt-len", type=int, default=32768)
     ap.add_argument("--runs", default=None, help="Comma list of policy@binding (default: all).")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summary-from", default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
+    if args.summary_from:
+        print(summarize(json.loads(Path(args.summary_from).read_text())))
+        return
     runs = RUNS if not args.runs else [tuple(r.split("@")) for r in args.runs.split(",")]
     power = power_preset(args.power_preset)
     cost = cost_preset(args.cost_preset, args.batch)
@@ -51,7 +55,7 @@ def main():
              for ld in args.loads.split(",")]
     for tname, G, load in tqdm(cells, desc="cells"):
         trace = load_trace(REPO / "data/traces" / tname).head(args.requests_per_rank * G)
-        cap = capacity_rps(trace, cost, G, args.batch)
+        cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len)
         scale = load * cap / native_rate(trace)
         rows = []
         for name, binding in runs:
@@ -69,8 +73,32 @@ def main():
             print(f"| {r['policy']} | {r['binding']} | {r['idle_fraction']:.4f} | {r['throughput_tok_s']:,.0f} "
                   f"| {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p99']:.0f} | {r['tpot_ms_p50']:.2f} | {r['tpot_ms_p99']:.2f} "
                   f"| {r['latency_ms_p99']:.0f} | {r['energy_j_per_token']:.4f} |")
+    print(summarize(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def summarize(results: list[dict]) -> str:
+    """bfio against SGLang's total_tokens (immediate) and jsq filling the same pool,
+    per (trace, G, load) cell: idle ratios (lower is better), p99 TPOT and p99
+    end-to-end latency."""
+    cells: dict = {}
+    for r in results:
+        cells.setdefault((r["trace"], r["G"], r["load"]), {})[f"{r['policy']}@{r['binding']}"] = r
+    lines = ["", "| trace | G | load | idle tt@imm | bfio@imm / tt | TPOT p99 bfio@imm vs tt (ms) "
+             "| bfio@pool / tt | bfio@pool / jsq@pool | e2e p99 bfio@pool, tt, jsq@pool (s) | J/token tt, bfio@imm, bfio@pool |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (trace, G, load), c in cells.items():
+        tt, bi, bp, jp = (c.get(k) for k in ("total_tokens@immediate", "bfio@immediate", "bfio@pool", "jsq@pool"))
+        if not (tt and bi and bp and jp):
+            continue
+        lines.append(
+            f"| {trace.split('.')[0]} | {G} | {load} | {tt['idle_fraction']:.4f} "
+            f"| {bi['idle_fraction'] / tt['idle_fraction']:.2f} | {bi['tpot_ms_p99']:.1f} vs {tt['tpot_ms_p99']:.1f} "
+            f"| {bp['idle_fraction'] / tt['idle_fraction']:.2f} | {bp['idle_fraction'] / jp['idle_fraction']:.2f} "
+            f"| {bp['latency_ms_p99'] / 1e3:.2f}, {tt['latency_ms_p99'] / 1e3:.2f}, {jp['latency_ms_p99'] / 1e3:.2f} "
+            f"| {tt['energy_j_per_token']:.3f}, {bi['energy_j_per_token']:.3f}, {bp['energy_j_per_token']:.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def run(args) -> dict:
         if trace.arrival_s is None:
             raise UsageError(f"--trace {args.trace}: online mode needs a timed trace (.csv or .jsonl)")
         trace = trace.head(args.requests)
-        cap = capacity_rps(trace, cost, args.ranks, args.batch)
+        cap = capacity_rps(trace, cost, args.ranks, args.batch, args.max_prompt_len)
         rate = native_rate(trace)
         if args.load is not None:
             args.rate_scale = args.load * cap / rate

@@ -8,10 +8,9 @@ step if any rank admitted something, else a decode step. Every rank joins every
 step (DP attention's collective); a rank waits T - sync - t_g. With nothing to
 run the clock jumps to the next arrival (not counted as step time).
 
-Load: `capacity_rps` is the request rate the ranks can serve when every slot is
-busy (G * B requests, each holding its slot for its mean output length of
-steps). load = arrival rate / capacity; `rate_scale` multiplies the recorded
-arrival rate.
+Load: `capacity_rps` is the request rate the ranks serve when saturated,
+measured by this simulator on the same requests all arriving at once.
+load = arrival rate / capacity; `rate_scale` multiplies the recorded rate.
 """
 from __future__ import annotations
 
@@ -46,16 +45,17 @@ class OnlineConfig:
     progress: bool = False
 
 
-def capacity_rps(trace: Trace, cost: CostModel, ranks: int, batch: int) -> float:
-    """Requests/s the ranks serve with every slot busy: G*B slots, each request
-    holding one for mean(output) steps of a full-batch step time, plus its share
-    of prefill time."""
-    mean_out = float(trace.output_len.mean())
-    mean_kv = float(trace.prompt_len.mean() + trace.output_len.mean() / 2)
-    step = cost.a + cost.b * batch + cost.c * batch * mean_kv + cost.sync
-    prefill_per_req = cost.a / batch + cost.prefill_per_token * float(trace.prompt_len.mean())
-    per_slot_s = mean_out * step + prefill_per_req * batch
-    return ranks * batch / per_slot_s
+def capacity_rps(trace: Trace, cost: CostModel, ranks: int, batch: int, max_prompt_len: int | None = None) -> float:
+    """Requests/s the ranks serve when saturated, measured: the same requests
+    all arriving at once, placed by SGLang's total_tokens rule, through this
+    simulator (decode slots busy, prefill steps stalling every rank)."""
+    from ..policies import make_policy
+
+    burst = Trace(trace.name, trace.prompt_len, trace.output_len, np.zeros(len(trace)))
+    cfg = OnlineConfig(ranks=ranks, batch=batch, cost=cost, max_prompt_len=max_prompt_len)
+    r = simulate_online(burst, make_policy("total_tokens"), cfg)
+    elapsed = float(trace.output_len.sum()) / r.throughput_tok_s
+    return len(trace) / elapsed
 
 
 def native_rate(trace: Trace) -> float:
