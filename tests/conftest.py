@@ -2,6 +2,12 @@ import os
 import sys
 from pathlib import Path
 
+# Triton fixes interpreter mode when it is first imported, and importing SGLang
+# (test_plugin collects before test_projection_kernel) imports Triton: set it
+# before any test module is collected. The server subprocesses of the e2e tests
+# inherit it, harmlessly: the stand-in backend runs no Triton kernel.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
