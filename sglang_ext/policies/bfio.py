@@ -100,7 +100,7 @@ class BFIO(Policy):
         # Pool decisions choose *which* requests: the next steps matter most.
         self._pool = _Horizon.make(self.horizon, decay, now_weight)
         # An arriving request has only *where* to go, and where matters over its
-        # whole stay: a long, uniformly weighted horizon. horizon=0 stays myopic
+        # whole stay: a long, slowly decaying horizon. horizon=0 stays myopic
         # everywhere (then the rule is exactly total_tokens).
         self._imm = (_Horizon.make(0, 1.0, 1.0) if self.horizon == 0
                      else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay,
@@ -128,11 +128,6 @@ class BFIO(Policy):
         alive = h < cands.output_est[:, None]
         return np.where(alive, b + c * (cands.prompt_len[:, None] + grow), 0.0)
 
-    @property
-    def w(self) -> np.ndarray:
-        """Step weights of pool decisions."""
-        return self._pool.w
-
     # -- placement --------------------------------------------------------
     def assign(self, view, cands, must_place=False):
         n = len(cands)
@@ -144,12 +139,7 @@ class BFIO(Policy):
         X = self.profiles(cands, hz.H)  # (n, H+1)
         free = view.free_slots.copy()
         if must_place:
-            for j in range(n):
-                g = self._least_growth(hz, L, X[j], free)
-                out[j] = g
-                L[:, g] += X[j]
-                free[g] -= 1
-            return out
+            return self._place_each(hz, L, X, free, out, range(n))
         slots = int(np.maximum(free, 0).sum())
         if slots == 0:
             return out
@@ -165,12 +155,7 @@ class BFIO(Policy):
         at least total growth (one assignment problem per round)."""
         order = np.argsort(-(X @ hz.w), kind="stable")
         if order.size <= self.sequential_limit:
-            for j in order.tolist():
-                g = self._least_growth(hz, L, X[j], free)
-                out[j] = g
-                L[:, g] += X[j]
-                free[g] -= 1
-            return out
+            return self._place_each(hz, L, X, free, out, order.tolist())
         pts, w32 = hz.pts, hz.wpts
         k = 0
         while k < order.size:
@@ -192,6 +177,15 @@ class BFIO(Policy):
             np.add.at(L.T, live[ri], X[C[ci]])
             free[live[ri]] -= 1
             k += C.size
+        return out
+
+    def _place_each(self, hz, L, X, free, out, order):
+        """One candidate at a time, in `order`, each where the envelope grows least."""
+        for j in order:
+            g = self._least_growth(hz, L, X[j], free)
+            out[j] = g
+            L[:, g] += X[j]
+            free[g] -= 1
         return out
 
     def _least_growth(self, hz: "_Horizon", L: np.ndarray, x: np.ndarray, free: np.ndarray) -> int:
