@@ -151,7 +151,7 @@ def run(args) -> dict:
                                 progress=args.progress)
             if args.kv_capacity:
                 ocfg.kv_capacity = args.kv_capacity
-            res = simulate_online(trace, policy, ocfg, estimator, seed=args.seed)
+            res = simulate_online(trace, policy, ocfg, estimator)
         row = res.to_dict()
         row.update(getattr(res, "extra", {}) or {})
         results[spec] = row

@@ -63,8 +63,7 @@ def native_rate(trace: Trace) -> float:
     return (len(trace) - 1) / span if span > 0 else float("inf")
 
 
-def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: Estimator | None = None,
-                    seed: int = 0) -> SimResult:
+def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: Estimator | None = None) -> SimResult:
     if trace.arrival_s is None:
         raise ValueError(f"{trace.name}: online mode needs a timed trace (arrival times); "
                          "length-only files run in --mode paper")
@@ -105,7 +104,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     imb_sum = 0.0
     decode_steps = 0
 
-    def view_of(extra_free: bool) -> ClusterView:
+    def view_of() -> ClusterView:
         held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
         kv = (np.bincount(r_rank, weights=r_kv, minlength=G)
               + np.bincount(q_rank, weights=prompt[q_id], minlength=G)).astype(np.int64)
@@ -122,7 +121,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         """Immediate binding: one policy call per request, as SGLang dispatches."""
         nonlocal q_id, q_rank
         for i in ids:
-            view = view_of(False)
+            view = view_of()
             cands = Candidates(prompt_len=prompt[i:i + 1], output_est=est_total[i:i + 1])
             t0 = time.perf_counter()
             g = int(policy.assign(view, cands, must_place=True)[0])
@@ -139,7 +138,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         if overdue.any():
             bind_now(pool[overdue])
             pool = pool[~overdue]
-        view = view_of(False)
+        view = view_of()
         if pool.size == 0 or view.free_slots.sum() == 0:
             return
         vis = pool[:window]
