@@ -47,21 +47,28 @@ class RoundRobin(Policy):
         self._cursor = 0
 
     def assign(self, view, cands, must_place=False):
-        G = view.num_ranks
+        G, n = view.num_ranks, len(cands)
         restart = (not must_place) if self.restart is None else self.restart
         cursor = 0 if restart else self._cursor
-        free = view.free_slots.copy()
-        out = np.full(len(cands), -1, dtype=np.int64)
-        for j in range(len(cands)):
-            ok = pick_order(free, must_place)
-            if not ok.any():
-                break
-            # first eligible rank at or after the cursor, wrapping around
-            order = (cursor + np.arange(G)) % G
-            g = int(order[np.argmax(ok[order])])
-            out[j] = g
-            free[g] -= 1
-            cursor = (g + 1) % G
+        out = np.full(n, -1, dtype=np.int64)
+        if n == 0:
+            return out
+        # Dealing one request per pass to every rank that still has a slot is a
+        # fixed slot order: pass k visits, from the cursor on, the ranks with at
+        # least k free slots. Sort the (pass, rank) pairs once instead of looping.
+        free = np.maximum(view.free_slots, 0)
+        ranks = np.repeat(np.arange(G), free)
+        passes = np.arange(ranks.size) - np.repeat(np.cumsum(free) - free, free)
+        order = np.lexsort(((ranks - cursor) % G, passes))
+        seq = ranks[order][:n]
+        out[:seq.size] = seq
+        if seq.size:
+            cursor = (int(seq[-1]) + 1) % G
+        if must_place and seq.size < n:
+            # Nowhere free: keep dealing over every rank (they queue there).
+            extra = (cursor + np.arange(n - seq.size)) % G
+            out[seq.size:] = extra
+            cursor = (int(extra[-1]) + 1) % G
         self._cursor = cursor
         return out
 
