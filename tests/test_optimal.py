@@ -5,8 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from sglang_ext.optimal import (brute_force, feasible, instance_from_view, local_search, objective,
-                                solve_exact)
+from sglang_ext.optimal import brute_force, feasible, instance_from_view, objective, solve_exact
 from sglang_ext.policies import Candidates, ClusterView, make_policy
 
 
@@ -119,14 +118,11 @@ def test_no_policy_beats_the_optimum(seed):
     view, cands = _view(rng, G, B, H)
     L, X, free = instance_from_view(view, cands, H)
     _, opt = solve_exact(L, X, free, strict=True)
-    for name in ("bfio", "jsq", "fcfs"):
-        pol = make_policy(name, horizon=H, decay=1.0, now_weight=1.0)
+    for name, params in (("bfio", {}), ("bfio", {"search": True, "search_ms": 0}), ("jsq", {}), ("fcfs", {})):
+        pol = make_policy(name, horizon=H, decay=1.0, now_weight=1.0, **params)
         a = pol.assign(view, cands, must_place=False)
         assert feasible(a, free)
-        v = objective(L, X, a)
-        assert v >= opt - 1e-6
-        b, vb = local_search(L, X, free, a)
-        assert feasible(b, free) and opt - 1e-6 <= vb <= v + 1e-9
+        assert objective(L, X, a) >= opt - 1e-6
 
 
 def test_time_limit_returns_best_found(caplog):

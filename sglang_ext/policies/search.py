@@ -1,0 +1,216 @@
+"""Local search over a pool placement: which waiting requests take the free
+slots, and on which rank.
+
+The greedy of `bfio` places one request at a time against today's envelope.
+On a rich pool the best placement often lifts every rank to a common, higher
+level at once, a move no single greedy step sees. This search starts from the
+greedy's placement and improves the summed imbalance
+
+    f = sum_h w_h [ G * max_g T_g(h) - sum_g T_g(h) ]
+
+with three kinds of move, each evaluated for *all* pairs at once as array
+operations (no Python loop over requests):
+
+- replace: a placed request gives its slot to a waiting one;
+- swap: two placed requests on different ranks trade ranks;
+- move: a placed request moves to a rank with a slot still open.
+
+Where no move lowers f, moves that keep f and lower the spread of the loads,
+sum_h w_h sum_g (T_g(h) - mean_h)^2, are taken: they break the ties at the
+envelope (two ranks sharing the maximum) that block single moves. At a local
+optimum the search kicks the placement (a few random replaces and swaps) and
+descends again, keeping the best placement seen (iterated local search). The
+number of placements is never changed, so a work-conserving placement stays
+work-conserving. Runs are deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["imbalance", "improve"]
+
+
+def imbalance(T: np.ndarray, w: np.ndarray) -> float:
+    """sum_h w_h [G * max_g T_g(h) - sum_g T_g(h)] of loads T (H+1, G)."""
+    return float(w @ (T.shape[1] * T.max(axis=1) - T.sum(axis=1)))
+
+
+def _spread(T: np.ndarray, w: np.ndarray) -> float:
+    return float(w @ ((T * T).sum(axis=1) - T.sum(axis=1) ** 2 / T.shape[1]))
+
+
+class _State:
+    """A placement and the loads it produces, kept in step."""
+
+    def __init__(self, L, X, free, a, w):
+        self.L, self.X, self.w = L, X, w
+        self.G = L.shape[1]
+        self.a = a.copy()
+        self.T = L.copy()
+        placed = self.a >= 0
+        np.add.at(self.T.T, self.a[placed], X[placed])
+        self.left = free - np.bincount(self.a[placed], minlength=self.G)
+
+    def value(self) -> tuple[float, float]:
+        return imbalance(self.T, self.w), _spread(self.T, self.w)
+
+    # -- the moves --------------------------------------------------------
+    def apply(self, kind: str, j: int, o: int) -> None:
+        a, T, X = self.a, self.T, self.X
+        g = a[j]
+        if kind == "replace":  # waiting o takes j's slot
+            T[:, g] += X[o] - X[j]
+            a[o], a[j] = g, -1
+        elif kind == "swap":  # j and o trade ranks
+            h = a[o]
+            T[:, g] += X[o] - X[j]
+            T[:, h] += X[j] - X[o]
+            a[j], a[o] = h, g
+        else:  # "move": j to rank o
+            T[:, g] -= X[j]
+            T[:, o] += X[j]
+            self.left[g] += 1
+            self.left[o] -= 1
+            a[j] = o
+
+    def candidates(self):
+        """(f, spread, kind, j, o) arrays of every move, evaluated at once."""
+        T, X, w, G = self.T, self.X, self.w, self.G
+        a = self.a
+        placed = np.flatnonzero(a >= 0)
+        waiting = np.flatnonzero(a < 0)
+        S = T.sum(axis=1)  # (H1,)
+        Q = (T * T).sum(axis=1)
+        # The three largest loads per step and their ranks: the envelope
+        # without one or two given ranks, for every move at once.
+        k = min(3, G)
+        top_i = np.argsort(-T, axis=1, kind="stable")[:, :k]  # (H1, k)
+        top_v = np.take_along_axis(T, top_i, axis=1)
+        out = []
+        if placed.size == 0:
+            return out
+        gp = a[placed]
+        Tp = T[:, gp].T  # (P, H1) load of each placed request's rank
+        Xp = X[placed]
+
+        def env_without(ranks):  # ranks: tuple of (...,) int arrays -> (..., H1)
+            shape = ranks[0].shape
+            res = np.full(shape + (T.shape[0],), -np.inf)
+            done = np.zeros(shape + (T.shape[0],), bool)
+            for c in range(k):
+                ic = top_i[:, c]
+                ok = ~done
+                for r in ranks:
+                    ok &= ic != r[..., None]
+                res = np.where(ok, top_v[:, c], res)
+                done |= ok
+            return res
+
+        if waiting.size:  # replace placed j by waiting i: (P, W, H1)
+            D = X[waiting][None, :, :] - Xp[:, None, :]
+            col = Tp[:, None, :] + D
+            m = np.maximum(env_without((gp,))[:, None, :], col)
+            f = (G * m - (S + D)) @ w
+            q = (Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G) @ w
+            jj, ii = np.meshgrid(placed, waiting, indexing="ij")
+            out.append((f.ravel(), q.ravel(), 0, jj.ravel(), ii.ravel()))
+        if G > 1 and placed.size > 1:  # swap placed j (rank g) and k (rank g'): (P, P, H1)
+            D = Xp[None, :, :] - Xp[:, None, :]  # X_k - X_j
+            cj = Tp[:, None, :] + D
+            ck = Tp[None, :, :] - D
+            gj, gk = np.meshgrid(gp, gp, indexing="ij")
+            m = np.maximum(np.maximum(env_without((gj, gk)), cj), ck)
+            f = (G * m - S) @ w
+            q = (Q - Tp[:, None, :] ** 2 - Tp[None, :, :] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G) @ w
+            valid = gj != gk
+            jj, kk = np.meshgrid(placed, placed, indexing="ij")
+            out.append((f[valid], q[valid], 1, jj[valid], kk[valid]))
+        open_ranks = np.flatnonzero(self.left > 0)
+        if open_ranks.size:  # move placed j to an open rank r: (P, R, H1)
+            Tr = T[:, open_ranks].T  # (R, H1)
+            cj = Tp[:, None, :] - Xp[:, None, :]
+            cr = Tr[None, :, :] + Xp[:, None, :]
+            gj, rr = np.meshgrid(gp, open_ranks, indexing="ij")
+            m = np.maximum(np.maximum(env_without((gj, rr)), cj), cr)
+            f = (G * m - S) @ w
+            q = (Q - Tp[:, None, :] ** 2 - Tr[None, :, :] ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G) @ w
+            valid = gj != rr
+            jj, _ = np.meshgrid(placed, open_ranks, indexing="ij")
+            out.append((f[valid], q[valid], 2, jj[valid], rr[valid]))
+        return out
+
+    def descend(self, max_steps: int, deadline: float) -> None:
+        """Best-improvement descent on (f, then spread) until no move helps."""
+        kinds = ("replace", "swap", "move")
+        f_cur, q_cur = self.value()
+        for _ in range(max_steps):
+            if time.perf_counter() > deadline:
+                return
+            moves = self.candidates()
+            if not moves:
+                return
+            f = np.concatenate([m[0] for m in moves])
+            q = np.concatenate([m[1] for m in moves])
+            kind = np.concatenate([np.full(m[0].size, m[2]) for m in moves])
+            j = np.concatenate([m[3] for m in moves])
+            o = np.concatenate([m[4] for m in moves])
+            tol = 1e-9 * max(1.0, abs(f_cur))
+            better = f < f_cur - tol
+            if better.any():
+                i = int(np.argmin(np.where(better, f, np.inf)))
+            else:
+                flat = (f <= f_cur + tol) & (q < q_cur - 1e-9 * max(1.0, abs(q_cur)))
+                if not flat.any():
+                    return
+                i = int(np.argmin(np.where(flat, q, np.inf)))
+            self.apply(kinds[kind[i]], int(j[i]), int(o[i]))
+            f_cur, q_cur = self.value()
+
+    def kick(self, rng: np.random.Generator, strength: int) -> None:
+        """A few random replaces and swaps."""
+        for _ in range(strength):
+            placed = np.flatnonzero(self.a >= 0)
+            waiting = np.flatnonzero(self.a < 0)
+            if placed.size == 0:
+                return
+            j = int(rng.choice(placed))
+            if waiting.size and rng.random() < 0.5:
+                self.apply("replace", j, int(rng.choice(waiting)))
+            else:
+                others = placed[self.a[placed] != self.a[j]]
+                if others.size:
+                    self.apply("swap", j, int(rng.choice(others)))
+
+
+def improve(L, X, free, assignment, weights=None, kicks: int = 30, strength: int = 3,
+            max_steps: int = 200, budget_s: float | None = None, seed: int = 0):
+    """Improve a feasible pool placement (see the module docstring).
+
+    L (H+1, G): projected loads of what the ranks hold; X (n, H+1): candidate
+    profiles; free (G,): open slots; assignment (n,): a rank per candidate or
+    -1. `kicks` perturb-and-descend rounds after the first descent,
+    `budget_s` caps the wall time. Returns (assignment, objective)."""
+    L = np.asarray(L, dtype=np.float64)
+    X = np.asarray(X, dtype=np.float64).reshape(-1, L.shape[0])
+    w = np.ones(L.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    free = np.maximum(np.asarray(free, dtype=np.int64), 0)
+    deadline = time.perf_counter() + (np.inf if budget_s is None else budget_s)
+    st = _State(L, X, free, np.asarray(assignment, dtype=np.int64), w)
+    st.descend(max_steps, deadline)
+    best_a, best_f = st.a.copy(), st.value()[0]
+    rng = np.random.default_rng(seed)
+    for _ in range(kicks):
+        if time.perf_counter() > deadline:
+            break
+        base_a = st.a.copy()
+        base_f = st.value()[0]
+        st.kick(rng, strength)
+        st.descend(max_steps, deadline)
+        f = st.value()[0]
+        if f < best_f - 1e-9 * max(1.0, abs(best_f)):
+            best_a, best_f = st.a.copy(), f
+        if f > base_f + 1e-9 * max(1.0, abs(base_f)):  # worse: go back (ties walk on)
+            st = _State(L, X, free, base_a, w)
+    return best_a, best_f
