@@ -111,7 +111,8 @@ class BalancedDispatch:
         from sglang_ext.policies import make_policy
 
         backend = "torch" if self.device == "cpu" else "auto"
-        return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend)
+        return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend,
+                           prefill=getattr(self.cfg, "prefill_weight", 0.0))
 
     def _cuda_projection_works(self) -> bool:
         """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to
@@ -167,6 +168,7 @@ class BalancedDispatch:
         num = np.zeros(G, dtype=np.int64)
         need_reqs = self.policy.needs_requests
         rr, rk, rrem = [], [], []
+        pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
         for g in range(G):
             rep = self.reports[g]
             fl = self.inflight[g]
@@ -179,6 +181,8 @@ class BalancedDispatch:
                 free[g] = rep.free_slots - len(fl)
                 kv[g] = rep.kv_tokens + fl_prompt.sum()
                 num[g] = rep.num_requests + len(fl)
+                pending[g] = rep.wait_prompt.sum()
+            pending[g] += fl_prompt.sum()
             if need_reqs:
                 parts_kv, parts_rem = [fl_prompt], [
                     remaining_steps(self.estimator, np.zeros(len(fl), np.int64),
@@ -205,8 +209,9 @@ class BalancedDispatch:
 
                 arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
             return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
-                               req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2])
-        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num)
+                               req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
+                               pending_prefill=pending)
+        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending)
 
     # ---- placement -----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.policies import make_policy
+from sglang_ext.policies import make_policy, parse_policy_spec
 from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
 from sglang_ext.traces import load_trace
 
@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--cost-preset", default="paper-dsv3")
     ap.add_argument("--power-preset", default="h100")
     ap.add_argument("--max-prompt-len", type=int, default=32768)
-    ap.add_argument("--runs", default=None, help="Comma list of policy@binding (default: all).")
+    ap.add_argument("--runs", default=None, help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary-from", default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
@@ -59,7 +59,8 @@ def main():
         scale = load * cap / native_rate(trace)
         rows = []
         for name, binding in runs:
-            pol = make_policy(name, horizon=20, seed=0, b=cost.b, c=cost.c)
+            base, params = parse_policy_spec(name)  # a run may carry parameters: bfio:prefill=8e-7@immediate
+            pol = make_policy(base, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
             cfg = OnlineConfig(ranks=G, batch=args.batch, binding=binding, rate_scale=scale, cost=cost,
                                power=power, max_prompt_len=args.max_prompt_len)
             r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))

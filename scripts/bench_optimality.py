@@ -10,7 +10,7 @@ table gives the relative gap (policy - opt) / opt of that objective.
 
 bfio runs with horizon=H, decay=1.0, now_weight=1.0, i.e. the weights of the
 MILP objective. The target row is bfio with its local search on and no time
-cap (search_kicks=30); the table also gives the search under the 2 ms cap a
+cap (search_kicks=60); the table also gives the search under the 2 ms cap a
 live call gets, the greedy alone, and the search started from FCFS's
 placement. Extra bfio settings: --extra "bfio:reward=2" (repeatable; the
 instance's horizon and decay=1, now_weight=1 are filled in unless given).

@@ -40,6 +40,8 @@ def test_cli_defaults_and_values():
     cfg = _parse(["--dp-size", "4", "--balancer", "power_of_two", "--balancer-horizon", "0",
                   "--balancer-binding", "pool", "--balancer-estimator", "empirical"])
     assert (cfg.horizon, cfg.binding, cfg.estimator) == (0, "pool", "empirical")
+    assert cfg.prefill_weight == 0.0
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-prefill-weight", "8"]).prefill_weight == 8.0
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -53,6 +55,9 @@ def test_cli_rejects_bad_flags(capsys):
     assert "invalid choice" in err and "bfio" in err
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-horizon", "-1"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-prefill-weight", "-2"])
+    assert "--balancer-prefill-weight" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="only apply with --balancer"):
         _parse(["--balancer-horizon", "5"])
 
@@ -105,6 +110,11 @@ def test_burst_is_spread_by_in_flight_accounting(fake_controller):
     assert len(bal.inflight[0]) == 0
     view = bal.build_view()
     assert view.kv_tokens[0] == 200 and view.num_requests[0] == 2
+    # prompts not prefilled yet: the in-flight ones, plus a rank's reported waiting queue
+    assert view.pending_prefill.tolist() == [0, 200, 200, 200]
+    bal.on_reports([RankReport(dp_rank=1, step=1, received=2, free_slots=70, wait_prompt=np.array([100, 100]),
+                               wait_cap=np.array([16, 16]))])
+    assert bal.build_view().pending_prefill.tolist() == [0, 200, 200, 200]
 
 
 def test_pinned_request_is_honoured_and_counted(fake_controller):

@@ -76,6 +76,22 @@ def test_bfio_immediate_sees_the_future():
     assert make_policy("total_tokens").assign(v, cands([900], [40]), must_place=True).tolist() == [0]
 
 
+def test_bfio_prefill_weight_spreads_pending_prompts():
+    v = _bfio_view()
+    v.free_slots[2:] = 0
+    # a short request: rank 1 empties in 2 steps, so plain bfio puts it there...
+    plain = make_policy("bfio", horizon=20)
+    assert plain.assign(v, cands([900], [3]), must_place=True).tolist() == [1]
+    # ...but 3000 prompt tokens wait there for prefill: stacking 900 more on the
+    # next (prefill) step costs more than three steps of decode imbalance on rank 0
+    v.pending_prefill = np.array([0, 3000, 0, 0])
+    aware = make_policy("bfio", horizon=20, prefill=8.0)  # a prefill token costs 8 decode tokens
+    assert plain.assign(v, cands([900], [3]), must_place=True).tolist() == [1]
+    assert aware.assign(v, cands([900], [3]), must_place=True).tolist() == [0]
+    v.pending_prefill = None  # unknown: the weight has nothing to act on
+    assert aware.assign(v, cands([900], [3]), must_place=True).tolist() == [1]
+
+
 def test_bfio_h0_reduces_to_total_tokens():
     rng = np.random.default_rng(0)
     p, tt = make_policy("bfio", horizon=0), make_policy("total_tokens")

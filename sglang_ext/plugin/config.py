@@ -36,6 +36,7 @@ class BalancerConfig:
 
     policy: str | None = None  # None: SGLang's own dispatch, the plugin stays out
     horizon: int = 20
+    prefill_weight: float = 0.0  # bfio: cost of prefilling a prompt token / one KV token of decode
     binding: str = "immediate"
     pool_max_wait_s: float = 0.5
     device: str = "auto"
@@ -83,6 +84,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -108,6 +116,16 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         type=_non_negative_int,
         default=None,
         help="Number of future decode steps the bfio policy projects (default: 20; 0 = myopic).",
+    )
+    group.add_argument(
+        "--balancer-prefill-weight",
+        metavar="W",
+        type=_non_negative_float,
+        default=None,
+        help="bfio: cost of prefilling one prompt token relative to one KV token of a decode "
+        "step (about 8 for DeepSeek-V3 on H100). The next step then carries each rank's "
+        "prompts waiting for prefill, so bursts of long prompts are spread across ranks "
+        "(default: 0 = decode load only).",
     )
     group.add_argument(
         "--balancer-binding",
@@ -218,7 +236,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
     if policy is None:
         needing = [
             f"--{k.replace('_', '-')}"
-            for k in ("balancer_horizon", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
+            for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
                       "balancer_estimator", "balancer_report_addr", "balancer_seed")
             if getattr(args, k, None) is not None
         ]
@@ -227,7 +245,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         if sim is None and getattr(args, "balancer_log", None) is None:
             return None  # the plugin stays out entirely
     cfg = BalancerConfig(policy=policy)
-    for field, key in (("horizon", "balancer_horizon"), ("binding", "balancer_binding"),
+    for field, key in (("horizon", "balancer_horizon"), ("prefill_weight", "balancer_prefill_weight"),
+                       ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
                        ("estimator", "balancer_estimator"), ("log_dir", "balancer_log"),
                        ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),

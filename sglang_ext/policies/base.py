@@ -45,6 +45,9 @@ class ClusterView:
     req_rank: np.ndarray = field(default_factory=lambda: _EMPTY)
     req_kv: np.ndarray = field(default_factory=lambda: _EMPTY)
     req_remaining: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # (G,) prompt tokens bound to each rank and not prefilled yet (None: unknown).
+    # Their prefill is the next barrier step, whose length the longest one sets.
+    pending_prefill: np.ndarray | None = None
 
     def __post_init__(self):
         self.free_slots = np.asarray(self.free_slots, dtype=np.int64)

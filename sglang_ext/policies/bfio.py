@@ -75,10 +75,10 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
-                 growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0,
+                 growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, levels: int = 1,
-                 search: bool = False, search_kicks: int = 30, search_ms: float = 2.0,
+                 search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
                  backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
@@ -87,6 +87,11 @@ class BFIO(Policy):
         self.horizon = int(horizon)
         self.growth = bool(growth)
         self.weights = (float(a), float(b), float(c))
+        # Cost of prefilling one prompt token, in the units of c. With the view's
+        # pending_prefill, the next step (h=0) carries each rank's prefill: a
+        # prefill step lasts as long as the rank with the most prompt tokens to
+        # prefill, so a burst of long prompts should be spread, not stacked.
+        self.prefill = float(prefill)
         self.backend = backend
         self.reward = reward  # weight of the load a placement moves out of the queue
         self.overflow = overflow  # penalty per unit the envelope rises (default G)
@@ -148,6 +153,9 @@ class BFIO(Policy):
         hz = self._imm if must_place else self._pool
         L = self.project(view, hz.H).copy()  # (H+1, G)
         X = self.profiles(cands, hz.H)  # (n, H+1)
+        if self.prefill > 0 and view.pending_prefill is not None:
+            L[0] += self.prefill * np.asarray(view.pending_prefill, dtype=np.float64)
+            X[:, 0] += self.prefill * cands.prompt_len
         free = view.free_slots.copy()
         if must_place:
             return self._place_each(hz, L, X, free, out, range(n))

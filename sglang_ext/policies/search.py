@@ -75,70 +75,65 @@ class _State:
             self.left[o] -= 1
             a[j] = o
 
-    def candidates(self):
-        """(f, spread, kind, j, o) arrays of every move, evaluated at once."""
+    def candidates(self, spread: bool = True):
+        """[(f, spread, kind, j, o)] arrays of every move, evaluated at once
+        (spread is None unless asked for: only plateaus need it)."""
         T, X, w, G = self.T, self.X, self.w, self.G
         a = self.a
         placed = np.flatnonzero(a >= 0)
+        if placed.size == 0:
+            return []
         waiting = np.flatnonzero(a < 0)
         S = T.sum(axis=1)  # (H1,)
         Q = (T * T).sum(axis=1)
-        # The three largest loads per step and their ranks: the envelope
-        # without one or two given ranks, for every move at once.
+        # The envelope without one rank, ex1 (H1, G), and without two,
+        # ex2 (H1, G, G), from the three largest loads of each step.
         k = min(3, G)
-        top_i = np.argsort(-T, axis=1, kind="stable")[:, :k]  # (H1, k)
+        top_i = np.argsort(-T, axis=1, kind="stable")[:, :k]
         top_v = np.take_along_axis(T, top_i, axis=1)
-        out = []
-        if placed.size == 0:
-            return out
+        ranks = np.arange(G)
+        ex1 = np.full(T.shape, -np.inf)
+        ex2 = np.full(T.shape + (G,), -np.inf)
+        for c in range(k - 1, -1, -1):  # the largest admissible one is written last
+            ic = top_i[:, c, None]
+            ex1 = np.where(ic != ranks, top_v[:, c, None], ex1)
+            ok = (ic[:, :, None] != ranks[:, None]) & (ic[:, :, None] != ranks)
+            ex2 = np.where(ok, top_v[:, c, None, None], ex2)
         gp = a[placed]
         Tp = T[:, gp].T  # (P, H1) load of each placed request's rank
         Xp = X[placed]
-
-        def env_without(ranks):  # ranks: tuple of (...,) int arrays -> (..., H1)
-            shape = ranks[0].shape
-            res = np.full(shape + (T.shape[0],), -np.inf)
-            done = np.zeros(shape + (T.shape[0],), bool)
-            for c in range(k):
-                ic = top_i[:, c]
-                ok = ~done
-                for r in ranks:
-                    ok &= ic != r[..., None]
-                res = np.where(ok, top_v[:, c], res)
-                done |= ok
-            return res
-
+        out = []
         if waiting.size:  # replace placed j by waiting i: (P, W, H1)
             D = X[waiting][None, :, :] - Xp[:, None, :]
             col = Tp[:, None, :] + D
-            m = np.maximum(env_without((gp,))[:, None, :], col)
+            m = np.maximum(ex1[:, gp].T[:, None, :], col)
             f = (G * m - (S + D)) @ w
-            q = (Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G) @ w
-            jj, ii = np.meshgrid(placed, waiting, indexing="ij")
-            out.append((f.ravel(), q.ravel(), 0, jj.ravel(), ii.ravel()))
-        if G > 1 and placed.size > 1:  # swap placed j (rank g) and k (rank g'): (P, P, H1)
-            D = Xp[None, :, :] - Xp[:, None, :]  # X_k - X_j
-            cj = Tp[:, None, :] + D
-            ck = Tp[None, :, :] - D
-            gj, gk = np.meshgrid(gp, gp, indexing="ij")
-            m = np.maximum(np.maximum(env_without((gj, gk)), cj), ck)
-            f = (G * m - S) @ w
-            q = (Q - Tp[:, None, :] ** 2 - Tp[None, :, :] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G) @ w
-            valid = gj != gk
-            jj, kk = np.meshgrid(placed, placed, indexing="ij")
-            out.append((f[valid], q[valid], 1, jj[valid], kk[valid]))
+            q = (Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G) @ w if spread else f
+            out.append((f.ravel(), q.ravel(), 0, np.repeat(placed, waiting.size), np.tile(waiting, placed.size)))
+        if G > 1 and placed.size > 1:  # swap placed j (rank g) and k (rank g' != g)
+            jj, kk = np.triu_indices(placed.size, 1)
+            keep = gp[jj] != gp[kk]
+            jj, kk = jj[keep], kk[keep]
+            if jj.size:
+                D = Xp[kk] - Xp[jj]  # (pairs, H1)
+                cj, ck = Tp[jj] + D, Tp[kk] - D
+                m = np.maximum(np.maximum(ex2[:, gp[jj], gp[kk]].T, cj), ck)
+                f = (G * m - S) @ w
+                q = (Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G) @ w if spread else f
+                out.append((f, q, 1, placed[jj], placed[kk]))
         open_ranks = np.flatnonzero(self.left > 0)
-        if open_ranks.size:  # move placed j to an open rank r: (P, R, H1)
-            Tr = T[:, open_ranks].T  # (R, H1)
-            cj = Tp[:, None, :] - Xp[:, None, :]
-            cr = Tr[None, :, :] + Xp[:, None, :]
-            gj, rr = np.meshgrid(gp, open_ranks, indexing="ij")
-            m = np.maximum(np.maximum(env_without((gj, rr)), cj), cr)
-            f = (G * m - S) @ w
-            q = (Q - Tp[:, None, :] ** 2 - Tr[None, :, :] ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G) @ w
-            valid = gj != rr
-            jj, _ = np.meshgrid(placed, open_ranks, indexing="ij")
-            out.append((f[valid], q[valid], 2, jj[valid], rr[valid]))
+        if open_ranks.size:  # move placed j to an open rank r != its own
+            jj = np.repeat(np.arange(placed.size), open_ranks.size)
+            rr = np.tile(open_ranks, placed.size)
+            keep = gp[jj] != rr
+            jj, rr = jj[keep], rr[keep]
+            if jj.size:
+                Tr = T[:, rr].T
+                cj, cr = Tp[jj] - Xp[jj], Tr + Xp[jj]
+                m = np.maximum(np.maximum(ex2[:, gp[jj], rr].T, cj), cr)
+                f = (G * m - S) @ w
+                q = (Q - Tp[jj] ** 2 - Tr ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G) @ w if spread else f
+                out.append((f, q, 2, placed[jj], rr))
         return out
 
     def descend(self, max_steps: int, deadline: float) -> None:
@@ -148,23 +143,28 @@ class _State:
         for _ in range(max_steps):
             if time.perf_counter() > deadline:
                 return
-            moves = self.candidates()
-            if not moves:
-                return
-            f = np.concatenate([m[0] for m in moves])
-            q = np.concatenate([m[1] for m in moves])
-            kind = np.concatenate([np.full(m[0].size, m[2]) for m in moves])
-            j = np.concatenate([m[3] for m in moves])
-            o = np.concatenate([m[4] for m in moves])
             tol = 1e-9 * max(1.0, abs(f_cur))
-            better = f < f_cur - tol
-            if better.any():
-                i = int(np.argmin(np.where(better, f, np.inf)))
-            else:
-                flat = (f <= f_cur + tol) & (q < q_cur - 1e-9 * max(1.0, abs(q_cur)))
-                if not flat.any():
+            i = None
+            for spread in (False, True):  # the spread only when f has no better move
+                moves = self.candidates(spread)
+                if not moves:
                     return
-                i = int(np.argmin(np.where(flat, q, np.inf)))
+                f = np.concatenate([m[0] for m in moves])
+                kind = np.concatenate([np.full(m[0].size, m[2]) for m in moves])
+                j = np.concatenate([m[3] for m in moves])
+                o = np.concatenate([m[4] for m in moves])
+                if not spread:
+                    better = f < f_cur - tol
+                    if better.any():
+                        i = int(np.argmin(np.where(better, f, np.inf)))
+                        break
+                else:
+                    q = np.concatenate([m[1] for m in moves])
+                    flat = (f <= f_cur + tol) & (q < q_cur - 1e-9 * max(1.0, abs(q_cur)))
+                    if flat.any():
+                        i = int(np.argmin(np.where(flat, q, np.inf)))
+            if i is None:
+                return
             self.apply(kinds[kind[i]], int(j[i]), int(o[i]))
             f_cur, q_cur = self.value()
 
@@ -184,7 +184,7 @@ class _State:
                     self.apply("swap", j, int(rng.choice(others)))
 
 
-def improve(L, X, free, assignment, weights=None, kicks: int = 30, strength: int = 3,
+def improve(L, X, free, assignment, weights=None, kicks: int = 60, strength: int = 3,
             max_steps: int = 200, budget_s: float | None = None, seed: int = 0):
     """Improve a feasible pool placement (see the module docstring).
 

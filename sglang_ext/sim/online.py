@@ -101,7 +101,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     nxt = 0  # next arrival index
     clock = 0.0
 
-    decode_time = wait_time = energy = 0.0
+    decode_time = wait_time = energy = prefill_time = 0.0
+    prefill_steps = 0
     tokens = 0
     steps = 0
     imb_sum = 0.0
@@ -111,7 +112,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
         kv = (np.bincount(r_rank, weights=r_kv, minlength=G)
               + np.bincount(q_rank, weights=prompt[q_id], minlength=G)).astype(np.int64)
-        view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held)
+        view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held,
+                           pending_prefill=np.bincount(q_rank, weights=prompt[q_id], minlength=G))
         if policy.needs_requests:
             # Queued requests count as if running from now: they will be soon.
             view.req_rank = np.concatenate([r_rank, q_rank])
@@ -201,6 +203,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             local = np.where(has, cost.a + cost.prefill_per_token * pre_tokens, 0.0)
             T = local.max() + cost.sync
             energy += power.step_energy(T, local, has | (np.bincount(r_rank, minlength=G) > 0))
+            prefill_time += T
+            prefill_steps += 1
             clock += T
             steps += 1
             first_tok[admitted] = clock
@@ -269,5 +273,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     )
     res.finish_s = finish  # per request, seconds (not part of the JSON contract)
     res.extra = {"latency_ms_p50": pct(latency * 1e3, 50), "latency_ms_p99": pct(latency * 1e3, 99),
-                 "tpot_ms_p50": pct(tpot * 1e3, 50)}
+                 "tpot_ms_p50": pct(tpot * 1e3, 50),
+                 # where the time went: prefill steps stall every rank's decode
+                 "prefill_steps": prefill_steps, "prefill_s": prefill_time,
+                 "decode_steps": decode_steps, "decode_s": decode_time}
     return res
