@@ -176,25 +176,36 @@ class BFIO(Policy):
         if order.size <= self.sequential_limit:
             return self._place_each(hz, L, X, free, out, order.tolist())
         pts, w32 = hz.pts, hz.wpts
+        # Per-rank state kept up to date column by column (a round changes at
+        # most C ranks of G): the loads rank-major, at the scoring points in
+        # float32, weighted totals, and the envelope.
+        LT = np.ascontiguousarray(L.T)  # (G, H+1)
+        Lp = np.ascontiguousarray(L[pts].T, dtype=np.float32)  # (G, points)
+        wL = LT @ hz.w  # (G,)
+        E = L.max(axis=1)
+        Xw = X * hz.w
         k = 0
         while k < order.size:
             live = np.flatnonzero(free > 0)
             C = order[k:k + min(self.round_cap, max(1, live.size // self.round_split))]
-            E = L.max(axis=1)
             m = max(2 * C.size, 64)
             if live.size > m:
                 # The round's candidates go to the least-loaded ranks anyway: offer
                 # them those m ranks, not all (keeps each round small at big G).
-                live = live[np.argpartition(hz.w @ L[:, live], m - 1)[:m]]
-            gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + L[pts][:, None, live].astype(np.float32)
+                live = live[np.argpartition(wL[live], m - 1)[:m]]
+            gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[live].T[:, None, :]
             np.maximum(gap, 0.0, out=gap)
             rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(C.size, live.size)
-            shared = (X[C] * hz.w) @ L[:, live]
+            shared = Xw[C] @ LT[live].T
             cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
             ci, ri = linear_sum_assignment(cost)
-            out[C[ci]] = live[ri]
-            np.add.at(L.T, live[ri], X[C[ci]])
-            free[live[ri]] -= 1
+            js, gs = C[ci], live[ri]  # distinct ranks: plain indexed updates
+            out[js] = gs
+            LT[gs] += X[js]
+            Lp[gs] = LT[gs][:, pts]
+            wL[gs] = LT[gs] @ hz.w
+            np.maximum(E, LT[gs].max(axis=0), out=E)
+            free[gs] -= 1
             k += C.size
         return out
 
