@@ -77,7 +77,8 @@ class BFIO(Policy):
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
-                 sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, levels: int = 1,
+                 sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 256,
+                 levels: int = 1,
                  search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
                  backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
@@ -105,6 +106,10 @@ class BFIO(Policy):
         # so the lightest ranks can take several in a row, as sequential LPT would.
         self.round_split = max(1, int(round_split))
         self.round_cap = max(1, int(round_cap))  # at most this many placements per round
+        # In a call placing more than this many, the rest (the smallest) go in
+        # bulk rounds: the next k largest to the k least-loaded open ranks, one
+        # sort per round instead of an assignment problem.
+        self.bulk_after = max(0, int(bulk_after))
         # Envelope levels tried by pool selection (1: today's envelope only).
         self.levels = max(1, int(levels))
         # Local search after the pool greedy (policies/search.py): `search_kicks`
@@ -171,11 +176,12 @@ class BFIO(Policy):
         on the rank whose envelope grows least, while the call is small; in
         rounds for large calls (ramp-up, big G): the next k largest
         candidates (k = open ranks / round_split) matched to distinct ranks
-        at least total growth (one assignment problem per round)."""
+        at least total growth (one assignment problem per round); past
+        `bulk_after` placements, the smallest go in bulk rounds."""
         order = np.argsort(-(X @ hz.w), kind="stable")
         if order.size <= self.sequential_limit:
             return self._place_each(hz, L, X, free, out, order.tolist())
-        pts, w32 = hz.pts, hz.wpts
+        pts = hz.pts
         # Per-rank state kept up to date column by column (a round changes at
         # most C ranks of G): the loads rank-major, at the scoring points in
         # float32, weighted totals, and the envelope.
@@ -187,27 +193,41 @@ class BFIO(Policy):
         k = 0
         while k < order.size:
             live = np.flatnonzero(free > 0)
-            C = order[k:k + min(self.round_cap, max(1, live.size // self.round_split))]
-            m = max(2 * C.size, 64)
-            if live.size > m:
-                # The round's candidates go to the least-loaded ranks anyway: offer
-                # them those m ranks, not all (keeps each round small at big G).
-                live = live[np.argpartition(wL[live], m - 1)[:m]]
-            gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[live].T[:, None, :]
-            np.maximum(gap, 0.0, out=gap)
-            rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(C.size, live.size)
-            shared = Xw[C] @ LT[live].T
-            cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
-            ci, ri = linear_sum_assignment(cost)
-            js, gs = C[ci], live[ri]  # distinct ranks: plain indexed updates
+            if k >= self.bulk_after:
+                # Bulk round (LPT's own rule, vectorised): small requests go where
+                # the projected load is least, largest with least.
+                C = order[k:k + max(1, live.size // self.round_split)]
+                gs = live[np.argpartition(wL[live], C.size - 1)[:C.size]] if live.size > C.size else live
+                gs = gs[np.argsort(wL[gs], kind="stable")][:C.size]
+                js = C[:gs.size]
+            else:
+                js, gs = self._lsap_round(hz, order, k, live, X, Xw, LT, Lp, wL, E)
             out[js] = gs
             LT[gs] += X[js]
             Lp[gs] = LT[gs][:, pts]
             wL[gs] = LT[gs] @ hz.w
             np.maximum(E, LT[gs].max(axis=0), out=E)
             free[gs] -= 1
-            k += C.size
+            k += js.size
         return out
+
+    def _lsap_round(self, hz, order, k, live, X, Xw, LT, Lp, wL, E):
+        """The next largest candidates matched to distinct open ranks at least
+        total envelope growth (ties: least shared load)."""
+        pts, w32 = hz.pts, hz.wpts
+        C = order[k:k + min(self.round_cap, max(1, live.size // self.round_split))]
+        m = max(2 * C.size, 64)
+        if live.size > m:
+            # The round's candidates go to the least-loaded ranks anyway: offer
+            # them those m ranks, not all (keeps each round small at big G).
+            live = live[np.argpartition(wL[live], m - 1)[:m]]
+        gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[live].T[:, None, :]
+        np.maximum(gap, 0.0, out=gap)
+        rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(C.size, live.size)
+        shared = Xw[C] @ LT[live].T
+        cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
+        ci, ri = linear_sum_assignment(cost)
+        return C[ci], live[ri]  # distinct ranks: plain indexed updates
 
     def _place_each(self, hz, L, X, free, out, order):
         """One candidate at a time, in `order`, each where the envelope grows least."""
