@@ -77,7 +77,7 @@ class BFIO(Policy):
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
-                 sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 256,
+                 sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
                  levels: int = 1,
                  search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
                  backend: str = "auto"):
@@ -178,40 +178,43 @@ class BFIO(Policy):
         candidates (k = open ranks / round_split) matched to distinct ranks
         at least total growth (one assignment problem per round); past
         `bulk_after` placements, the smallest go in bulk rounds."""
-        order = np.argsort(-(X @ hz.w), kind="stable")
+        xw = X @ hz.w  # each candidate's weighted load over the horizon
+        order = np.argsort(-xw, kind="stable")
         if order.size <= self.sequential_limit:
             return self._place_each(hz, L, X, free, out, order.tolist())
         pts = hz.pts
-        # Per-rank state kept up to date column by column (a round changes at
-        # most C ranks of G): the loads rank-major, at the scoring points in
-        # float32, weighted totals, and the envelope.
+        # Per-rank state kept up to date row by row (a round changes at most C
+        # ranks of G): the loads rank-major, at the scoring points in float32,
+        # weighted totals, and the envelope.
         LT = np.ascontiguousarray(L.T)  # (G, H+1)
-        Lp = np.ascontiguousarray(L[pts].T, dtype=np.float32)  # (G, points)
+        Lp = np.ascontiguousarray(L[pts], dtype=np.float32)  # (points, G)
         wL = LT @ hz.w  # (G,)
         E = L.max(axis=1)
-        Xw = X * hz.w
         k = 0
         while k < order.size:
             live = np.flatnonzero(free > 0)
             if k >= self.bulk_after:
                 # Bulk round (LPT's own rule, vectorised): small requests go where
-                # the projected load is least, largest with least.
+                # the projected load is least, largest with least. Only the
+                # weighted totals are read from here on.
                 C = order[k:k + max(1, live.size // self.round_split)]
                 gs = live[np.argpartition(wL[live], C.size - 1)[:C.size]] if live.size > C.size else live
                 gs = gs[np.argsort(wL[gs], kind="stable")][:C.size]
                 js = C[:gs.size]
+                wL[gs] += xw[js]
             else:
-                js, gs = self._lsap_round(hz, order, k, live, X, Xw, LT, Lp, wL, E)
+                js, gs = self._lsap_round(hz, order, k, live, X, LT, Lp, wL, E)
+                rows = LT[gs] + X[js]
+                LT[gs] = rows
+                Lp[:, gs] = rows[:, pts].T
+                wL[gs] = rows @ hz.w
+                np.maximum(E, rows.max(axis=0), out=E)
             out[js] = gs
-            LT[gs] += X[js]
-            Lp[gs] = LT[gs][:, pts]
-            wL[gs] = LT[gs] @ hz.w
-            np.maximum(E, LT[gs].max(axis=0), out=E)
             free[gs] -= 1
             k += js.size
         return out
 
-    def _lsap_round(self, hz, order, k, live, X, Xw, LT, Lp, wL, E):
+    def _lsap_round(self, hz, order, k, live, X, LT, Lp, wL, E):
         """The next largest candidates matched to distinct open ranks at least
         total envelope growth (ties: least shared load)."""
         pts, w32 = hz.pts, hz.wpts
@@ -221,10 +224,10 @@ class BFIO(Policy):
             # The round's candidates go to the least-loaded ranks anyway: offer
             # them those m ranks, not all (keeps each round small at big G).
             live = live[np.argpartition(wL[live], m - 1)[:m]]
-        gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[live].T[:, None, :]
+        gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[:, live][:, None, :]
         np.maximum(gap, 0.0, out=gap)
         rise = (w32 @ gap.reshape(gap.shape[0], -1)).reshape(C.size, live.size)
-        shared = Xw[C] @ LT[live].T
+        shared = (X[C] * hz.w) @ LT[live].T
         cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         ci, ri = linear_sum_assignment(cost)
         return C[ci], live[ri]  # distinct ranks: plain indexed updates
