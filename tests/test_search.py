@@ -42,7 +42,7 @@ def test_move_values_match_recomputation(seed):
     for f, q, kind, js, os_ in moves:
         for i in range(f.size):
             trial = _State(L, X, free, st.a, w)
-            trial.apply(kinds[kind], int(js[i]), int(os_[i]))
+            trial.apply(kinds[kind[i]], int(js[i]), int(os_[i]))
             assert f[i] == pytest.approx(imbalance(trial.T, w), rel=1e-9, abs=1e-6)
             assert q[i] == pytest.approx(trial.value()[1], rel=1e-9, abs=1e-6)
             assert np.allclose(trial.T, _State(L, X, free, trial.a, w).T)

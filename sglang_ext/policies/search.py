@@ -75,9 +75,9 @@ class _State:
             self.left[o] -= 1
             a[j] = o
 
-    def candidates(self, spread: bool = True):
+    def candidates(self):
         """[(f, spread, kind, j, o)] arrays of every move, evaluated at once
-        (spread is None unless asked for: only plateaus need it)."""
+        (kind: 0 replace, 1 swap, 2 move)."""
         T, X, w, G = self.T, self.X, self.w, self.G
         a = self.a
         placed = np.flatnonzero(a >= 0)
@@ -108,8 +108,8 @@ class _State:
             col = Tp[:, None, :] + D
             m = np.maximum(ex1[:, gp].T[:, None, :], col)
             f = (G * m - (S + D)) @ w
-            q = (Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G) @ w if spread else f
-            out.append((f.ravel(), q.ravel(), 0, np.repeat(placed, waiting.size), np.tile(waiting, placed.size)))
+            q = (Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G) @ w
+            out.append((f.ravel(), q.ravel(), np.zeros(f.size, np.int64), np.repeat(placed, waiting.size), np.tile(waiting, placed.size)))
         if G > 1 and placed.size > 1:  # swap placed j (rank g) and k (rank g' != g)
             jj, kk = np.triu_indices(placed.size, 1)
             keep = gp[jj] != gp[kk]
@@ -119,8 +119,8 @@ class _State:
                 cj, ck = Tp[jj] + D, Tp[kk] - D
                 m = np.maximum(np.maximum(ex2[:, gp[jj], gp[kk]].T, cj), ck)
                 f = (G * m - S) @ w
-                q = (Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G) @ w if spread else f
-                out.append((f, q, 1, placed[jj], placed[kk]))
+                q = (Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G) @ w
+                out.append((f, q, np.ones(f.size, np.int64), placed[jj], placed[kk]))
         open_ranks = np.flatnonzero(self.left > 0)
         if open_ranks.size:  # move placed j to an open rank r != its own
             jj = np.repeat(np.arange(placed.size), open_ranks.size)
@@ -132,8 +132,8 @@ class _State:
                 cj, cr = Tp[jj] - Xp[jj], Tr + Xp[jj]
                 m = np.maximum(np.maximum(ex2[:, gp[jj], rr].T, cj), cr)
                 f = (G * m - S) @ w
-                q = (Q - Tp[jj] ** 2 - Tr ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G) @ w if spread else f
-                out.append((f, q, 2, placed[jj], rr))
+                q = (Q - Tp[jj] ** 2 - Tr ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G) @ w
+                out.append((f, q, np.full(f.size, 2), placed[jj], rr))
         return out
 
     def descend(self, max_steps: int, deadline: float) -> None:
@@ -143,28 +143,18 @@ class _State:
         for _ in range(max_steps):
             if time.perf_counter() > deadline:
                 return
-            tol = 1e-9 * max(1.0, abs(f_cur))
-            i = None
-            for spread in (False, True):  # the spread only when f has no better move
-                moves = self.candidates(spread)
-                if not moves:
-                    return
-                f = np.concatenate([m[0] for m in moves])
-                kind = np.concatenate([np.full(m[0].size, m[2]) for m in moves])
-                j = np.concatenate([m[3] for m in moves])
-                o = np.concatenate([m[4] for m in moves])
-                if not spread:
-                    better = f < f_cur - tol
-                    if better.any():
-                        i = int(np.argmin(np.where(better, f, np.inf)))
-                        break
-                else:
-                    q = np.concatenate([m[1] for m in moves])
-                    flat = (f <= f_cur + tol) & (q < q_cur - 1e-9 * max(1.0, abs(q_cur)))
-                    if flat.any():
-                        i = int(np.argmin(np.where(flat, q, np.inf)))
-            if i is None:
+            moves = self.candidates()
+            if not moves:
                 return
+            f, q, kind, j, o = (np.concatenate(parts) for parts in zip(*moves))
+            better = f < f_cur - 1e-9 * max(1.0, abs(f_cur))
+            if better.any():
+                i = int(np.argmin(np.where(better, f, np.inf)))
+            else:  # a plateau: keep f, lower the spread
+                flat = (f <= f_cur + 1e-9 * max(1.0, abs(f_cur))) & (q < q_cur - 1e-9 * max(1.0, abs(q_cur)))
+                if not flat.any():
+                    return
+                i = int(np.argmin(np.where(flat, q, np.inf)))
             self.apply(kinds[kind[i]], int(j[i]), int(o[i]))
             f_cur, q_cur = self.value()
 
