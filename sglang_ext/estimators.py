@@ -14,6 +14,8 @@ class Estimator:
     name = "base"
     #: whether predictions read the true output length (simulation only)
     needs_truth = False
+    #: whether `scenarios` spreads its guesses (else it repeats one point estimate)
+    spread = False
 
     def initial(self, prompt_len: np.ndarray, true_out: np.ndarray | None, cap: np.ndarray | None) -> np.ndarray:
         """Predicted total output length of newly seen requests."""
@@ -22,6 +24,13 @@ class Estimator:
     def remaining(self, generated: np.ndarray, predicted_total: np.ndarray) -> np.ndarray:
         """Predicted decode steps left for running requests (at least 1)."""
         return np.maximum(np.asarray(predicted_total) - np.asarray(generated), 1)
+
+    def scenarios(self, generated: np.ndarray, predicted_total: np.ndarray, k: int) -> np.ndarray:
+        """(k, n) decode steps left in k equally likely scenarios: the residual
+        life at quantile levels (i + 0.5) / k. A point estimator repeats its
+        one guess; estimators that know their uncertainty spread them."""
+        r = self.remaining(generated, predicted_total)
+        return np.broadcast_to(r, (int(k), r.shape[0])).copy()
 
     def observe(self, finished_out_len: np.ndarray) -> None:
         """Learn from the true lengths of requests that just finished."""
@@ -39,6 +48,7 @@ class NoisyEstimator(Estimator):
     """The paper's noisy oracle: o * U[1 - delta, 1 + delta] (at least 1)."""
 
     needs_truth = True
+    spread = True
 
     def __init__(self, delta: float, seed: int = 0):
         if not 0 <= delta < 1:
@@ -63,6 +73,18 @@ class NoisyEstimator(Estimator):
         hi = np.maximum(est / (1 - self.delta), g + 1)
         return np.maximum(np.rint((lo + hi) / 2 - g), 1).astype(np.int64)
 
+    def scenarios(self, generated, predicted_total, k):
+        """Quantiles of the true length given the estimate and that it outlived g:
+        o = est / u with u uniform, so the length's density is proportional to
+        1/o on [lo, hi] and its q-quantile is lo * (hi / lo) ** q."""
+        g = np.asarray(generated, dtype=np.float64)
+        est = np.asarray(predicted_total, dtype=np.float64)
+        lo = np.maximum(est / (1 + self.delta), g + 1)
+        hi = np.maximum(est / (1 - self.delta), lo + 1)
+        q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
+        length = lo * (hi / lo) ** q
+        return np.maximum(np.rint(length - g), 1).astype(np.int64)
+
 
 class CapEstimator(Estimator):
     """Assume every request runs to its max_new_tokens."""
@@ -84,6 +106,7 @@ class EmpiricalEstimator(Estimator):
     """
 
     name = "empirical"
+    spread = True
 
     def __init__(self, prior: int = 256, window: int = 4096):
         self.prior = prior
@@ -118,6 +141,19 @@ class EmpiricalEstimator(Estimator):
         mean_above = np.divide(self._suffix[idx], count, out=np.zeros(g.shape), where=count > 0)
         rem = np.where(count > 0, mean_above - g, np.maximum(g, 1))
         return np.maximum(np.rint(rem), 1).astype(np.int64)
+
+    def scenarios(self, generated, predicted_total, k):
+        """Quantiles of O - g over the finished O > g (past the longest seen,
+        the Lindy guess in every scenario)."""
+        g = np.asarray(generated, dtype=np.int64)
+        if self._sorted.size == 0:
+            return super().scenarios(generated, predicted_total, k)
+        idx = np.searchsorted(self._sorted, g, side="right")
+        count = self._sorted.size - idx
+        q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
+        pos = np.minimum(idx + (q * count).astype(np.int64), self._sorted.size - 1)
+        rem = np.where(count > 0, self._sorted[pos] - g, np.maximum(g, 1))
+        return np.maximum(rem, 1).astype(np.int64)
 
 
 ESTIMATORS = ("oracle", "noisy:<delta>", "cap", "empirical")

@@ -65,6 +65,9 @@ class Policy:
     name = "base"
     #: whether `assign` reads the per-request arrays (callers may skip building them)
     needs_requests = False
+    #: k > 1: the policy takes remaining steps as (k, n) equally likely scenarios
+    #: (view.req_remaining) and candidates' lengths as (n, k) (output_est)
+    scenarios = 0
 
     def assign(self, view: ClusterView, cands: Candidates, must_place: bool = False) -> np.ndarray:
         raise NotImplementedError

@@ -25,6 +25,12 @@ overflow is how far j lifts g above the current envelope E(h) = max_g L_g(h).
   overflows, the common case) go to the rank with the least projected load
   along the request's lifetime. At H=0 that is exactly SGLang's total_tokens
   rule: with nothing to choose from it never drops below the best myopic rule.
+
+Unknown output lengths: with `scenarios=k` and an estimator that knows its
+uncertainty (noisy, empirical), each request's remaining steps come as k
+equally likely scenarios (quantiles of its residual life) and the projection
+is the expected cost: a request fades out of it as its chance of still
+running falls, instead of vanishing at one guessed step.
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ class BFIO(Policy):
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
                  levels: int = 1,
                  search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
-                 backend: str = "auto"):
+                 scenarios: int = 0, backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
@@ -118,6 +124,10 @@ class BFIO(Policy):
         self.search = bool(search)
         self.search_kicks = max(0, int(search_kicks))
         self.search_ms = float(search_ms)
+        # Output lengths as k equally likely scenarios from the estimator
+        # (callers read `scenarios`): the projection becomes the expected cost,
+        # not the cost under one guess. 0 or 1: point estimates.
+        self.scenarios = max(0, int(scenarios))
         # Pool decisions choose *which* requests: the next steps matter most.
         self._pool = _Horizon.make(self.horizon, decay, now_weight)
         # An arriving request has only *where* to go, and where matters over its
@@ -134,7 +144,16 @@ class BFIO(Policy):
         H = self.horizon if H is None else H
         a, b, c = self.weights
         if view.req_rank.size or not view.kv_tokens.any():
-            proj = project_cost(view.req_rank, view.req_kv, view.req_remaining, G, H,
+            rem = np.asarray(view.req_remaining)
+            if rem.ndim == 2:
+                # k equally likely scenarios of remaining steps: the expected
+                # cost is the mean of k projections, i.e. one projection of the
+                # requests repeated k times, divided by k.
+                k = rem.shape[0]
+                proj = project_cost(np.tile(view.req_rank, k), np.tile(view.req_kv, k), rem.reshape(-1), G, H,
+                                    a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
+                return proj.cost.numpy() / k
+            proj = project_cost(view.req_rank, view.req_kv, rem, G, H,
                                 a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
             return proj.cost.numpy()
         # No per-request detail (e.g. a coarse load report): hold today's load flat.
@@ -146,8 +165,12 @@ class BFIO(Policy):
         H = self.horizon if H is None else H
         h = np.arange(H + 1)[None, :]
         grow = h if self.growth else 0
-        alive = h < cands.output_est[:, None]
-        return np.where(alive, b + c * (cands.prompt_len[:, None] + grow), 0.0)
+        est = cands.output_est
+        if est.ndim == 2:  # (n, k) scenarios: the chance the candidate still runs at h
+            alive = (h[:, :, None] < est[:, None, :]).mean(axis=2)
+        else:
+            alive = h < est[:, None]
+        return alive * (b + c * (cands.prompt_len[:, None] + grow))
 
     # -- placement --------------------------------------------------------
     def assign(self, view, cands, must_place=False):

@@ -108,6 +108,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     imb_sum = 0.0
     decode_steps = 0
 
+    k_scen = int(policy.scenarios) if estimator.spread else 0
+
     def view_of() -> ClusterView:
         held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
         kv = (np.bincount(r_rank, weights=r_kv, minlength=G)
@@ -118,16 +120,27 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             # Queued requests count as if running from now: they will be soon.
             view.req_rank = np.concatenate([r_rank, q_rank])
             view.req_kv = np.concatenate([r_kv, prompt[q_id]])
-            view.req_remaining = np.concatenate([estimator.remaining(r_gen, est_total[r_id]),
-                                                 est_total[q_id]])
+            if k_scen > 1:
+                view.req_remaining = np.concatenate(
+                    [estimator.scenarios(r_gen, est_total[r_id], k_scen),
+                     estimator.scenarios(np.zeros(q_id.size, np.int64), est_total[q_id], k_scen)], axis=1)
+            else:
+                view.req_remaining = np.concatenate([estimator.remaining(r_gen, est_total[r_id]),
+                                                     est_total[q_id]])
         return view
+
+    def lengths(ids: np.ndarray) -> np.ndarray:
+        """Candidates' predicted lengths: (n,), or (n, k) scenarios."""
+        if k_scen > 1:
+            return estimator.scenarios(np.zeros(ids.size, np.int64), est_total[ids], k_scen).T
+        return est_total[ids]
 
     def bind_now(ids: np.ndarray) -> None:
         """Immediate binding: one policy call per request, as SGLang dispatches."""
         nonlocal q_id, q_rank
         for i in ids:
             view = view_of()
-            cands = Candidates(prompt_len=prompt[i:i + 1], output_est=est_total[i:i + 1])
+            cands = Candidates(prompt_len=prompt[i:i + 1], output_est=lengths(np.array([i])))
             t0 = time.perf_counter()
             g = int(policy.assign(view, cands, must_place=True)[0])
             timer.add(time.perf_counter() - t0)
@@ -147,7 +160,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         if pool.size == 0 or view.free_slots.sum() == 0:
             return
         vis = pool[:window]
-        cands = Candidates(prompt_len=prompt[vis], output_est=est_total[vis])
+        cands = Candidates(prompt_len=prompt[vis], output_est=lengths(vis))
         t0 = time.perf_counter()
         ranks = policy.assign(view, cands, must_place=False)
         timer.add(time.perf_counter() - t0)

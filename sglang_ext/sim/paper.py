@@ -58,6 +58,8 @@ def simulate_paper(trace: Trace, policy: Policy, cfg: PaperConfig, estimator: Es
 
     steps_T, steps_run, steps_idle, steps_energy, steps_imb, steps_assigned = [], [], [], [], [], []
 
+    k_scen = int(policy.scenarios) if estimator.spread else 0
+
     def fill() -> int:
         nonlocal r_id, r_rank, r_kv, r_gen, pending
         free = B - np.bincount(r_rank, minlength=G)
@@ -68,8 +70,11 @@ def simulate_paper(trace: Trace, policy: Policy, cfg: PaperConfig, estimator: Es
         view = ClusterView(free_slots=free, kv_tokens=kv, num_requests=B - free)
         if policy.needs_requests:
             view.req_rank, view.req_kv = r_rank, r_kv
-            view.req_remaining = estimator.remaining(r_gen, out_est[r_id])
-        cands = Candidates(prompt_len=prompt[vis], output_est=out_est[vis])
+            view.req_remaining = (estimator.scenarios(r_gen, out_est[r_id], k_scen) if k_scen > 1
+                                  else estimator.remaining(r_gen, out_est[r_id]))
+        est = (estimator.scenarios(np.zeros(vis.size, np.int64), out_est[vis], k_scen).T if k_scen > 1
+               else out_est[vis])
+        cands = Candidates(prompt_len=prompt[vis], output_est=est)
         t0 = time.perf_counter()
         ranks = policy.assign(view, cands, must_place=False)
         timer.add(time.perf_counter() - t0)

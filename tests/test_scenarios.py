@@ -1,0 +1,100 @@
+"""Output lengths as equally likely scenarios: estimators that know their
+uncertainty spread them, and bfio projects the expected cost."""
+import numpy as np
+import pytest
+
+from sglang_ext.estimators import EmpiricalEstimator, make_estimator
+from sglang_ext.policies import Candidates, ClusterView, make_policy
+from sglang_ext.sim.paper import PaperConfig, simulate_paper
+from sglang_ext.traces import Trace
+
+
+def test_point_estimators_repeat_their_guess():
+    est = make_estimator("oracle")
+    assert not est.spread
+    s = est.scenarios(np.array([0, 5]), np.array([10, 8]), 4)
+    assert s.shape == (4, 2) and (s == est.remaining(np.array([0, 5]), np.array([10, 8]))).all()
+
+
+def test_noisy_scenarios_span_what_the_noise_allows():
+    est = make_estimator("noisy:0.5")
+    assert est.spread
+    g = np.array([0, 0, 150, 400])
+    e = np.array([100, 300, 100, 300])
+    s = est.scenarios(g, e, 8)
+    assert s.shape == (8, 4) and (s >= 1).all()
+    assert (np.diff(s, axis=0) >= 0).all()  # quantile levels rise
+    total = s + g
+    lo = np.maximum(e / 1.5, g + 1)
+    hi = np.maximum(e / 0.5, lo + 1)
+    assert (total >= np.floor(lo)).all() and (total <= np.ceil(hi)).all()
+    # a request that outlived its interval still has at least one step left
+    assert s[:, 2].min() >= 1
+
+
+def test_empirical_scenarios_are_quantiles_of_the_longer_finished():
+    emp = EmpiricalEstimator(prior=64)
+    cold = emp.scenarios(np.array([0, 10]), np.array([64, 64]), 3)
+    assert (cold == emp.remaining(np.array([0, 10]), np.array([64, 64]))).all()  # nothing seen yet
+    seen = np.array([10, 20, 30, 40, 100, 200, 300, 1000])
+    emp.observe(seen)
+    g = np.array([0, 25, 500, 2000])
+    s = emp.scenarios(g, np.zeros(4, np.int64), 4)
+    for col, age in enumerate(g):
+        above = np.sort(seen[seen > age])
+        if above.size == 0:
+            assert (s[:, col] == age).all()  # Lindy, as remaining() guesses
+            continue
+        levels = (np.arange(4) + 0.5) / 4
+        want = above[np.minimum((levels * above.size).astype(int), above.size - 1)] - age
+        assert s[:, col].tolist() == want.tolist()
+
+
+def _view(rng, G=4, n=30, k=None):
+    rank = rng.integers(0, G, n)
+    kv = rng.integers(1, 500, n)
+    rem = rng.integers(1, 40, (k, n)) if k else rng.integers(1, 40, n)
+    free = np.full(G, 3)
+    return ClusterView(free_slots=free, kv_tokens=np.bincount(rank, kv, G).astype(np.int64),
+                       num_requests=np.bincount(rank, minlength=G), req_rank=rank, req_kv=kv, req_remaining=rem)
+
+
+@pytest.mark.parametrize("growth", [True, False])
+def test_scenario_projection_is_the_mean_of_point_projections(growth):
+    rng = np.random.default_rng(3)
+    pol = make_policy("bfio", horizon=12, growth=growth, backend="torch", b=0.5, c=2.0)
+    v = _view(rng, k=5)
+    got = pol.project(v)
+    want = np.mean([pol.project(ClusterView(v.free_slots, v.kv_tokens, v.num_requests, v.req_rank, v.req_kv, row))
+                    for row in v.req_remaining], axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    c = Candidates(prompt_len=rng.integers(1, 300, 6), output_est=rng.integers(1, 30, (6, 5)))
+    got = pol.profiles(c)
+    want = np.mean([pol.profiles(Candidates(c.prompt_len, c.output_est[:, s])) for s in range(5)], axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_identical_scenarios_place_like_point_estimates():
+    rng = np.random.default_rng(5)
+    pol = make_policy("bfio", horizon=10, backend="torch")
+    for must in (False, True):
+        v = _view(rng)
+        c = Candidates(prompt_len=rng.integers(1, 400, 20), output_est=rng.integers(1, 30, 20))
+        v3 = ClusterView(v.free_slots, v.kv_tokens, v.num_requests, v.req_rank, v.req_kv,
+                         np.tile(v.req_remaining, (3, 1)))
+        c3 = Candidates(c.prompt_len, np.tile(c.output_est[:, None], (1, 3)))
+        n = 20 if not must else 1
+        a = pol.assign(v, Candidates(c.prompt_len[:n], c.output_est[:n]), must_place=must)
+        b = pol.assign(v3, Candidates(c3.prompt_len[:n], c3.output_est[:n]), must_place=must)
+        assert a.tolist() == b.tolist()
+
+
+def test_paper_mode_with_scenarios_serves_every_request():
+    rng = np.random.default_rng(0)
+    tr = Trace("t", rng.integers(10, 2000, 600), rng.integers(1, 300, 600))
+    pol = make_policy("bfio", horizon=10, scenarios=4, backend="torch")
+    r = simulate_paper(tr, pol, PaperConfig(ranks=4, batch=8), make_estimator("noisy:0.5", seed=1))
+    assert r.requests_finished == 600
+    r2 = simulate_paper(tr, make_policy("bfio", horizon=10, scenarios=4, backend="torch"),
+                        PaperConfig(ranks=4, batch=8), make_estimator("empirical"))
+    assert r2.requests_finished == 600
