@@ -141,3 +141,19 @@ def test_every_policy_obeys_slots_and_must_place(name):
         assert placed.size == min(6, free.sum())  # work-conserving
         forced = p.assign(v, c, must_place=True)
         assert ((forced >= 0) & (forced < G)).all()
+
+
+def test_bfio_full_wait_sends_a_request_where_a_slot_frees_first():
+    # 3 ranks, 2 slots each, all full; rank 2's first request ends next step.
+    rank = np.array([0, 0, 1, 1, 1, 2, 2])  # rank 1 also has one queued beyond its slots
+    kv = np.array([10, 10, 10, 10, 10, 900, 900])
+    rem = np.array([50, 60, 1, 70, 80, 2, 90])
+    v = ClusterView(free_slots=np.zeros(3, np.int64), kv_tokens=np.bincount(rank, kv, 3).astype(np.int64),
+                    num_requests=np.bincount(rank, minlength=3), req_rank=rank, req_kv=kv, req_remaining=rem,
+                    slot_limit=2)
+    pol = make_policy("bfio", horizon=10, full_wait=True, backend="torch")
+    # rank 1's freed slot goes to its queued request first; rank 2 frees one in 2 steps
+    assert pol._slot_wait(v).tolist() == [50, 70, 2]
+    assert pol.assign(v, cands([100], [5]), must_place=True).tolist() == [2]
+    # without it, the heavy rank 2 is avoided
+    assert make_policy("bfio", horizon=10, backend="torch").assign(v, cands([100], [5]), must_place=True).tolist() != [2]

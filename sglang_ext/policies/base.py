@@ -48,6 +48,9 @@ class ClusterView:
     # (G,) prompt tokens bound to each rank and not prefilled yet (None: unknown).
     # Their prefill is the next barrier step, whose length the longest one sets.
     pending_prefill: np.ndarray | None = None
+    # Running requests a rank can hold (None: unknown). With it, a policy that
+    # must place a request while every rank is full can tell when a slot frees.
+    slot_limit: int | None = None
 
     def __post_init__(self):
         self.free_slots = np.asarray(self.free_slots, dtype=np.int64)

@@ -86,7 +86,7 @@ class BFIO(Policy):
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
                  levels: int = 1,
                  search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
-                 scenarios: int = 0, backend: str = "auto"):
+                 scenarios: int = 0, full_wait: bool = False, backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
@@ -128,6 +128,9 @@ class BFIO(Policy):
         # (callers read `scenarios`): the projection becomes the expected cost,
         # not the cost under one guess. 0 or 1: point estimates.
         self.scenarios = max(0, int(scenarios))
+        # Immediate placement when every rank is full: go where a slot frees
+        # first (needs the view's slot_limit); False: least growth over all.
+        self.full_wait = bool(full_wait)
         # Pool decisions choose *which* requests: the next steps matter most.
         self._pool = _Horizon.make(self.horizon, decay, now_weight)
         # An arriving request has only *where* to go, and where matters over its
@@ -186,6 +189,11 @@ class BFIO(Policy):
             X[:, 0] += self.prefill * cands.prompt_len
         free = view.free_slots.copy()
         if must_place:
+            if self.full_wait and n == 1 and not (free > 0).any() and view.slot_limit and view.req_rank.size:
+                # Every rank is full: the request waits for a slot wherever it
+                # goes. Send it where one frees first (then least growth).
+                wait = self._slot_wait(view)
+                free = (wait == wait.min()).astype(np.int64)
             return self._place_each(hz, L, X, free, out, range(n))
         slots = int(np.maximum(free, 0).sum())
         if slots == 0:
@@ -254,6 +262,25 @@ class BFIO(Policy):
         cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         ci, ri = linear_sum_assignment(cost)
         return C[ci], live[ri]  # distinct ranks: plain indexed updates
+
+    @staticmethod
+    def _slot_wait(view: ClusterView) -> np.ndarray:
+        """(G,) predicted steps until a full rank can start one more request:
+        with q requests beyond its slot limit (queued), the (q+1)-th earliest
+        finish among what it holds (queued requests count as held)."""
+        G = view.num_ranks
+        rank = np.asarray(view.req_rank)
+        rem = np.asarray(view.req_remaining)
+        if rem.ndim == 2:
+            rem = np.median(rem, axis=0)
+        order = np.lexsort((rem, rank))
+        held = np.bincount(rank, minlength=G)
+        starts = np.concatenate([[0], np.cumsum(held)[:-1]])
+        q = np.clip(view.num_requests - int(view.slot_limit), 0, None)
+        ok = q < held
+        wait = np.full(G, np.inf)
+        wait[ok] = rem[order][(starts + q)[ok]]
+        return wait
 
     def _place_each(self, hz, L, X, free, out, order):
         """One candidate at a time, in `order`, each where the envelope grows least."""

@@ -115,7 +115,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         kv = (np.bincount(r_rank, weights=r_kv, minlength=G)
               + np.bincount(q_rank, weights=prompt[q_id], minlength=G)).astype(np.int64)
         view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held,
-                           pending_prefill=np.bincount(q_rank, weights=prompt[q_id], minlength=G))
+                           pending_prefill=np.bincount(q_rank, weights=prompt[q_id], minlength=G),
+                           slot_limit=B)
         if policy.needs_requests:
             # Queued requests count as if running from now: they will be soon.
             view.req_rank = np.concatenate([r_rank, q_rank])
@@ -285,6 +286,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         steps=steps,
     )
     res.finish_s = finish  # per request, seconds (not part of the JSON contract)
+    res.ttft_s = ttft
     res.extra = {"latency_ms_p50": pct(latency * 1e3, 50), "latency_ms_p99": pct(latency * 1e3, 99),
                  "tpot_ms_p50": pct(tpot * 1e3, 50),
                  # where the time went: prefill steps stall every rank's decode
