@@ -98,3 +98,15 @@ def test_paper_mode_with_scenarios_serves_every_request():
     r2 = simulate_paper(tr, make_policy("bfio", horizon=10, scenarios=4, backend="torch"),
                         PaperConfig(ranks=4, batch=8), make_estimator("empirical"))
     assert r2.requests_finished == 600
+
+
+def test_scenario_projection_takes_torch_tensors():
+    # the plugin hands the policy torch tensors (on the GPU when there is one)
+    import torch
+
+    rng = np.random.default_rng(4)
+    pol = make_policy("bfio", horizon=8, backend="torch")
+    v = _view(rng, k=3)
+    vt = ClusterView(v.free_slots, v.kv_tokens, v.num_requests, torch.from_numpy(v.req_rank),
+                     torch.from_numpy(v.req_kv), torch.from_numpy(v.req_remaining))
+    np.testing.assert_array_equal(pol.project(vt), pol.project(v))

@@ -147,18 +147,19 @@ class BFIO(Policy):
         H = self.horizon if H is None else H
         a, b, c = self.weights
         if view.req_rank.size or not view.kv_tokens.any():
-            rem = np.asarray(view.req_remaining)
+            rank, kv, rem = view.req_rank, view.req_kv, view.req_remaining  # numpy, or torch on a GPU
             if rem.ndim == 2:
                 # k equally likely scenarios of remaining steps: the expected
                 # cost is the mean of k projections, i.e. one projection of the
                 # requests repeated k times, divided by k.
                 k = rem.shape[0]
-                proj = project_cost(np.tile(view.req_rank, k), np.tile(view.req_kv, k), rem.reshape(-1), G, H,
+                tile = (lambda x: np.tile(x, k)) if isinstance(rank, np.ndarray) else (lambda x: x.repeat(k))
+                proj = project_cost(tile(rank), tile(kv), rem.reshape(-1), G, H,
                                     a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
-                return proj.cost.numpy() / k
-            proj = project_cost(view.req_rank, view.req_kv, rem, G, H,
+                return proj.cost.cpu().numpy() / k
+            proj = project_cost(rank, kv, rem, G, H,
                                 a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
-            return proj.cost.numpy()
+            return proj.cost.cpu().numpy()
         # No per-request detail (e.g. a coarse load report): hold today's load flat.
         return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (H + 1, G)).astype(np.float64)
 
@@ -269,8 +270,8 @@ class BFIO(Policy):
         with q requests beyond its slot limit (queued), the (q+1)-th earliest
         finish among what it holds (queued requests count as held)."""
         G = view.num_ranks
-        rank = np.asarray(view.req_rank)
-        rem = np.asarray(view.req_remaining)
+        as_np = lambda x: x if isinstance(x, np.ndarray) else x.cpu().numpy()  # noqa: E731
+        rank, rem = as_np(view.req_rank), as_np(view.req_remaining)
         if rem.ndim == 2:
             rem = np.median(rem, axis=0)
         order = np.lexsort((rem, rank))
