@@ -54,12 +54,17 @@ def _max_new_tokens(req) -> int:
     return int(value) if value is not None else 128  # SGLang's SamplingParams default
 
 
-def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray) -> np.ndarray:
-    """Predicted decode steps left, never beyond the max_new_tokens cap."""
+def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios: int = 0) -> np.ndarray:
+    """Predicted decode steps left, never beyond the max_new_tokens cap: (n,), or
+    (scenarios, n) equally likely ones when asked and the estimator spreads them."""
     generated = np.asarray(generated, dtype=np.int64)
     cap = np.asarray(cap, dtype=np.int64)
     total = estimator.initial(np.zeros_like(cap), None, cap)
-    return np.clip(estimator.remaining(generated, total), 1, np.maximum(cap - generated, 1))
+    if scenarios > 1 and estimator.spread:
+        rem = estimator.scenarios(generated, total, scenarios)
+    else:
+        rem = estimator.remaining(generated, total)
+    return np.clip(rem, 1, np.maximum(cap - generated, 1))
 
 
 def _prompt_len(req) -> int:
@@ -112,7 +117,8 @@ class BalancedDispatch:
 
         backend = "torch" if self.device == "cpu" else "auto"
         return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend,
-                           prefill=getattr(self.cfg, "prefill_weight", 0.0))
+                           prefill=getattr(self.cfg, "prefill_weight", 0.0),
+                           scenarios=getattr(self.cfg, "scenarios", 0), full_wait=getattr(self.cfg, "full_wait", False))
 
     def _cuda_projection_works(self) -> bool:
         """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to
@@ -167,6 +173,7 @@ class BalancedDispatch:
         kv = np.zeros(G, dtype=np.int64)
         num = np.zeros(G, dtype=np.int64)
         need_reqs = self.policy.needs_requests
+        k_scen = int(self.policy.scenarios) if self.estimator.spread else 0
         rr, rk, rrem = [], [], []
         pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
         for g in range(G):
@@ -186,32 +193,38 @@ class BalancedDispatch:
             if need_reqs:
                 parts_kv, parts_rem = [fl_prompt], [
                     remaining_steps(self.estimator, np.zeros(len(fl), np.int64),
-                                    np.fromiter((c for _, c in fl), np.int64, len(fl)))
+                                    np.fromiter((c for _, c in fl), np.int64, len(fl)), k_scen)
                 ]
                 if rep is not None:
                     parts_kv += [rep.run_kv, rep.wait_prompt]
                     parts_rem += [
-                        remaining_steps(self.estimator, rep.run_generated, rep.run_cap),
-                        remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap),
+                        remaining_steps(self.estimator, rep.run_generated, rep.run_cap, k_scen),
+                        remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap, k_scen),
                     ]
                 k = np.concatenate(parts_kv).astype(np.int64)
                 rk.append(k)
-                rrem.append(np.concatenate(parts_rem).astype(np.int64))
+                rrem.append(np.concatenate(parts_rem, axis=-1).astype(np.int64))
                 rr.append(np.full(k.shape[0], g, dtype=np.int64))
         active = self._active_mask()
         free = np.where(active, np.maximum(free, 0), 0)
         kv = np.where(active, kv, _INACTIVE_LOAD)
         num = np.where(active, num, _INACTIVE_LOAD)
         if need_reqs:
-            arrays = [np.concatenate(x) if x else np.zeros(0, np.int64) for x in (rr, rk, rrem)]
+            arrays = [np.concatenate(x, axis=-1) if x else np.zeros(0, np.int64) for x in (rr, rk, rrem)]
             if self.device == "cuda":
                 import torch
 
                 arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
             return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
                                req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                               pending_prefill=pending)
-        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending)
+                               pending_prefill=pending, slot_limit=self._slot_limit())
+        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
+                           slot_limit=self._slot_limit())
+
+    def _slot_limit(self):
+        """Running requests a rank can hold, as the ranks report it (None: not known yet)."""
+        limits = [r.slot_limit for r in self.reports if r is not None and getattr(r, "slot_limit", 0) > 0]
+        return max(limits) if limits else None
 
     # ---- placement -----------------------------------------------------------------
 
@@ -220,7 +233,9 @@ class BalancedDispatch:
 
         prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
         cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
-        return Candidates(prompt_len=prompt, output_est=remaining_steps(self.estimator, np.zeros_like(cap), cap))
+        k_scen = int(self.policy.scenarios) if self.estimator.spread else 0
+        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, k_scen)
+        return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
     def _place(self, reqs, must_place: bool) -> np.ndarray:
         active = self._active_mask()

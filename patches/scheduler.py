@@ -113,6 +113,7 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
         wait_prompt=np.fromiter((len(r.origin_input_ids) for r in waiting), np.int64, len(waiting)),
         wait_cap=np.fromiter((_cap(r) for r in waiting), np.int64, len(waiting)),
         finished_lengths=np.asarray(st.finished_pending, dtype=np.int64),
+        slot_limit=cap_running,
     )
 
 

@@ -42,6 +42,9 @@ def test_cli_defaults_and_values():
     assert (cfg.horizon, cfg.binding, cfg.estimator) == (0, "pool", "empirical")
     assert cfg.prefill_weight == 0.0
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-prefill-weight", "8"]).prefill_weight == 8.0
+    assert (cfg.scenarios, cfg.full_wait) == (0, False)
+    cfg = _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-scenarios", "8", "--balancer-full-wait"])
+    assert (cfg.scenarios, cfg.full_wait) == (8, True)
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -60,6 +63,10 @@ def test_cli_rejects_bad_flags(capsys):
     assert "--balancer-prefill-weight" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="only apply with --balancer"):
         _parse(["--balancer-horizon", "5"])
+    with pytest.raises(SystemExit, match="--balancer-full-wait only apply"):
+        _parse(["--balancer-full-wait"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-scenarios", "-1"])
 
 
 def test_cli_multinode_report_addr_is_tcp():
@@ -77,7 +84,7 @@ def fake_controller(monkeypatch, tmp_path):
     sent = []
     monkeypatch.setattr(io_struct, "sock_send", lambda sock, obj: sent.append((sock, obj)))
 
-    def make(policy="total_tokens", binding="immediate", max_wait=0.5, ranks=4, device="cpu"):
+    def make(policy="total_tokens", binding="immediate", max_wait=0.5, ranks=4, device="cpu", **cfg_kw):
         from sglang_ext.patches.controller import BalancedDispatch
 
         ctrl = SimpleNamespace(workers=list(range(ranks)), _active_workers=list(range(ranks)),
@@ -85,7 +92,7 @@ def fake_controller(monkeypatch, tmp_path):
         ctrl.maybe_external_dp_rank_routing = lambda req: (
             req.routed_dp_rank is not None and (sent.append((req.routed_dp_rank, req)) or True))
         cfg = config.BalancerConfig(policy=policy, binding=binding, pool_max_wait_s=max_wait, device=device,
-                                    report_addr=f"ipc://{tmp_path}/rep-{policy}-{binding}")
+                                    report_addr=f"ipc://{tmp_path}/rep-{policy}-{binding}", **cfg_kw)
         bal = BalancedDispatch(ctrl, cfg)
         return bal, sent
 
@@ -242,3 +249,33 @@ def test_ipc_ledger_records_and_removes_sglang_ipc_files(tmp_path, monkeypatch):
     assert (tmp_path / "sglang_ext_ipc_4242.txt").read_text().split() == [str(f) for f in files]
     assert ipc_cleanup.remove_recorded(4242) == 3
     assert not any(f.exists() for f in files) and not (tmp_path / "sglang_ext_ipc_4242.txt").exists()
+
+
+def test_scenarios_reach_the_policy_from_the_empirical_estimator(fake_controller):
+    bal, sent = fake_controller("bfio", estimator="empirical", scenarios=4)
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                               finished_lengths=np.array([5, 10, 50, 400])) for g in range(4)])
+    bal.on_reports([RankReport(dp_rank=0, step=2, received=0, free_slots=69, slot_limit=72,
+                               run_kv=np.array([300]), run_generated=np.array([20]), run_cap=np.array([64]))])
+    view = bal.build_view()
+    assert view.req_remaining.shape == (4, 1) and view.slot_limit == 72
+    # quantiles of the finished lengths above 20 (50, 400), capped by max_new_tokens - generated
+    assert view.req_remaining[:, 0].tolist() == [30, 30, 44, 44]
+    cands = bal._candidates([_req(100, max_new=300), _req(50, max_new=8)])
+    assert cands.output_est.shape == (2, 4) and cands.output_est[1].max() <= 8
+    bal.dispatch(_req(100))
+    assert len(sent) == 1
+
+
+def test_full_wait_sends_a_request_where_a_slot_frees_first(fake_controller):
+    def reports():
+        light = dict(run_kv=np.array([10, 10]), run_generated=np.array([0, 0]), run_cap=np.array([100, 100]))
+        heavy = dict(run_kv=np.array([5000, 5000]), run_generated=np.array([99, 0]), run_cap=np.array([100, 100]))
+        return [RankReport(dp_rank=g, step=1, received=0, free_slots=0, slot_limit=2, **(heavy if g == 2 else light))
+                for g in range(4)]
+
+    for full_wait, want_rank_2 in ((True, True), (False, False)):
+        bal, sent = fake_controller("bfio", full_wait=full_wait)
+        bal.on_reports(reports())
+        bal.dispatch(_req(100))
+        assert (sent[-1][0] == 2) == want_rank_2

@@ -37,6 +37,8 @@ class BalancerConfig:
     policy: str | None = None  # None: SGLang's own dispatch, the plugin stays out
     horizon: int = 20
     prefill_weight: float = 0.0  # bfio: cost of prefilling a prompt token / one KV token of decode
+    scenarios: int = 0  # bfio: remaining lengths as this many equally likely scenarios (0: point guesses)
+    full_wait: bool = False  # bfio: with every rank full, place where a slot frees first
     binding: str = "immediate"
     pool_max_wait_s: float = 0.5
     device: str = "auto"
@@ -126,6 +128,24 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "step (about 8 for DeepSeek-V3 on H100). The next step then carries each rank's "
         "prompts waiting for prefill, so bursts of long prompts are spread across ranks "
         "(default: 0 = decode load only).",
+    )
+    group.add_argument(
+        "--balancer-scenarios",
+        metavar="K",
+        type=_non_negative_int,
+        default=None,
+        help="bfio with --balancer-estimator empirical: take each request's remaining decode "
+        "steps as K equally likely scenarios (quantiles of the residual life of finished "
+        "requests) and project the expected load instead of the load under one guess "
+        "(default: 0 = one guess; 8 is a good value).",
+    )
+    group.add_argument(
+        "--balancer-full-wait",
+        action="store_true",
+        default=None,
+        help="bfio, immediate binding: a request that arrives while every rank is full goes "
+        "to the rank whose next slot frees first (predicted from its requests' remaining "
+        "steps), which cuts time-to-first-token under bursts (default: off).",
     )
     group.add_argument(
         "--balancer-binding",
@@ -236,7 +256,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
     if policy is None:
         needing = [
             f"--{k.replace('_', '-')}"
-            for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
+            for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
+                      "balancer_binding", "balancer_pool_max_wait", "balancer_device",
                       "balancer_estimator", "balancer_report_addr", "balancer_seed")
             if getattr(args, k, None) is not None
         ]
@@ -246,6 +267,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
             return None  # the plugin stays out entirely
     cfg = BalancerConfig(policy=policy)
     for field, key in (("horizon", "balancer_horizon"), ("prefill_weight", "balancer_prefill_weight"),
+                       ("scenarios", "balancer_scenarios"), ("full_wait", "balancer_full_wait"),
                        ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
                        ("estimator", "balancer_estimator"), ("log_dir", "balancer_log"),

@@ -39,6 +39,7 @@ class RankReport:
     # Output lengths of requests that finished since the last report (estimator input).
     finished_lengths: np.ndarray = field(default_factory=lambda: _EMPTY)
     time: float = field(default_factory=time.time)
+    slot_limit: int = 0  # running requests the rank can hold (max_running_requests; 0: unknown)
 
     @property
     def kv_tokens(self) -> int:

@@ -314,6 +314,7 @@ class StandinScheduler:
             wait_prompt=np.fromiter((r.prompt_len for r in wait), np.int64, len(wait)),
             wait_cap=np.fromiter((r.max_new for r in wait), np.int64, len(wait)),
             finished_lengths=np.asarray(self.finished_lengths, dtype=np.int64),
+            slot_limit=self.max_running,
         ))
         self.finished_lengths = []
 
