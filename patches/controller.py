@@ -105,8 +105,10 @@ class BalancedDispatch:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(cfg.report_addr)
         logger.info(
-            "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s reports on %s",
-            cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, cfg.report_addr,
+            "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s scenarios=%d "
+            "full_wait=%s reports on %s",
+            cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, getattr(cfg, "scenarios", 0),
+            getattr(cfg, "full_wait", False), cfg.report_addr,
         )
 
     def _make_policy(self):
