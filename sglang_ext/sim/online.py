@@ -286,7 +286,6 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         steps=steps,
     )
     res.finish_s = finish  # per request, seconds (not part of the JSON contract)
-    res.ttft_s = ttft
     res.extra = {"latency_ms_p50": pct(latency * 1e3, 50), "latency_ms_p99": pct(latency * 1e3, 99),
                  "tpot_ms_p50": pct(tpot * 1e3, 50),
                  # where the time went: prefill steps stall every rank's decode
