@@ -175,7 +175,7 @@ class BalancedDispatch:
         kv = np.zeros(G, dtype=np.int64)
         num = np.zeros(G, dtype=np.int64)
         need_reqs = self.policy.needs_requests
-        k_scen = int(self.policy.scenarios) if self.estimator.spread else 0
+        k_scen = self._scenarios
         rr, rk, rrem = [], [], []
         pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
         for g in range(G):
@@ -223,6 +223,11 @@ class BalancedDispatch:
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
                            slot_limit=self._slot_limit())
 
+    @property
+    def _scenarios(self) -> int:
+        """Scenarios per request the policy takes, when the estimator can spread them."""
+        return int(self.policy.scenarios) if self.estimator.spread else 0
+
     def _slot_limit(self):
         """Running requests a rank can hold, as the ranks report it (None: not known yet)."""
         limits = [r.slot_limit for r in self.reports if r is not None and getattr(r, "slot_limit", 0) > 0]
@@ -235,8 +240,7 @@ class BalancedDispatch:
 
         prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
         cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
-        k_scen = int(self.policy.scenarios) if self.estimator.spread else 0
-        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, k_scen)
+        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios)
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
     def _place(self, reqs, must_place: bool) -> np.ndarray:

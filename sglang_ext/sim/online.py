@@ -110,31 +110,26 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
 
     k_scen = int(policy.scenarios) if estimator.spread else 0
 
-    def view_of() -> ClusterView:
-        held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
-        kv = (np.bincount(r_rank, weights=r_kv, minlength=G)
-              + np.bincount(q_rank, weights=prompt[q_id], minlength=G)).astype(np.int64)
-        view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held,
-                           pending_prefill=np.bincount(q_rank, weights=prompt[q_id], minlength=G),
-                           slot_limit=B)
-        if policy.needs_requests:
-            # Queued requests count as if running from now: they will be soon.
-            view.req_rank = np.concatenate([r_rank, q_rank])
-            view.req_kv = np.concatenate([r_kv, prompt[q_id]])
-            if k_scen > 1:
-                view.req_remaining = np.concatenate(
-                    [estimator.scenarios(r_gen, est_total[r_id], k_scen),
-                     estimator.scenarios(np.zeros(q_id.size, np.int64), est_total[q_id], k_scen)], axis=1)
-            else:
-                view.req_remaining = np.concatenate([estimator.remaining(r_gen, est_total[r_id]),
-                                                     est_total[q_id]])
-        return view
-
     def lengths(ids: np.ndarray) -> np.ndarray:
         """Candidates' predicted lengths: (n,), or (n, k) scenarios."""
         if k_scen > 1:
             return estimator.scenarios(np.zeros(ids.size, np.int64), est_total[ids], k_scen).T
         return est_total[ids]
+
+    def view_of() -> ClusterView:
+        held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
+        queued_prompt = np.bincount(q_rank, weights=prompt[q_id], minlength=G)
+        kv = (np.bincount(r_rank, weights=r_kv, minlength=G) + queued_prompt).astype(np.int64)
+        view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held,
+                           pending_prefill=queued_prompt, slot_limit=B)
+        if policy.needs_requests:
+            # Queued requests count as if running from now: they will be soon.
+            view.req_rank = np.concatenate([r_rank, q_rank])
+            view.req_kv = np.concatenate([r_kv, prompt[q_id]])
+            running = (estimator.scenarios(r_gen, est_total[r_id], k_scen) if k_scen > 1
+                       else estimator.remaining(r_gen, est_total[r_id]))
+            view.req_remaining = np.concatenate([running, lengths(q_id).T], axis=-1)
+        return view
 
     def bind_now(ids: np.ndarray) -> None:
         """Immediate binding: one policy call per request, as SGLang dispatches."""
