@@ -37,10 +37,15 @@ def main():
     ap.add_argument("--cost-preset", default="paper-dsv3")
     ap.add_argument("--power-preset", default="h100")
     ap.add_argument("--max-prompt-len", type=int, default=32768)
+    ap.add_argument("--max-pool-wait", type=float, default=5.0,
+                    help="Seconds a request may wait in the pool before the immediate rule binds it "
+                         "(under a queue deeper than this, the pool turns into delayed immediate binding).")
     ap.add_argument("--runs", default=None, help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary-from", default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
+    if not args.max_pool_wait > 0:
+        ap.error(f"--max-pool-wait must be > 0 seconds, got {args.max_pool_wait}")
     if args.summary_from:
         print(summarize(json.loads(Path(args.summary_from).read_text())))
         return
@@ -62,7 +67,8 @@ def main():
             base, params = parse_policy_spec(name)  # a run may carry parameters: bfio:prefill=8e-7@immediate
             pol = make_policy(base, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
             cfg = OnlineConfig(ranks=G, batch=args.batch, binding=binding, rate_scale=scale, cost=cost,
-                               power=power, max_prompt_len=args.max_prompt_len)
+                               power=power, max_prompt_len=args.max_prompt_len,
+                               max_pool_wait_s=args.max_pool_wait)
             r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))
             row = dict(trace=tname, G=G, load=load, policy=name, binding=binding, **r.to_dict(), **r.extra)
             rows.append(row)

@@ -65,3 +65,25 @@ def test_estimators():
     for bad in ("noisy", "noisy:1.5", "magic"):
         with pytest.raises(ValueError):
             make_estimator(bad)
+
+
+def test_deep_queue_gain_needs_a_pool_deadline_longer_than_the_queue():
+    # Arrivals at twice the capacity: a queue of tens of seconds builds. With a
+    # deadline longer than that queue the pool holds it and bfio chooses which
+    # request goes where; with a short one nearly every request is bound by the
+    # immediate rule after waiting, and the pool's choice is gone.
+    tr = load_trace(__import__("conftest").TRACES / "mooncake_conversation.jsonl").head(1000)
+    cost = cost_preset("paper-dsv3", 16)
+    scale = 2.0 * capacity_rps(tr, cost, 4, 16, 32768) / native_rate(tr)
+
+    def run(policy, wait_s):
+        cfg = OnlineConfig(ranks=4, batch=16, rate_scale=scale, cost=cost, binding="pool",
+                           max_pool_wait_s=wait_s, max_prompt_len=32768)
+        r = simulate_online(tr, make_policy(policy, horizon=20), cfg)
+        assert r.requests_finished == len(tr)
+        return r
+
+    jsq, held, bypassed = run("jsq", 1e4), run("bfio", 1e4), run("bfio", 1.0)
+    assert bypassed.ttft_ms_p50 > 10 * 1e3  # the queue is far deeper than the short deadline
+    assert held.idle_fraction < 0.5 * jsq.idle_fraction
+    assert held.idle_fraction < 0.5 * bypassed.idle_fraction
