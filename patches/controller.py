@@ -60,10 +60,7 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
     generated = np.asarray(generated, dtype=np.int64)
     cap = np.asarray(cap, dtype=np.int64)
     total = estimator.initial(np.zeros_like(cap), None, cap)
-    if scenarios > 1 and estimator.spread:
-        rem = estimator.scenarios(generated, total, scenarios)
-    else:
-        rem = estimator.remaining(generated, total)
+    rem = estimator.steps_left(generated, total, scenarios)
     return np.clip(rem, 1, np.maximum(cap - generated, 1))
 
 
@@ -107,8 +104,8 @@ class BalancedDispatch:
         logger.info(
             "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s scenarios=%d "
             "full_wait=%s reports on %s",
-            cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, getattr(cfg, "scenarios", 0),
-            getattr(cfg, "full_wait", False), cfg.report_addr,
+            cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, cfg.scenarios,
+            cfg.full_wait, cfg.report_addr,
         )
 
     def _make_policy(self):
@@ -119,8 +116,8 @@ class BalancedDispatch:
 
         backend = "torch" if self.device == "cpu" else "auto"
         return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend,
-                           prefill=getattr(self.cfg, "prefill_weight", 0.0),
-                           scenarios=getattr(self.cfg, "scenarios", 0), full_wait=getattr(self.cfg, "full_wait", False))
+                           prefill=self.cfg.prefill_weight, scenarios=self.cfg.scenarios,
+                           full_wait=self.cfg.full_wait)
 
     def _cuda_projection_works(self) -> bool:
         """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to
@@ -230,7 +227,7 @@ class BalancedDispatch:
 
     def _slot_limit(self):
         """Running requests a rank can hold, as the ranks report it (None: not known yet)."""
-        limits = [r.slot_limit for r in self.reports if r is not None and getattr(r, "slot_limit", 0) > 0]
+        limits = [r.slot_limit for r in self.reports if r is not None and r.slot_limit > 0]
         return max(limits) if limits else None
 
     # ---- placement -----------------------------------------------------------------

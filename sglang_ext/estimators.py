@@ -32,6 +32,12 @@ class Estimator:
         r = self.remaining(generated, predicted_total)
         return np.broadcast_to(r, (int(k), r.shape[0])).copy()
 
+    def steps_left(self, generated: np.ndarray, predicted_total: np.ndarray, k: int = 0) -> np.ndarray:
+        """`remaining` (n,), or (k, n) `scenarios` when k > 1 and this estimator spreads them."""
+        if k > 1 and self.spread:
+            return self.scenarios(generated, predicted_total, k)
+        return self.remaining(generated, predicted_total)
+
     def observe(self, finished_out_len: np.ndarray) -> None:
         """Learn from the true lengths of requests that just finished."""
 
