@@ -44,6 +44,13 @@ class Trace:
     def head(self, n: int | None) -> "Trace":
         return self if n is None or n >= len(self) else self.subset(np.arange(n))
 
+    def window(self, start: int, n: int) -> "Trace":
+        """Rows [start, start + n), arrival times counted from the window's first request."""
+        w = self.subset(np.arange(start, min(start + n, len(self))))
+        if w.arrival_s is not None and len(w):
+            w.arrival_s = w.arrival_s - w.arrival_s[0]
+        return w
+
 
 class _Rows:
     """Collects validated rows; raises or skips on the first bad field."""

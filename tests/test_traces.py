@@ -21,6 +21,18 @@ def test_mooncake_jsonl_ms_to_seconds(traces_dir):
     assert t.arrival_s.max() > 60  # ms converted to s, an hour-long trace
 
 
+def test_window_takes_rows_and_counts_time_from_its_first(traces_dir):
+    t = load_trace(traces_dir / "azure_conv_2023.csv")
+    w = t.window(1000, 500)
+    assert len(w) == 500
+    np.testing.assert_array_equal(w.prompt_len, t.prompt_len[1000:1500])
+    np.testing.assert_array_equal(w.output_len, t.output_len[1000:1500])
+    assert w.arrival_s[0] == 0.0
+    np.testing.assert_allclose(w.arrival_s, t.arrival_s[1000:1500] - t.arrival_s[1000])
+    assert len(t.window(len(t) - 10, 500)) == 10  # cut at the end of the trace
+    assert t.arrival_s[1000] > 0  # the trace itself is untouched
+
+
 def test_length_json_and_paper_order(traces_dir):
     t = load_trace(traces_dir / "burstgpt_lengths_8000.json")
     assert t.arrival_s is None and len(t) == 8000
