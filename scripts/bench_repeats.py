@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--control-jitter", type=float, default=0.002,
                     help="The control reruns the baseline at this relative arrival-rate change.")
     ap.add_argument("--max-pool-wait", type=float, default=5.0, help="Pool binding deadline, seconds.")
+    ap.add_argument("--pool-window", type=int, default=0,
+                    help="Candidates offered per pool call (0: the simulator's default, 4 x G).")
     ap.add_argument("--estimator", default="oracle")
     ap.add_argument("--cost-preset", default="paper-dsv3")
     ap.add_argument("--power-preset", default="h100")
@@ -75,6 +77,8 @@ def main():
         ap.error("--requests-per-rank and --max-windows must be >= 1")
     if not 0 < args.control_jitter < 0.1:
         ap.error(f"--control-jitter must be in (0, 0.1), got {args.control_jitter}")
+    if args.pool_window < 0:
+        ap.error(f"--pool-window must be >= 0, got {args.pool_window}")
     if not args.max_pool_wait > 0:
         ap.error(f"--max-pool-wait must be > 0 seconds, got {args.max_pool_wait}")
     cost = cost_preset(args.cost_preset, args.batch)
@@ -98,7 +102,7 @@ def main():
             pol = make_policy(name, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
             cfg = OnlineConfig(ranks=G, batch=args.batch, binding=spec.split("@")[1], rate_scale=scale * jitter,
                                cost=cost, power=power, max_prompt_len=args.max_prompt_len,
-                               max_pool_wait_s=args.max_pool_wait)
+                               max_pool_wait_s=args.max_pool_wait, pool_window=args.pool_window or None)
             r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))
             rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), load=load, run=label,
                              **r.to_dict(), **r.extra))

@@ -87,3 +87,19 @@ def test_deep_queue_gain_needs_a_pool_deadline_longer_than_the_queue():
     assert bypassed.ttft_ms_p50 > 10 * 1e3  # the queue is far deeper than the short deadline
     assert held.idle_fraction < 0.5 * jsq.idle_fraction
     assert held.idle_fraction < 0.5 * bypassed.idle_fraction
+
+
+def test_idle_splits_into_decode_time_with_and_without_a_waiting_request():
+    tr = small_trace(rate=2000.0)  # a queue builds at once, drains at the end
+    r = simulate_online(tr, make_policy("bfio", horizon=8),
+                        OnlineConfig(ranks=4, batch=16, binding="pool", max_pool_wait_s=100.0))
+    e = r.extra
+    assert 0 < e["queued_s"] < e["decode_s"]
+    # the two parts recombine into the overall idle fraction
+    whole = (e["idle_queued"] * e["queued_s"] + e["idle_unqueued"] * (e["decode_s"] - e["queued_s"])) / e["decode_s"]
+    assert whole == pytest.approx(r.idle_fraction, rel=1e-9)
+    # a trickle never queues: every decode second is unqueued
+    calm = simulate_online(small_trace(n=100, rate=0.5), make_policy("total_tokens"),
+                           OnlineConfig(ranks=4, batch=16))
+    assert calm.extra["queued_s"] == 0 and calm.extra["idle_queued"] is None
+    assert calm.extra["idle_unqueued"] == pytest.approx(calm.idle_fraction)

@@ -102,6 +102,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     clock = 0.0
 
     decode_time = wait_time = energy = prefill_time = 0.0
+    queued_time = queued_wait = 0.0  # decode steps while a request waits (pool or a rank's queue)
     prefill_steps = 0
     tokens = 0
     steps = 0
@@ -230,6 +231,9 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             waits = T - cost.sync - local
             decode_time += T
             wait_time += float(waits.sum())
+            if pool.size or q_id.size:
+                queued_time += T
+                queued_wait += float(waits.sum())
             energy += power.step_energy(T, np.where(nrun > 0, local, 0.0), nrun > 0)
             imb_sum += G * L.max() - L.sum()
             decode_steps += 1
@@ -284,5 +288,11 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
                  "tpot_ms_p50": pct(tpot * 1e3, 50),
                  # where the time went: prefill steps stall every rank's decode
                  "prefill_steps": prefill_steps, "prefill_s": prefill_time,
-                 "decode_steps": decode_steps, "decode_s": decode_time}
+                 "decode_steps": decode_steps, "decode_s": decode_time,
+                 # the part of decode time during which a request was waiting
+                 # (in the pool or a rank's queue): there a pool has a choice
+                 "queued_s": queued_time,
+                 "idle_queued": queued_wait / (G * queued_time) if queued_time > 0 else None,
+                 "idle_unqueued": ((wait_time - queued_wait) / (G * (decode_time - queued_time))
+                                   if decode_time > queued_time else None)}
     return res

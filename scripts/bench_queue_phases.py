@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Where the idle is under saturation: decode time with a request waiting (in
+the pool or a rank's queue) against decode time without, per policy.
+
+A pool can only choose *which* request goes next while requests wait. On
+bursty traces a load above capacity builds a queue in bursts, and between them
+the pool is empty and every arrival is placed at once: this splits each run's
+idle fraction into the two phases, so the part a pool can act on is visible."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sglang_ext.cost import cost_preset, power_preset
+from sglang_ext.estimators import make_estimator
+from sglang_ext.policies import make_policy, parse_policy_spec
+from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
+from sglang_ext.traces import load_trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--traces", default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl")
+    ap.add_argument("--ranks", default="8,32")
+    ap.add_argument("--batch", type=int, default=72)
+    ap.add_argument("--load", type=float, default=1.3, help="Arrival rate / capacity.")
+    ap.add_argument("--requests-per-rank", type=int, default=1000, help="N = min(trace, this * G).")
+    ap.add_argument("--max-pool-wait", type=float, default=600.0, help="Pool binding deadline, seconds.")
+    ap.add_argument("--runs", default="total_tokens@immediate,jsq@pool,bfio@pool",
+                    help="Comma list of POLICY[:key=val...]@BINDING.")
+    ap.add_argument("--estimator", default="oracle")
+    ap.add_argument("--cost-preset", default="paper-dsv3")
+    ap.add_argument("--max-prompt-len", type=int, default=32768)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not args.load > 0 or not args.max_pool_wait > 0:
+        ap.error("--load and --max-pool-wait must be > 0")
+    runs = args.runs.split(",")
+    for r in runs:
+        if r.count("@") != 1 or r.split("@")[1] not in ("immediate", "pool"):
+            ap.error(f"--runs: {r!r} is not POLICY@immediate or POLICY@pool")
+    cost = cost_preset(args.cost_preset, args.batch)
+    power = power_preset("h100")
+    cells = [(t, int(G)) for t in args.traces.split(",") for G in args.ranks.split(",")]
+    rows = []
+    for tname, G in tqdm(cells, desc="cells"):
+        trace = load_trace(REPO / "data/traces" / tname).head(args.requests_per_rank * G)
+        scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len) / native_rate(trace)
+        for spec in runs:
+            name, params = parse_policy_spec(spec.split("@")[0])
+            pol = make_policy(name, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
+            cfg = OnlineConfig(ranks=G, batch=args.batch, binding=spec.split("@")[1], rate_scale=scale, cost=cost,
+                               power=power, max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
+            r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))
+            rows.append(dict(trace=tname, G=G, N=len(trace), load=args.load, run=spec, **r.to_dict(), **r.extra))
+    print(f"\nload {args.load}, N = min(trace, {args.requests_per_rank} x G), pool max wait {args.max_pool_wait:g} s, "
+          f"cost preset {cost.name}\n")
+    print("| trace | G | run | idle | decode time with a request waiting | idle there | idle elsewhere "
+          "| share of the idle elsewhere |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = r["queued_s"] / r["decode_s"]
+        there, rest = r["idle_queued"], r["idle_unqueued"]
+        rest_share = rest * (1 - share) / r["idle_fraction"] if rest is not None and r["idle_fraction"] else 0.0
+        print(f"| {r['trace'].split('.')[0]} | {r['G']} | {r['run']} | {r['idle_fraction']:.4f} | {share:.0%} "
+              f"| {_f(there)} | {_f(rest)} | {rest_share:.0%} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _f(x):
+    return "-" if x is None else f"{x:.4f}"
+
+
+if __name__ == "__main__":
+    main()
