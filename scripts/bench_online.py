@@ -16,14 +16,13 @@ from tqdm import tqdm
 
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.policies import make_policy, parse_policy_spec
-from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
-RUNS = [("total_requests", "immediate"), ("total_tokens", "immediate"), ("round_robin", "immediate"),
-        ("power_of_two", "immediate"), ("jsq", "immediate"), ("bfio", "immediate"),
-        ("jsq", "pool"), ("bfio", "pool")]
+RUNS = ("total_requests@immediate,total_tokens@immediate,round_robin@immediate,power_of_two@immediate,"
+        "jsq@immediate,bfio@immediate,jsq@pool,bfio@pool")
 
 
 def main():
@@ -49,7 +48,10 @@ def main():
     if args.summary_from:
         print(summarize(json.loads(Path(args.summary_from).read_text())))
         return
-    runs = RUNS if not args.runs else [tuple(r.split("@")) for r in args.runs.split(",")]
+    try:
+        runs = parse_runs(args.runs or RUNS)
+    except ValueError as exc:
+        ap.error(f"--runs: {exc}")
     power = power_preset(args.power_preset)
     cost = cost_preset(args.cost_preset, args.batch)
     print(f"cost preset {cost.name} (a={cost.a*1e3:.3f} ms, b={cost.b*1e3:.4f} ms, c={cost.c*1e6:.4f} us/token, "
@@ -63,14 +65,12 @@ def main():
         cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len)
         scale = load * cap / native_rate(trace)
         rows = []
-        for name, binding in runs:
-            base, params = parse_policy_spec(name)  # a run may carry parameters: bfio:prefill=8e-7@immediate
-            pol = make_policy(base, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
-            cfg = OnlineConfig(ranks=G, batch=args.batch, binding=binding, rate_scale=scale, cost=cost,
-                               power=power, max_prompt_len=args.max_prompt_len,
-                               max_pool_wait_s=args.max_pool_wait)
-            r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))
-            row = dict(trace=tname, G=G, load=load, policy=name, binding=binding, **r.to_dict(), **r.extra)
+        for spec in runs:
+            cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
+                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
+            r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
+            row = dict(trace=tname, G=G, load=load, policy=spec.policy, binding=spec.binding,
+                       **r.to_dict(), **r.extra)
             rows.append(row)
             results.append(row)
         print(f"\n### {tname}, G={G}, B={args.batch}, load {load} (N={len(trace)}, capacity {cap:.1f} req/s)\n")

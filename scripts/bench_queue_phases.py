@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.policies import make_policy, parse_policy_spec
-from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +40,10 @@ def main():
     args = ap.parse_args()
     if not args.load > 0 or not args.max_pool_wait > 0:
         ap.error("--load and --max-pool-wait must be > 0")
-    runs = args.runs.split(",")
-    for r in runs:
-        if r.count("@") != 1 or r.split("@")[1] not in ("immediate", "pool"):
-            ap.error(f"--runs: {r!r} is not POLICY@immediate or POLICY@pool")
+    try:
+        runs = parse_runs(args.runs)
+    except ValueError as exc:
+        ap.error(f"--runs: {exc}")
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset("h100")
     cells = [(t, int(G)) for t in args.traces.split(",") for G in args.ranks.split(",")]
@@ -52,12 +52,10 @@ def main():
         trace = load_trace(REPO / "data/traces" / tname).head(args.requests_per_rank * G)
         scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len) / native_rate(trace)
         for spec in runs:
-            name, params = parse_policy_spec(spec.split("@")[0])
-            pol = make_policy(name, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
-            cfg = OnlineConfig(ranks=G, batch=args.batch, binding=spec.split("@")[1], rate_scale=scale, cost=cost,
-                               power=power, max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
-            r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))
-            rows.append(dict(trace=tname, G=G, N=len(trace), load=args.load, run=spec, **r.to_dict(), **r.extra))
+            cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
+                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
+            r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
+            rows.append(dict(trace=tname, G=G, N=len(trace), load=args.load, run=spec.text, **r.to_dict(), **r.extra))
     print(f"\nload {args.load}, N = min(trace, {args.requests_per_rank} x G), pool max wait {args.max_pool_wait:g} s, "
           f"cost preset {cost.name}\n")
     print("| trace | G | run | idle | decode time with a request waiting | idle there | idle elsewhere "

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.policies import make_policy, parse_policy_spec
-from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +67,11 @@ def main():
         saved = [r for r in dict.fromkeys(x["run"] for x in rows) if r != CONTROL]
         print(summarize(rows, saved, metrics))
         return
-    runs = args.runs.split(",")
-    for r in runs:
-        if r.count("@") != 1 or r.split("@")[1] not in ("immediate", "pool"):
-            ap.error(f"--runs: {r!r} is not POLICY@immediate or POLICY@pool")
+    try:
+        specs = parse_runs(args.runs)
+    except ValueError as exc:
+        ap.error(f"--runs: {exc}")
+    runs = [s.text for s in specs]
     if len(runs) < 2 or len(set(runs)) != len(runs):
         ap.error("--runs: give at least two distinct runs (baseline first, the policy under test last)")
     if args.requests_per_rank < 1 or args.max_windows < 1:
@@ -83,7 +84,7 @@ def main():
         ap.error(f"--max-pool-wait must be > 0 seconds, got {args.max_pool_wait}")
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset(args.power_preset)
-    plan = [(r, r, 1.0) for r in runs] + [(CONTROL, runs[0], 1.0 + args.control_jitter)]
+    plan = [(s.text, s, 1.0) for s in specs] + [(CONTROL, specs[0], 1.0 + args.control_jitter)]
 
     jobs = []
     for tname in args.traces.split(","):
@@ -98,12 +99,10 @@ def main():
             capacity[tname, G, w] = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len)
         scale = load * capacity[tname, G, w] / native_rate(trace)
         for label, spec, jitter in plan:
-            name, params = parse_policy_spec(spec.split("@")[0])
-            pol = make_policy(name, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
-            cfg = OnlineConfig(ranks=G, batch=args.batch, binding=spec.split("@")[1], rate_scale=scale * jitter,
-                               cost=cost, power=power, max_prompt_len=args.max_prompt_len,
-                               max_pool_wait_s=args.max_pool_wait, pool_window=args.pool_window or None)
-            r = simulate_online(trace, pol, cfg, make_estimator(args.estimator, seed=0))
+            cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale * jitter, cost=cost, power=power,
+                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait,
+                              pool_window=args.pool_window or None)
+            r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
             rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), load=load, run=label,
                              **r.to_dict(), **r.extra))
     print(f"\ncost preset {cost.name}, estimator {args.estimator}, loads {args.loads}, windows of "

@@ -1,0 +1,24 @@
+"""sglang_ext.sim.runs: run specs as the benchmark scripts name them."""
+import pytest
+
+from sglang_ext.cost import cost_preset
+from sglang_ext.sim.runs import RunSpec, parse_runs
+
+
+def test_parse_make_policy_and_config():
+    cost = cost_preset("paper-dsv3", 72)
+    a, b = parse_runs("total_tokens@immediate, bfio:horizon=5:full_wait=true@pool")
+    assert (a.policy, a.binding, b.policy, b.binding) == ("total_tokens", "immediate", "bfio:horizon=5:full_wait=true", "pool")
+    pol = b.make_policy(cost)
+    assert pol.name == "bfio" and pol.horizon == 5 and pol.full_wait  # its parameters over the defaults
+    assert pol.weights[1:] == (cost.b, cost.c)
+    assert RunSpec.parse("bfio@pool").make_policy(cost).horizon == 20  # the benchmark default
+    cfg = b.config(ranks=4, batch=8)
+    assert (cfg.binding, cfg.ranks, cfg.batch) == ("pool", 4, 8)
+
+
+@pytest.mark.parametrize("text, words", [("bfio", "POLICY"), ("bfio@later", "POLICY"),
+                                         ("nosuch@pool", "unknown policy"), ("bfio:horizon@pool", "key=value")])
+def test_bad_specs_name_the_problem(text, words):
+    with pytest.raises(ValueError, match=words):
+        RunSpec.parse(text)
