@@ -175,6 +175,10 @@ class BalancedDispatch:
         k_scen = self._scenarios
         rr, rk, rrem = [], [], []
         pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
+        if need_reqs:
+            # what runs now bounds the lengths from below (right-censored lengths)
+            gens = [r.run_generated for r in self.reports if r is not None]
+            self.estimator.observe_running(np.concatenate(gens) if gens else np.zeros(0, np.int64))
         for g in range(G):
             rep = self.reports[g]
             fl = self.inflight[g]

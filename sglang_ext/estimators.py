@@ -41,6 +41,10 @@ class Estimator:
     def observe(self, finished_out_len: np.ndarray) -> None:
         """Learn from the true lengths of requests that just finished."""
 
+    def observe_running(self, generated: np.ndarray) -> None:
+        """The requests running now, by tokens generated so far: each is known
+        to be longer than that (a right-censored length)."""
+
 
 class OracleEstimator(Estimator):
     name = "oracle"
@@ -104,11 +108,17 @@ class CapEstimator(Estimator):
 
 
 class EmpiricalEstimator(Estimator):
-    """Residual life from the empirical distribution of finished output lengths.
+    """Residual life from the distribution of output lengths, learned online.
 
-    Before anything finished, `prior` is the guess. Remaining steps of a request
-    that generated g tokens: mean of (O - g) over finished O > g; past the
-    longest seen, assume it runs as long again as it has (a Lindy guess).
+    Finished requests give lengths; requests still running give lower bounds
+    (right-censored lengths: O > generated). Lengths alone are biased short,
+    since short requests finish first (after a cold start or a burst, most of
+    what has finished is short), so once running requests are reported
+    (`observe_running`) the survival function is the Kaplan-Meier estimate from
+    both. Remaining steps of a request that generated g tokens: the mean of
+    O - g given O > g; past the longest length seen, assume it runs as long
+    again as it has (a Lindy guess). Before anything finished, `prior` is the
+    guess.
     """
 
     name = "empirical"
@@ -120,6 +130,8 @@ class EmpiricalEstimator(Estimator):
         self._seen = np.zeros(0, dtype=np.int64)
         self._sorted = np.zeros(0, dtype=np.int64)
         self._suffix = np.zeros(1, dtype=np.float64)
+        self._running = np.zeros(0, dtype=np.int64)
+        self._km = None  # (S, tail_sum) once fitted with censored lengths
 
     def observe(self, finished_out_len):
         finished = np.asarray(finished_out_len, dtype=np.int64)
@@ -129,10 +141,39 @@ class EmpiricalEstimator(Estimator):
         self._sorted = np.sort(self._seen)
         # suffix[i] = sum of sorted[i:], so the mean above an index is one division
         self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]]).astype(np.float64)
+        self._km = None
+
+    def observe_running(self, generated):
+        self._running = np.asarray(generated, dtype=np.int64).ravel()
+        self._km = None
+
+    def _survival(self):
+        """Kaplan-Meier (S, tail): S[t] = P(O > t) for t < T, and tail[t] =
+        sum of S over t..T-1 plus the Lindy mass past T - 1; None while no
+        request runs (then the finished lengths are the whole sample)."""
+        if self._running.size == 0 or self._sorted.size == 0:
+            return None
+        if self._km is None:
+            ev, ce = self._seen, self._running[self._running > 0]
+            T = int(max(ev.max(), ce.max() if ce.size else 0)) + 2
+            d = np.bincount(ev, minlength=T)[:T]
+            # at risk at t: lengths >= t, and running requests already past t
+            at_risk = np.cumsum(d[::-1])[::-1] + np.cumsum(np.bincount(ce, minlength=T)[:T][::-1])[::-1]
+            hazard = np.divide(d, at_risk, out=np.zeros(T), where=at_risk > 0)
+            S = np.cumprod(1.0 - hazard)
+            # mass left past T - 1 (the longest requests are still running):
+            # expected to run as long again
+            tail = np.cumsum(S[::-1])[::-1] + S[-1] * (T - 1)
+            self._km = (S, tail)
+        return self._km
 
     def initial(self, prompt_len, true_out, cap):
         n = np.asarray(prompt_len).shape[0]
-        guess = float(self._sorted.mean()) if self._sorted.size else float(self.prior)
+        km = self._survival()
+        if km is not None:
+            guess = float(km[1][0])  # E[O] = sum_t P(O > t)
+        else:
+            guess = float(self._sorted.mean()) if self._sorted.size else float(self.prior)
         out = np.full(n, max(int(round(guess)), 1), dtype=np.int64)
         if cap is not None:
             out = np.minimum(out, np.asarray(cap, dtype=np.int64))
@@ -142,6 +183,14 @@ class EmpiricalEstimator(Estimator):
         g = np.asarray(generated, dtype=np.int64)
         if self._sorted.size == 0:
             return np.maximum(np.asarray(predicted_total) - g, np.maximum(g, 1))
+        km = self._survival()
+        if km is not None:
+            S, tail = km
+            gi = np.minimum(g, S.size - 1)
+            alive = S[gi]
+            rem = np.where((g < S.size - 1) & (alive > 0),
+                           np.divide(tail[gi], alive, out=np.zeros(g.shape), where=alive > 0), np.maximum(g, 1))
+            return np.maximum(np.rint(rem), 1).astype(np.int64)
         idx = np.searchsorted(self._sorted, g, side="right")
         count = self._sorted.size - idx
         mean_above = np.divide(self._suffix[idx], count, out=np.zeros(g.shape), where=count > 0)
@@ -149,14 +198,25 @@ class EmpiricalEstimator(Estimator):
         return np.maximum(np.rint(rem), 1).astype(np.int64)
 
     def scenarios(self, generated, predicted_total, k):
-        """Quantiles of O - g over the finished O > g (past the longest seen,
-        the Lindy guess in every scenario)."""
+        """Quantiles of O - g given O > g (past the longest seen, the Lindy
+        guess in every scenario)."""
         g = np.asarray(generated, dtype=np.int64)
         if self._sorted.size == 0:
             return super().scenarios(generated, predicted_total, k)
+        q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
+        km = self._survival()
+        if km is not None:
+            S = km[0]
+            gi = np.minimum(g, S.size - 1)
+            # the q-quantile of O given O > g: the first t with S(t) < (1 - q) S(g)
+            level = (1.0 - q) * S[gi]
+            t = np.searchsorted(-S, -level, side="right")  # S is non-increasing
+            # a quantile in the mass past the data: reach T - 1 and run as long again
+            t = np.where(t < S.size, t, 2 * (S.size - 1))
+            rem = np.where((g < S.size - 1) & (S[gi] > 0), t - g, np.maximum(g, 1))
+            return np.maximum(rem, 1).astype(np.int64)
         idx = np.searchsorted(self._sorted, g, side="right")
         count = self._sorted.size - idx
-        q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
         pos = np.minimum(idx + (q * count).astype(np.int64), self._sorted.size - 1)
         rem = np.where(count > 0, self._sorted[pos] - g, np.maximum(g, 1))
         return np.maximum(rem, 1).astype(np.int64)

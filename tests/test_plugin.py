@@ -259,6 +259,8 @@ def test_scenarios_reach_the_policy_from_the_empirical_estimator(fake_controller
                                run_kv=np.array([300]), run_generated=np.array([20]), run_cap=np.array([64]))])
     view = bal.build_view()
     assert view.req_remaining.shape == (4, 1) and view.slot_limit == 72
+    # what runs now reaches the estimator as lower bounds on the lengths
+    assert bal.estimator._running.tolist() == [20]
     # quantiles of the finished lengths above 20 (50, 400), capped by max_new_tokens - generated
     assert view.req_remaining[:, 0].tolist() == [30, 30, 44, 44]
     cands = bal._candidates([_req(100, max_new=300), _req(50, max_new=8)])

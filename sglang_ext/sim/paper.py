@@ -70,6 +70,7 @@ def simulate_paper(trace: Trace, policy: Policy, cfg: PaperConfig, estimator: Es
         view = ClusterView(free_slots=free, kv_tokens=kv, num_requests=B - free)
         if policy.needs_requests:
             view.req_rank, view.req_kv = r_rank, r_kv
+            estimator.observe_running(r_gen)  # lower bounds on the running lengths
             view.req_remaining = estimator.steps_left(r_gen, out_est[r_id], k_scen)
         est = (estimator.scenarios(np.zeros(vis.size, np.int64), out_est[vis], k_scen).T if k_scen > 1
                else out_est[vis])
