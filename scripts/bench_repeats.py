@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--json", default=None, help="Write every run's metrics here.")
     ap.add_argument("--summary-from", default=None,
                     help="Print the summary of a saved --json file (its runs, in their order) and exit.")
+    ap.add_argument("--plot", default=None,
+                    help="Write a PNG: each run's ratio to the baseline with its 95%% interval, per cell and metric.")
     args = ap.parse_args()
     loads = _floats(ap, "--loads", args.loads)
     metrics = args.metrics.split(",")
@@ -66,6 +68,8 @@ def main():
         rows = json.loads(Path(args.summary_from).read_text())
         saved = [r for r in dict.fromkeys(x["run"] for x in rows) if r != CONTROL]
         print(summarize(rows, saved, metrics))
+        if args.plot:
+            plot(rows, saved, metrics, args.plot)
         return
     try:
         specs = parse_runs(args.runs)
@@ -109,6 +113,8 @@ def main():
           f"{args.requests_per_rank} x G requests (at most {args.max_windows}), pool max wait {args.max_pool_wait:g} s, "
           f"control: {runs[0]} at x{1 + args.control_jitter:g} arrival rate\n")
     print(summarize(rows, runs, metrics))
+    if args.plot:
+        plot(rows, runs, metrics, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -159,6 +165,48 @@ def summarize(rows: list[dict], runs: list[str], metrics: list[str]) -> str:
                 line += f" {g:.3f} [{lo:.3f}, {hi:.3f}] | {int((x > y).sum())}/{len(y)} |"
             lines.append(line)
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], runs: list[str], metrics: list[str], path: str) -> None:
+    """Forest plot: one panel per metric, one row per cell (pooled last), each
+    run against the baseline and the control, with 95% intervals, and
+    a line at 1 (lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells: dict = {}
+    for r in rows:
+        for key in ((r["trace"].split(".")[0], r["G"]), ("all cells", "")):
+            cells.setdefault(key, {}).setdefault(r["run"], []).append(r)
+    keys = sorted(cells, key=lambda k: k == ("all cells", ""))
+    labels = [f"{t} G={G}" if G != "" else t for t, G in keys]
+    series = runs[1:] + [CONTROL]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.3 * len(keys) * len(series) + 1.8),
+                             sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for k, label in enumerate(series):
+            ys, xs, lo, hi = [], [], [], []
+            for i, key in enumerate(keys):
+                c = cells[key]
+                base = np.array([r[m] for r in c[runs[0]]])
+                g, a, b = ratio_ci(np.array([r[m] for r in c[label]]), base)
+                ys.append(i + (k - (len(series) - 1) / 2) * 0.8 / len(series))
+                xs.append(g)
+                lo.append(g - a if np.isfinite(a) else 0.0)
+                hi.append(b - g if np.isfinite(b) else 0.0)
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", ms=4, capsize=2, label=f"{label} / {runs[0]}",
+                        color="0.6" if label == CONTROL else None)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{LABELS[m]} ratio (lower is better)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(keys)), labels)
+    axes[0][0].invert_yaxis()  # shared: the first cell on top, the pooled line last
+    axes[0][0].legend(loc="lower left", bbox_to_anchor=(0, 1.06), fontsize=8, ncol=1, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ def test_small_run_end_to_end_and_bad_flags(tmp_path):
     rows = json.loads(out.read_text())
     assert {x["run"] for x in rows} == {"total_tokens@immediate", "bfio@pool", "control"}
     assert all(x["requests_finished"] == 100 for x in rows)
+    png = tmp_path / "forest.png"
+    again = subprocess.run([sys.executable, str(SCRIPT), "--summary-from", str(out), "--plot", str(png)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == r.stdout.strip().split("\n\n")[-1]  # the same table from the saved runs
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for argv, flag in ((["--loads", "0.7,x"], "--loads"), (["--runs", "bfio@later"], "--runs"),
                        (["--metrics", "speed"], "--metrics")):
         bad = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
