@@ -139,23 +139,31 @@ def ratio_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:
     return float(np.exp(m)), float(np.exp(m - half)), float(np.exp(m + half))
 
 
+def by_cell(rows: list[dict]) -> dict:
+    """{(trace, G): {run: [rows]}} in first-seen order, then the pooled
+    ("all cells", "") entry holding every row."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["trace"], r["G"]), {}).setdefault(r["run"], []).append(r)
+    pooled: dict = {}
+    for r in rows:
+        pooled.setdefault(r["run"], []).append(r)
+    cells["all cells", ""] = pooled
+    return cells
+
+
 def summarize(rows: list[dict], runs: list[str], metrics: list[str]) -> str:
     """One line per (cell, comparison): every run against the baseline (the
     first), the policy under test (the last) against the runs between, then
     the control against the baseline; the pooled lines ("all cells") take
     every run of every cell."""
-    cells: dict = {}
-    for r in rows:
-        for key in ((r["trace"], r["G"]), ("all cells", "")):
-            cells.setdefault(key, {}).setdefault(r["run"], []).append(r)
+    cells = by_cell(rows)
     policy = runs[-1]
     pairs = ([(r, runs[0]) for r in runs[1:]] + [(policy, other) for other in runs[1:-1]]
              + [(CONTROL, runs[0])])
     head = "| trace | G | runs | comparison |" + "".join(f" {LABELS[m]} ratio [95%] | worse |" for m in metrics)
     lines = [head, "|---|---|---|---|" + "---|---|" * len(metrics)]
-    order = sorted(cells, key=lambda k: k == ("all cells", ""))  # the pooled lines last
-    for trace, G in order:
-        c = cells[trace, G]
+    for (trace, G), c in cells.items():
         for num, den in pairs:
             a, b = c[num], c[den]
             line = f"| {trace.split('.')[0]} | {G} | {len(b)} | {num} / {den} |"
@@ -176,12 +184,9 @@ def plot(rows: list[dict], runs: list[str], metrics: list[str], path: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells: dict = {}
-    for r in rows:
-        for key in ((r["trace"].split(".")[0], r["G"]), ("all cells", "")):
-            cells.setdefault(key, {}).setdefault(r["run"], []).append(r)
-    keys = sorted(cells, key=lambda k: k == ("all cells", ""))
-    labels = [f"{t} G={G}" if G != "" else t for t, G in keys]
+    cells = by_cell(rows)
+    keys = list(cells)
+    labels = [f"{t.split('.')[0]} G={G}" if G != "" else t for t, G in keys]
     series = runs[1:] + [CONTROL]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.3 * len(keys) * len(series) + 1.8),
                              sharey=True, squeeze=False)

@@ -38,6 +38,13 @@ class Estimator:
             return self.scenarios(generated, predicted_total, k)
         return self.remaining(generated, predicted_total)
 
+    def new_lengths(self, predicted_total: np.ndarray, k: int = 0) -> np.ndarray:
+        """Lengths of requests that have not started: the predicted totals (n,),
+        or (n, k) `scenarios` when k > 1 and this estimator spreads them."""
+        if k > 1 and self.spread:
+            return self.scenarios(np.zeros(len(predicted_total), np.int64), predicted_total, k).T
+        return predicted_total
+
     def observe(self, finished_out_len: np.ndarray) -> None:
         """Learn from the true lengths of requests that just finished."""
 

@@ -113,9 +113,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
 
     def lengths(ids: np.ndarray) -> np.ndarray:
         """Candidates' predicted lengths: (n,), or (n, k) scenarios."""
-        if k_scen > 1:
-            return estimator.scenarios(np.zeros(ids.size, np.int64), est_total[ids], k_scen).T
-        return est_total[ids]
+        return estimator.new_lengths(est_total[ids], k_scen)
 
     def view_of() -> ClusterView:
         held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)

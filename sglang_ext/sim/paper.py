@@ -72,9 +72,7 @@ def simulate_paper(trace: Trace, policy: Policy, cfg: PaperConfig, estimator: Es
             view.req_rank, view.req_kv = r_rank, r_kv
             estimator.observe_running(r_gen)  # lower bounds on the running lengths
             view.req_remaining = estimator.steps_left(r_gen, out_est[r_id], k_scen)
-        est = (estimator.scenarios(np.zeros(vis.size, np.int64), out_est[vis], k_scen).T if k_scen > 1
-               else out_est[vis])
-        cands = Candidates(prompt_len=prompt[vis], output_est=est)
+        cands = Candidates(prompt_len=prompt[vis], output_est=estimator.new_lengths(out_est[vis], k_scen))
         t0 = time.perf_counter()
         ranks = policy.assign(view, cands, must_place=False)
         timer.add(time.perf_counter() - t0)
