@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Where the idle is under saturation: decode time with a request waiting (in
-the pool or a rank's queue) against decode time without, per policy.
+the pool or a rank's queue) against decode time without, and decode time
+before the last arrival against the drain after it, per policy.
 
-A pool can only choose *which* request goes next while requests wait. On
-bursty traces a load above capacity builds a queue in bursts, and between them
-the pool is empty and every arrival is placed at once: this splits each run's
-idle fraction into the two phases, so the part a pool can act on is visible."""
+A pool can only choose *which* request goes next while requests wait. A finite
+replay also ends in a drain: after the last arrival nothing is left to place,
+and the last long requests finish on a few ranks while the rest wait, which a
+server under steady traffic never reaches. The two splits show which part of
+each run's idle fraction a placement policy can act on."""
 from __future__ import annotations
 
 import argparse
@@ -67,12 +69,25 @@ def main():
         rest_share = rest * (1 - share) / r["idle_fraction"] if rest is not None and r["idle_fraction"] else 0.0
         print(f"| {r['trace'].split('.')[0]} | {r['G']} | {r['run']} | {r['idle_fraction']:.4f} | {share:.0%} "
               f"| {_f(there)} | {_f(rest)} | {rest_share:.0%} |")
+    print("\n| trace | G | run | idle | decode time after the last arrival | idle before it | idle after it "
+          "| share of the idle after it | share of the idle with fewer running requests than ranks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        share = r["drain_s"] / r["decode_s"]
+        after = r["idle_drain"]
+        after_share = after * share / r["idle_fraction"] if after is not None and r["idle_fraction"] else 0.0
+        print(f"| {r['trace'].split('.')[0]} | {r['G']} | {r['run']} | {r['idle_fraction']:.4f} | {share:.0%} "
+              f"| {_f(r['idle_arrivals'])} | {_f(after)} | {after_share:.0%} | {_pct(r['sparse_idle_share'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def _f(x):
     return "-" if x is None else f"{x:.4f}"
+
+
+def _pct(x):
+    return "-" if x is None else f"{x:.0%}"
 
 
 if __name__ == "__main__":

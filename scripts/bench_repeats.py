@@ -26,7 +26,8 @@ from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS = {"idle_fraction": "idle", "tpot_ms_p99": "p99 TPOT", "latency_ms_p99": "p99 e2e",
+LABELS = {"idle_fraction": "idle", "idle_arrivals": "idle while arriving", "idle_drain": "idle in the drain",
+          "tpot_ms_p99": "p99 TPOT", "latency_ms_p99": "p99 e2e",
           "ttft_ms_p99": "p99 TTFT", "tpot_ms": "mean TPOT", "energy_j_per_token": "J/token"}
 CONTROL = "control"
 
@@ -139,6 +140,15 @@ def ratio_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:
     return float(np.exp(m)), float(np.exp(m - half)), float(np.exp(m + half))
 
 
+def paired(a: list[dict], b: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The metric in two runs' rows, run by run, without the runs where either
+    has none (e.g. idle_drain when a run ends without decode steps after its last arrival)."""
+    x = np.array([np.nan if r.get(metric) is None else r[metric] for r in a], float)
+    y = np.array([np.nan if r.get(metric) is None else r[metric] for r in b], float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
 def by_cell(rows: list[dict]) -> dict:
     """{(trace, G): {run: [rows]}} in first-seen order, then the pooled
     ("all cells", "") entry holding every row."""
@@ -168,7 +178,7 @@ def summarize(rows: list[dict], runs: list[str], metrics: list[str]) -> str:
             a, b = c[num], c[den]
             line = f"| {trace.split('.')[0]} | {G} | {len(b)} | {num} / {den} |"
             for m in metrics:
-                x, y = np.array([r[m] for r in a]), np.array([r[m] for r in b])
+                x, y = paired(a, b, m)
                 g, lo, hi = ratio_ci(x, y)
                 line += f" {g:.3f} [{lo:.3f}, {hi:.3f}] | {int((x > y).sum())}/{len(y)} |"
             lines.append(line)
@@ -195,8 +205,7 @@ def plot(rows: list[dict], runs: list[str], metrics: list[str], path: str) -> No
             ys, xs, lo, hi = [], [], [], []
             for i, key in enumerate(keys):
                 c = cells[key]
-                base = np.array([r[m] for r in c[runs[0]]])
-                g, a, b = ratio_ci(np.array([r[m] for r in c[label]]), base)
+                g, a, b = ratio_ci(*paired(c[label], c[runs[0]], m))
                 ys.append(i + (k - (len(series) - 1) / 2) * 0.8 / len(series))
                 xs.append(g)
                 lo.append(g - a if np.isfinite(a) else 0.0)

@@ -49,6 +49,12 @@ def test_summary_compares_the_policy_with_each_run_and_pools_cells(bench):
     pooled = by["all cells", "", "bfio@pool / tt@immediate"]
     assert pooled[2] == "6" and pooled[5] == "4/6"
     assert cells[-1][0] == "all cells"  # pooled lines come last
+    # a run without the metric (None) drops out of that comparison only
+    rows[0]["idle_fraction"] = None  # window 0 of tt@immediate, G=8
+    by = {(c[0], c[1], c[3]): c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in
+          bench.summarize(rows, runs, ["idle_fraction", "tpot_ms_p99"]).splitlines()[2:])}
+    assert by["t", "8", "bfio@pool / tt@immediate"][5] == "1/2"  # window 2 only
+    assert by["t", "8", "bfio@pool / tt@immediate"][7] == "2/3"
 
 
 def test_small_run_end_to_end_and_bad_flags(tmp_path):

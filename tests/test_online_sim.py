@@ -103,3 +103,20 @@ def test_idle_splits_into_decode_time_with_and_without_a_waiting_request():
                            OnlineConfig(ranks=4, batch=16))
     assert calm.extra["queued_s"] == 0 and calm.extra["idle_queued"] is None
     assert calm.extra["idle_unqueued"] == pytest.approx(calm.idle_fraction)
+
+
+def test_idle_splits_at_the_last_arrival_and_counts_steps_with_fewer_requests_than_ranks():
+    tr = small_trace(rate=2000.0)
+    r = simulate_online(tr, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16))
+    e = r.extra
+    # every replay ends in a drain: decode steps after the last arrival
+    assert 0 < e["drain_s"] < e["decode_s"]
+    whole = (e["idle_arrivals"] * (e["decode_s"] - e["drain_s"]) + e["idle_drain"] * e["drain_s"]) / e["decode_s"]
+    assert whole == pytest.approx(r.idle_fraction, rel=1e-9)
+    # the last requests finish alone: some steps run fewer requests than ranks
+    assert 0 < e["sparse_s"] <= e["decode_s"] and 0 < e["sparse_idle_share"] <= 1
+    # two requests on four ranks: every decode step leaves a rank empty, all idle is forced
+    two = Trace("two", np.array([10, 10]), np.array([5, 30]), np.array([0.0, 0.0]))
+    r2 = simulate_online(two, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16))
+    assert r2.extra["sparse_s"] == pytest.approx(r2.extra["decode_s"])
+    assert r2.extra["sparse_idle_share"] == pytest.approx(1.0)

@@ -103,6 +103,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
 
     decode_time = wait_time = energy = prefill_time = 0.0
     queued_time = queued_wait = 0.0  # decode steps while a request waits (pool or a rank's queue)
+    drain_time = drain_wait = 0.0  # decode steps after the last arrival: the replay's end empties the ranks
+    sparse_time = sparse_wait = 0.0  # decode steps with fewer running requests than ranks: some rank must idle
     prefill_steps = 0
     tokens = 0
     steps = 0
@@ -233,6 +235,12 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             if pool.size or q_id.size:
                 queued_time += T
                 queued_wait += float(waits.sum())
+            if nxt >= n:
+                drain_time += T
+                drain_wait += float(waits.sum())
+            if r_id.size < G:
+                sparse_time += T
+                sparse_wait += float(waits.sum())
             energy += power.step_energy(T, np.where(nrun > 0, local, 0.0), nrun > 0)
             imb_sum += G * L.max() - L.sum()
             decode_steps += 1
@@ -293,5 +301,13 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
                  "queued_s": queued_time,
                  "idle_queued": queued_wait / (G * queued_time) if queued_time > 0 else None,
                  "idle_unqueued": ((wait_time - queued_wait) / (G * (decode_time - queued_time))
-                                   if decode_time > queued_time else None)}
+                                   if decode_time > queued_time else None),
+                 # before and after the last arrival: a finite replay ends in a drain
+                 # (a few long requests finishing alone) that a live server never reaches
+                 "drain_s": drain_time,
+                 "idle_arrivals": ((wait_time - drain_wait) / (G * (decode_time - drain_time))
+                                   if decode_time > drain_time else None),
+                 "idle_drain": drain_wait / (G * drain_time) if drain_time > 0 else None,
+                 # fewer running requests than ranks: idle that no placement avoids
+                 "sparse_s": sparse_time, "sparse_idle_share": sparse_wait / wait_time if wait_time > 0 else None}
     return res
