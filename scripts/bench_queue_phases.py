@@ -60,26 +60,37 @@ def main():
             rows.append(dict(trace=tname, G=G, N=len(trace), load=args.load, run=spec.text, **r.to_dict(), **r.extra))
     print(f"\nload {args.load}, N = min(trace, {args.requests_per_rank} x G), pool max wait {args.max_pool_wait:g} s, "
           f"cost preset {cost.name}\n")
-    print("| trace | G | run | idle | decode time with a request waiting | idle there | idle elsewhere "
-          "| share of the idle elsewhere |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    # Two splits of each run's decode time. A split gives: the share of decode
+    # time in the part the first column names, the idle fraction in the two
+    # columns' parts, and the share of decode time in the second one.
+    def waiting(r):
         share = r["queued_s"] / r["decode_s"]
-        there, rest = r["idle_queued"], r["idle_unqueued"]
-        rest_share = rest * (1 - share) / r["idle_fraction"] if rest is not None and r["idle_fraction"] else 0.0
-        print(f"| {r['trace'].split('.')[0]} | {r['G']} | {r['run']} | {r['idle_fraction']:.4f} | {share:.0%} "
-              f"| {_f(there)} | {_f(rest)} | {rest_share:.0%} |")
-    print("\n| trace | G | run | idle | decode time after the last arrival | idle before it | idle after it "
-          "| share of the idle after it | share of the idle with fewer running requests than ranks |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+        return share, r["idle_queued"], r["idle_unqueued"], 1 - share
+
+    def drain(r):
         share = r["drain_s"] / r["decode_s"]
-        after = r["idle_drain"]
-        after_share = after * share / r["idle_fraction"] if after is not None and r["idle_fraction"] else 0.0
-        print(f"| {r['trace'].split('.')[0]} | {r['G']} | {r['run']} | {r['idle_fraction']:.4f} | {share:.0%} "
-              f"| {_f(r['idle_arrivals'])} | {_f(after)} | {after_share:.0%} | {_pct(r['sparse_idle_share'])} |")
+        return share, r["idle_arrivals"], r["idle_drain"], share
+
+    _table(rows, "decode time with a request waiting | idle there | idle elsewhere | share of the idle elsewhere",
+           waiting)
+    print()
+    _table(rows, "decode time after the last arrival | idle before it | idle after it | share of the idle after it "
+                 "| share of the idle with fewer running requests than ranks",
+           drain, extra=lambda r: f" {_pct(r['sparse_idle_share'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _table(rows, head, split, extra=lambda r: ""):
+    """One line per run: its idle fraction, then `split`'s columns and the share
+    of the run's idle in the second column's part, then `extra` columns."""
+    print(f"| trace | G | run | idle | {head} |")
+    print("|" + "---|" * (4 + head.count("|") + 1))
+    for r in rows:
+        share, first, second, second_share = split(r)
+        idle_share = second * second_share / r["idle_fraction"] if second is not None and r["idle_fraction"] else 0.0
+        print(f"| {r['trace'].split('.')[0]} | {r['G']} | {r['run']} | {r['idle_fraction']:.4f} | {share:.0%} "
+              f"| {_f(first)} | {_f(second)} | {idle_share:.0%} |" + extra(r))
 
 
 def _f(x):

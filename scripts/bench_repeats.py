@@ -143,8 +143,10 @@ def ratio_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:
 def paired(a: list[dict], b: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """The metric in two runs' rows, run by run, without the runs where either
     has none (e.g. idle_drain when a run ends without decode steps after its last arrival)."""
-    x = np.array([np.nan if r.get(metric) is None else r[metric] for r in a], float)
-    y = np.array([np.nan if r.get(metric) is None else r[metric] for r in b], float)
+    def values(rows):
+        return np.array([np.nan if r.get(metric) is None else r[metric] for r in rows], float)
+
+    x, y = values(a), values(b)
     keep = np.isfinite(x) & np.isfinite(y)
     return x[keep], y[keep]
 

@@ -231,16 +231,17 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             T = local.max() + cost.sync
             waits = T - cost.sync - local
             decode_time += T
-            wait_time += float(waits.sum())
+            step_wait = float(waits.sum())
+            wait_time += step_wait
             if pool.size or q_id.size:
                 queued_time += T
-                queued_wait += float(waits.sum())
+                queued_wait += step_wait
             if nxt >= n:
                 drain_time += T
-                drain_wait += float(waits.sum())
+                drain_wait += step_wait
             if r_id.size < G:
                 sparse_time += T
-                sparse_wait += float(waits.sum())
+                sparse_wait += step_wait
             energy += power.step_energy(T, np.where(nrun > 0, local, 0.0), nrun > 0)
             imb_sum += G * L.max() - L.sum()
             decode_steps += 1
@@ -271,6 +272,10 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             bar.update(ids.size)
     bar.close()
 
+    def idle_over(wait: float, seconds: float) -> float | None:
+        """Idle fraction of a part of the decode time (None if the part is empty)."""
+        return wait / (G * seconds) if seconds > 0 else None
+
     ttft = first_tok - arrival
     multi = out_len > 1
     tpot = (finish[multi] - first_tok[multi]) / (out_len[multi] - 1)
@@ -299,15 +304,13 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
                  # the part of decode time during which a request was waiting
                  # (in the pool or a rank's queue): there a pool has a choice
                  "queued_s": queued_time,
-                 "idle_queued": queued_wait / (G * queued_time) if queued_time > 0 else None,
-                 "idle_unqueued": ((wait_time - queued_wait) / (G * (decode_time - queued_time))
-                                   if decode_time > queued_time else None),
+                 "idle_queued": idle_over(queued_wait, queued_time),
+                 "idle_unqueued": idle_over(wait_time - queued_wait, decode_time - queued_time),
                  # before and after the last arrival: a finite replay ends in a drain
                  # (a few long requests finishing alone) that a live server never reaches
                  "drain_s": drain_time,
-                 "idle_arrivals": ((wait_time - drain_wait) / (G * (decode_time - drain_time))
-                                   if decode_time > drain_time else None),
-                 "idle_drain": drain_wait / (G * drain_time) if drain_time > 0 else None,
+                 "idle_arrivals": idle_over(wait_time - drain_wait, decode_time - drain_time),
+                 "idle_drain": idle_over(drain_wait, drain_time),
                  # fewer running requests than ranks: idle that no placement avoids
                  "sparse_s": sparse_time, "sparse_idle_share": sparse_wait / wait_time if wait_time > 0 else None}
     return res
