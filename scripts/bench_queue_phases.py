@@ -7,7 +7,9 @@ A pool can only choose *which* request goes next while requests wait. A finite
 replay also ends in a drain: after the last arrival nothing is left to place,
 and the last long requests finish on a few ranks while the rest wait, which a
 server under steady traffic never reaches. The two splits show which part of
-each run's idle fraction a placement policy can act on."""
+each run's idle fraction a placement policy can act on; the floor (a lower
+bound on the idle of any placement of each step's running requests, see
+CostModel.wait_floor) shows how much of it none can."""
 from __future__ import annotations
 
 import argparse
@@ -75,8 +77,9 @@ def main():
            waiting)
     print()
     _table(rows, "decode time after the last arrival | idle before it | idle after it | share of the idle after it "
-                 "| share of the idle with fewer running requests than ranks",
-           drain, extra=lambda r: f" {_pct(r['sparse_idle_share'])} |")
+                 "| share of the idle with fewer running requests than ranks | floor before | floor after",
+           drain, extra=lambda r: f" {_pct(r['sparse_idle_share'])} | {_f(r['floor_arrivals'])} "
+                                  f"| {_f(r['floor_drain'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

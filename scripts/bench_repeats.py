@@ -27,6 +27,7 @@ from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"idle_fraction": "idle", "idle_arrivals": "idle while arriving", "idle_drain": "idle in the drain",
+          "idle_above_floor": "idle above the floor",
           "tpot_ms_p99": "p99 TPOT", "latency_ms_p99": "p99 e2e",
           "ttft_ms_p99": "p99 TTFT", "tpot_ms": "mean TPOT", "energy_j_per_token": "J/token"}
 CONTROL = "control"

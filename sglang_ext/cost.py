@@ -38,6 +38,25 @@ class CostModel:
         slowest = float(local.max()) if local.size else 0.0
         return slowest + self.sync, slowest - local
 
+    def wait_floor(self, kv: np.ndarray, ranks: int) -> float:
+        """A lower bound on one decode step's summed barrier wait over `ranks`
+        ranks, whatever the placement of the running requests (KV lengths
+        `kv`): the slowest rank is at least the mean rank, at least the rank
+        holding the longest request, and, with more requests than ranks, at
+        least a rank holding two of the ranks+1 longest (pigeonhole). The
+        summed local time is the same for every placement (an empty rank
+        still costs a), so the wait is at least ranks * bound - sum."""
+        kv = np.asarray(kv, dtype=np.float64)
+        n = kv.size
+        if n == 0:
+            return 0.0
+        total = ranks * self.a + self.b * n + self.c * kv.sum()
+        slowest = max(total / ranks, self.a + self.b + self.c * kv.max())
+        if n > ranks:
+            top = -np.partition(-kv, [ranks - 1, ranks])[ranks - 1:ranks + 1]  # the ranks-th and (ranks+1)-th longest
+            slowest = max(slowest, self.a + 2 * self.b + self.c * top.sum())
+        return max(ranks * slowest - total, 0.0)
+
 
 def paper_deepseek_v3(batch: int = 72) -> CostModel:
     """The paper's released simulator: C = (B*0.6 ms + 35 ms)/16, t_l per KV token."""

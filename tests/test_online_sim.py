@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sglang_ext.cost import cost_preset
+from sglang_ext.cost import CostModel, cost_preset
 from sglang_ext.estimators import EmpiricalEstimator, make_estimator
 from sglang_ext.policies import make_policy
 from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
@@ -120,3 +120,42 @@ def test_idle_splits_at_the_last_arrival_and_counts_steps_with_fewer_requests_th
     r2 = simulate_online(two, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16))
     assert r2.extra["sparse_s"] == pytest.approx(r2.extra["decode_s"])
     assert r2.extra["sparse_idle_share"] == pytest.approx(1.0)
+
+
+def test_wait_floor_bounds_every_placement_of_a_step():
+    """CostModel.wait_floor never exceeds the least summed wait over all
+    placements (brute force on small steps), and is reached where it is tight."""
+    import itertools
+
+    cm = CostModel("t", a=1.0, b=0.3, c=0.01)
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        G, n = int(rng.integers(1, 4)), int(rng.integers(0, 7))
+        kv = rng.integers(1, 500, n)
+        least = np.inf if n else 0.0
+        for place in itertools.product(range(G), repeat=n):
+            place = np.array(place, int)
+            nrun = np.bincount(place, minlength=G)
+            local = np.where(nrun > 0, cm.step_time(nrun, np.bincount(place, weights=kv, minlength=G)), cm.a)
+            least = min(least, float((local.max() - local).sum()))
+        assert cm.wait_floor(kv, G) <= least + 1e-9
+    # one request per rank: the longest sets the step, the bound is exact
+    kv = np.array([100, 300, 50])
+    assert cm.wait_floor(kv, 3) == pytest.approx(3 * (cm.a + cm.b + cm.c * 300) - (3 * cm.a + 3 * cm.b + cm.c * 450))
+    # four equal requests on two ranks: a perfect split exists, nothing is forced
+    assert cm.wait_floor(np.array([10, 10, 10, 10]), 2) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("policy,binding", [("total_tokens", "immediate"), ("round_robin", "immediate"),
+                                            ("bfio", "pool")])
+def test_idle_floor_lies_below_every_runs_idle(policy, binding):
+    tr = small_trace(rate=2000.0)
+    r = simulate_online(tr, make_policy(policy), OnlineConfig(ranks=4, batch=16, binding=binding,
+                                                              max_pool_wait_s=100.0))
+    e = r.extra
+    assert 0 < e["idle_floor"] <= r.idle_fraction + 1e-12
+    assert e["floor_arrivals"] <= e["idle_arrivals"] + 1e-12 and e["floor_drain"] <= e["idle_drain"] + 1e-12
+    # two requests on four ranks, each on its own rank: all idle is forced, the floor is the idle
+    two = Trace("two", np.array([10, 10]), np.array([5, 30]), np.array([0.0, 0.0]))
+    r2 = simulate_online(two, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16))
+    assert r2.extra["idle_floor"] == pytest.approx(r2.idle_fraction, rel=1e-9)

@@ -45,6 +45,10 @@ def test_cli_defaults_and_values():
     assert (cfg.scenarios, cfg.full_wait) == (0, False)
     cfg = _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-scenarios", "8", "--balancer-full-wait"])
     assert (cfg.scenarios, cfg.full_wait) == (8, True)
+    from sglang_ext.policies.bfio import ONLINE_POOL_TAIL
+
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).pool_tail == ONLINE_POOL_TAIL
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-pool-tail", "0"]).pool_tail == 0.0
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -65,6 +69,11 @@ def test_cli_rejects_bad_flags(capsys):
         _parse(["--balancer-horizon", "5"])
     with pytest.raises(SystemExit, match="--balancer-full-wait only apply"):
         _parse(["--balancer-full-wait"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-pool-tail", "-0.5"])
+    assert "--balancer-pool-tail" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--balancer-pool-tail only apply"):
+        _parse(["--balancer-pool-tail", "0.1"])
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-scenarios", "-1"])
 

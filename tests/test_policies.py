@@ -157,3 +157,25 @@ def test_bfio_full_wait_sends_a_request_where_a_slot_frees_first():
     assert pol.assign(v, cands([100], [5]), must_place=True).tolist() == [2]
     # without it, the heavy rank 2 is avoided
     assert make_policy("bfio", horizon=10, backend="torch").assign(v, cands([100], [5]), must_place=True).tolist() != [2]
+
+
+def test_bfio_pool_tail_looks_past_the_pool_horizon():
+    # two ranks, equal KV for the next 20 steps; rank `early` empties at step 30,
+    # the other at 300. A 400-step request in the pool: within the pool's
+    # 20-step horizon the ranks tie; the long tail sees rank `early` run empty.
+    for early in (0, 1):
+        rem = np.array([30, 300]) if early == 0 else np.array([300, 30])
+        v = ClusterView(free_slots=np.array([1, 1]), kv_tokens=np.array([1000, 1000]), num_requests=np.array([1, 1]),
+                        req_rank=np.array([0, 1]), req_kv=np.array([1000, 1000]), req_remaining=rem)
+        tail = make_policy("bfio", horizon=20, pool_tail=0.02).assign(v, cands([800, 50], [400, 5]))
+        # both fit (two slots): the long one goes where the load leaves soon
+        assert tail.tolist()[0] == early
+        # without the tail the ranks tie and the lower index takes it
+        assert make_policy("bfio", horizon=20).assign(v, cands([800, 50], [400, 5])).tolist()[0] == 0
+    with pytest.raises(ValueError, match="pool_tail"):
+        make_policy("bfio", pool_tail=-1)
+    # the blended weights: the pool's near weights plus the tail's, over the long horizon
+    p = make_policy("bfio", horizon=20, pool_tail=0.5)
+    near, far = make_policy("bfio", horizon=20)._pool, p._imm
+    assert p._pool.H == far.H == 200
+    assert np.allclose(p._pool.w[:21], near.w + 0.5 * far.w[:21]) and np.allclose(p._pool.w[21:], 0.5 * far.w[21:])

@@ -2,6 +2,7 @@
 import pytest
 
 from sglang_ext.cost import cost_preset
+from sglang_ext.policies.bfio import ONLINE_POOL_TAIL
 from sglang_ext.sim.runs import RunSpec, parse_runs
 
 
@@ -13,6 +14,9 @@ def test_parse_make_policy_and_config():
     assert pol.name == "bfio" and pol.horizon == 5 and pol.full_wait  # its parameters over the defaults
     assert pol.weights[1:] == (cost.b, cost.c)
     assert RunSpec.parse("bfio@pool").make_policy(cost).horizon == 20  # the benchmark default
+    # online pool decisions look past the pool horizon by default; a spec can turn it off
+    assert RunSpec.parse("bfio@pool").make_policy(cost).pool_tail == ONLINE_POOL_TAIL > 0
+    assert RunSpec.parse("bfio:pool_tail=0@pool").make_policy(cost).pool_tail == 0
     cfg = b.config(ranks=4, batch=8)
     assert (cfg.binding, cfg.ranks, cfg.batch) == ("pool", 4, 8)
 

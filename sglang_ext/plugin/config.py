@@ -39,6 +39,7 @@ class BalancerConfig:
     prefill_weight: float = 0.0  # bfio: cost of prefilling a prompt token / one KV token of decode
     scenarios: int = 0  # bfio: remaining lengths as this many equally likely scenarios (0: point guesses)
     full_wait: bool = False  # bfio: with every rank full, place where a slot frees first
+    pool_tail: float = 0.02  # bfio, pool binding: weight of the long lookahead (policies.bfio.ONLINE_POOL_TAIL)
     binding: str = "immediate"
     pool_max_wait_s: float = 0.5
     device: str = "auto"
@@ -146,6 +147,16 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         help="bfio, immediate binding: a request that arrives while every rank is full goes "
         "to the rank whose next slot frees first (predicted from its requests' remaining "
         "steps), which cuts time-to-first-token under bursts (default: off).",
+    )
+    group.add_argument(
+        "--balancer-pool-tail",
+        metavar="W",
+        type=_non_negative_float,
+        default=None,
+        help="bfio, pool binding: weight of the long lookahead (the immediate rule's 200 "
+        "steps) added to the pool's 20-step one, so a rank whose requests leave soon is "
+        "refilled with long requests before it runs empty (default: 0.02; 0 = the pool "
+        "horizon alone).",
     )
     group.add_argument(
         "--balancer-binding",
@@ -257,7 +268,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         needing = [
             f"--{k.replace('_', '-')}"
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
-                      "balancer_binding", "balancer_pool_max_wait", "balancer_device",
+                      "balancer_pool_tail", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
                       "balancer_estimator", "balancer_report_addr", "balancer_seed")
             if getattr(args, k, None) is not None
         ]
@@ -268,7 +279,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
     cfg = BalancerConfig(policy=policy)
     for field, key in (("horizon", "balancer_horizon"), ("prefill_weight", "balancer_prefill_weight"),
                        ("scenarios", "balancer_scenarios"), ("full_wait", "balancer_full_wait"),
-                       ("binding", "balancer_binding"),
+                       ("pool_tail", "balancer_pool_tail"), ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
                        ("estimator", "balancer_estimator"), ("log_dir", "balancer_log"),
                        ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),

@@ -44,6 +44,13 @@ from .base import Candidates, ClusterView, Policy
 from .search import improve
 
 
+#: pool_tail for pool decisions on a server (online simulator, plugin): where
+#: requests arrive over time, a rank's load far out is what its placements
+#: leave behind (docs/benchmarks.md, "Pool decisions that look past the pool
+#: horizon"). The class default stays 0, the paper's finite-horizon objective
+#: (paper mode, and the exact program in scripts/bench_optimality.py).
+ONLINE_POOL_TAIL = 0.02
+
 #: score of an impossible pair: finite, so the assignment solver takes the matrix
 #: as is, and far below any real score (|score| < G * tokens * sum(w) << 1e13).
 _NEG = -1e13
@@ -63,6 +70,10 @@ class _Horizon:
     def make(cls, H: int, decay: float, now_weight: float, points: int = 16) -> "_Horizon":
         w = decay ** np.arange(H + 1, dtype=np.float64)
         w[0] *= now_weight  # the next step is certain, the rest predicted
+        return cls._with_points(H, w, points)
+
+    @classmethod
+    def _with_points(cls, H: int, w: np.ndarray, points: int) -> "_Horizon":
         # Scoring every one of H+1 steps for every (candidate, rank) pair is the
         # hot loop; the projection changes slowly in h, so evaluate it on a
         # grid that is dense near h=0 and sparse far out, each point carrying
@@ -72,7 +83,16 @@ class _Horizon:
         else:
             pts = np.unique(np.round(np.geomspace(1, H + 1, points)).astype(np.int64) - 1)
         wpts = np.add.reduceat(w, pts)
-        return cls(H, w, 1e-3 * float(w.min()), pts, wpts.astype(np.float32))
+        return cls(H, w, 1e-3 * float(w[w > 0].min()), pts, wpts.astype(np.float32))
+
+    @classmethod
+    def blend(cls, near: "_Horizon", far: "_Horizon", weight: float, points: int = 16) -> "_Horizon":
+        """near's weights plus `weight` times far's, over the longer horizon."""
+        H = max(near.H, far.H)
+        w = np.zeros(H + 1)
+        w[:near.H + 1] += near.w
+        w[:far.H + 1] += weight * far.w
+        return cls._with_points(H, w, points)
 
 
 class BFIO(Policy):
@@ -81,6 +101,7 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
+                 pool_tail: float = 0.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
@@ -91,6 +112,8 @@ class BFIO(Policy):
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
             raise ValueError("bfio decay must be in (0, 1]")
+        if pool_tail < 0:
+            raise ValueError(f"bfio pool_tail must be >= 0, got {pool_tail}")
         self.horizon = int(horizon)
         self.growth = bool(growth)
         self.weights = (float(a), float(b), float(c))
@@ -131,14 +154,20 @@ class BFIO(Policy):
         # Immediate placement when every rank is full: go where a slot frees
         # first (needs the view's slot_limit); False: least growth over all.
         self.full_wait = bool(full_wait)
-        # Pool decisions choose *which* requests: the next steps matter most.
-        self._pool = _Horizon.make(self.horizon, decay, now_weight)
         # An arriving request has only *where* to go, and where matters over its
         # whole stay: a long, slowly decaying horizon. horizon=0 stays myopic
         # everywhere (then the rule is exactly total_tokens).
         self._imm = (_Horizon.make(0, 1.0, 1.0) if self.horizon == 0
                      else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay,
                                         immediate_now))
+        # Pool decisions choose *which* requests: the next steps matter most.
+        # With pool_tail > 0 the immediate rule's long horizon is added at that
+        # weight: a request placed now stays for its whole life, and when the
+        # traffic thins (or ends) nothing refills a rank whose requests leave.
+        self.pool_tail = float(pool_tail)
+        self._pool = _Horizon.make(self.horizon, decay, now_weight)
+        if self.pool_tail > 0 and self.horizon > 0:
+            self._pool = _Horizon.blend(self._pool, self._imm, self.pool_tail)
 
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H: int | None = None) -> np.ndarray:

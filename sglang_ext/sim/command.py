@@ -20,6 +20,7 @@ from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
 from ..estimators import make_estimator
 from ..policies import REGISTRY, make_policy, parse_policy_spec
+from ..policies.bfio import ONLINE_POOL_TAIL
 from ..traces import load_trace, paper_order
 from .metrics import RESULT_KEYS
 from .online import OnlineConfig, capacity_rps, native_rate, simulate_online
@@ -134,7 +135,7 @@ def run(args) -> dict:
     for spec, name, params in policies:
         kw = {"horizon": args.horizon, "seed": args.seed}
         if name == "bfio" and args.mode == "online":
-            kw.update(a=0.0, b=cost.b, c=cost.c)  # weigh the projection by the cost model
+            kw.update(a=0.0, b=cost.b, c=cost.c, pool_tail=ONLINE_POOL_TAIL)  # the cost model's weights
         kw.update(params)
         try:
             policy = make_policy(name, **kw)

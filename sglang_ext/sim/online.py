@@ -105,6 +105,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     queued_time = queued_wait = 0.0  # decode steps while a request waits (pool or a rank's queue)
     drain_time = drain_wait = 0.0  # decode steps after the last arrival: the replay's end empties the ranks
     sparse_time = sparse_wait = 0.0  # decode steps with fewer running requests than ranks: some rank must idle
+    floor_wait = floor_drain = 0.0  # the wait no placement of each step's running requests avoids
     prefill_steps = 0
     tokens = 0
     steps = 0
@@ -236,9 +237,12 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             if pool.size or q_id.size:
                 queued_time += T
                 queued_wait += step_wait
+            step_floor = cost.wait_floor(r_kv, G)
+            floor_wait += step_floor
             if nxt >= n:
                 drain_time += T
                 drain_wait += step_wait
+                floor_drain += step_floor
             if r_id.size < G:
                 sparse_time += T
                 sparse_wait += step_wait
@@ -312,5 +316,11 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
                  "idle_arrivals": idle_over(wait_time - drain_wait, decode_time - drain_time),
                  "idle_drain": idle_over(drain_wait, drain_time),
                  # fewer running requests than ranks: idle that no placement avoids
-                 "sparse_s": sparse_time, "sparse_idle_share": sparse_wait / wait_time if wait_time > 0 else None}
+                 "sparse_s": sparse_time, "sparse_idle_share": sparse_wait / wait_time if wait_time > 0 else None,
+                 # a lower bound on idle given each step's running requests (CostModel.wait_floor):
+                 # idle - floor is what placement could still win
+                 "idle_floor": idle_over(floor_wait, decode_time),
+                 "idle_above_floor": idle_over(wait_time - floor_wait, decode_time),
+                 "floor_arrivals": idle_over(floor_wait - floor_drain, decode_time - drain_time),
+                 "floor_drain": idle_over(floor_drain, drain_time)}
     return res

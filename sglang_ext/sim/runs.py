@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..cost import CostModel
 from ..policies import Policy, make_policy, parse_policy_spec
+from ..policies.bfio import ONLINE_POOL_TAIL
 from .online import OnlineConfig
 
 BINDINGS = ("immediate", "pool")
@@ -27,10 +28,14 @@ class RunSpec:
         return cls(text.strip(), policy, binding)
 
     def make_policy(self, cost: CostModel) -> Policy:
-        """The policy, with the benchmark defaults (pool horizon 20, seed 0, the
-        cost model's per-request and per-token weights) under its own parameters."""
+        """The policy, with the online defaults (pool horizon 20, seed 0, the
+        cost model's per-request and per-token weights, bfio's pool tail) under
+        its own parameters."""
         name, params = parse_policy_spec(self.policy)
-        return make_policy(name, **{"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, **params})
+        defaults = {"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c}
+        if name == "bfio":
+            defaults["pool_tail"] = ONLINE_POOL_TAIL
+        return make_policy(name, **{**defaults, **params})
 
     def config(self, **kw) -> OnlineConfig:
         return OnlineConfig(binding=self.binding, **kw)
