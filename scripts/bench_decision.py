@@ -57,6 +57,9 @@ def main():
     ap.add_argument("--ranks", default="8,32,128", help="Comma-separated G values.")
     ap.add_argument("--batch", default="72,256", help="Comma-separated B values.")
     ap.add_argument("--horizons", default="0,20,80", help="Comma-separated H values.")
+    ap.add_argument("--pool-tails", default="0",
+                    help="Comma-separated bfio pool_tail values (the online default is 0.02): with a tail, "
+                         "pool calls project over the immediate rule's 200 steps.")
     ap.add_argument("--free-frac", type=float, default=0.02, help="Fraction of slots free at a call.")
     ap.add_argument("--calls", type=int, default=30, help="Snapshots per cell.")
     ap.add_argument("--seed", type=int, default=0)
@@ -64,25 +67,31 @@ def main():
     args = ap.parse_args()
     trace = load_trace(args.trace)
     Gs, Bs, Hs = ([int(x) for x in s.split(",")] for s in (args.ranks, args.batch, args.horizons))
+    try:
+        tails = [float(x) for x in args.pool_tails.split(",")]
+    except ValueError:
+        ap.error(f"--pool-tails: not a comma list of numbers: {args.pool_tails!r}")
+    if any(t < 0 for t in tails):
+        ap.error("--pool-tails: values must be >= 0")
     rows = []
-    cells = [(G, B, H) for G in Gs for B in Bs for H in Hs]
-    for G, B, H in tqdm(cells, desc="cells"):
+    cells = [(G, B, H, W) for G in Gs for B in Bs for H in Hs for W in tails]
+    for G, B, H, W in tqdm(cells, desc="cells"):
         rng = np.random.default_rng(args.seed)
         snaps = [snapshot(rng, trace, G, B, args.free_frac) for _ in range(args.calls)]
-        bfio = make_policy("bfio", horizon=H)
+        bfio = make_policy("bfio", horizon=H, pool_tail=W)
         time_calls(bfio, snaps[:2])  # warm-up
         p50, p99 = time_calls(bfio, snaps)
         i50, i99 = time_calls(bfio, snaps, must_place=True)
         j50, _ = time_calls(make_policy("jsq"), snaps)
         slots = float(np.mean([v.free_slots.sum() for v, _ in snaps]))
-        rows.append(dict(G=G, B=B, H=H, free_slots=slots, candidates=4 * G, pool_p50_us=p50, pool_p99_us=p99,
+        rows.append(dict(G=G, B=B, H=H, pool_tail=W, free_slots=slots, candidates=4 * G, pool_p50_us=p50, pool_p99_us=p99,
                          immediate_p50_us=i50, immediate_p99_us=i99, jsq_p50_us=j50))
     print(f"\nbfio decision time per call (free slots ~{args.free_frac:.0%} of G*B, 4G candidates; "
           "immediate = one arriving request)\n")
-    print("| G | B | H | free slots | pool p50 us | pool p99 us | immediate p50 us | immediate p99 us | jsq pool p50 us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| G | B | H | pool tail | free slots | pool p50 us | pool p99 us | immediate p50 us | immediate p99 us | jsq pool p50 us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['G']} | {r['B']} | {r['H']} | {r['free_slots']:.0f} | {r['pool_p50_us']:.0f} | {r['pool_p99_us']:.0f} "
+        print(f"| {r['G']} | {r['B']} | {r['H']} | {r['pool_tail']:g} | {r['free_slots']:.0f} | {r['pool_p50_us']:.0f} | {r['pool_p99_us']:.0f} "
               f"| {r['immediate_p50_us']:.0f} | {r['immediate_p99_us']:.0f} | {r['jsq_p50_us']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
