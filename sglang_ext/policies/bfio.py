@@ -101,7 +101,7 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
-                 pool_tail: float = 0.0,
+                 pool_tail: float = 0.0, immediate_near: float = 0.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
@@ -112,8 +112,8 @@ class BFIO(Policy):
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
             raise ValueError("bfio decay must be in (0, 1]")
-        if pool_tail < 0:
-            raise ValueError(f"bfio pool_tail must be >= 0, got {pool_tail}")
+        if pool_tail < 0 or immediate_near < 0:
+            raise ValueError(f"bfio pool_tail and immediate_near must be >= 0, got {pool_tail} and {immediate_near}")
         self.horizon = int(horizon)
         self.growth = bool(growth)
         self.weights = (float(a), float(b), float(c))
@@ -160,14 +160,22 @@ class BFIO(Policy):
         self._imm = (_Horizon.make(0, 1.0, 1.0) if self.horizon == 0
                      else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay,
                                         immediate_now))
+        near, long = _Horizon.make(self.horizon, decay, now_weight), self._imm
+        # With immediate_near > 0 the immediate rule adds the pool's near
+        # weights at that weight: under steady traffic, arrivals refill a rank
+        # whose requests leave, so the long lookahead alone is too hopeful
+        # about it; the next steps are certain.
+        self.immediate_near = float(immediate_near)
+        if self.immediate_near > 0 and self.horizon > 0:
+            self._imm = _Horizon.blend(self._imm, near, self.immediate_near)
         # Pool decisions choose *which* requests: the next steps matter most.
         # With pool_tail > 0 the immediate rule's long horizon is added at that
         # weight: a request placed now stays for its whole life, and when the
         # traffic thins (or ends) nothing refills a rank whose requests leave.
         self.pool_tail = float(pool_tail)
-        self._pool = _Horizon.make(self.horizon, decay, now_weight)
+        self._pool = near
         if self.pool_tail > 0 and self.horizon > 0:
-            self._pool = _Horizon.blend(self._pool, self._imm, self.pool_tail)
+            self._pool = _Horizon.blend(near, long, self.pool_tail)
 
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H: int | None = None) -> np.ndarray:
