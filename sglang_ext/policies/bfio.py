@@ -18,13 +18,19 @@ overflow is how far j lifts g above the current envelope E(h) = max_g L_g(h).
   (LPT) on the rank whose envelope grows least. With `search`, a local search
   (replace / swap / move, iterated with random kicks) then improves the
   greedy's pick within a time budget: on rich pools it closes most of the gap
-  to the exact optimum (scripts/bench_optimality.py).
+  to the exact optimum (scripts/bench_optimality.py). With `pool_tail` (the
+  online default, ONLINE_POOL_TAIL) the immediate rule's long lookahead is
+  added at a small weight: a request stays for its whole life, and a rank
+  whose requests leave soon looks, 20 steps out, like one whose requests stay.
 - immediate (one arriving request): only *where* is open, and where matters
   over the request's whole stay, so the lookahead is long (immediate_horizon,
   slowly decaying weights): the rank whose envelope grows least; ties (nothing
   overflows, the common case) go to the rank with the least projected load
   along the request's lifetime. At H=0 that is exactly SGLang's total_tokens
   rule: with nothing to choose from it never drops below the best myopic rule.
+  With `immediate_near` the pool's near weights are added: under steady
+  traffic arrivals refill a rank whose requests leave, and the next steps are
+  certain where the far end is hopeful.
 
 Unknown output lengths: with `scenarios=k` and an estimator that knows its
 uncertainty (noisy, empirical), each request's remaining steps come as k
