@@ -217,7 +217,14 @@ class BFIO(Policy):
             alive = (h[:, :, None] < est[:, None, :]).mean(axis=2)
         else:
             alive = h < est[:, None]
-        return alive * (b + c * (cands.prompt_len[:, None] + grow))
+        # b + c * (prompt + h), masked; in place (one (n, H+1) array, the hot
+        # part of a large pool call with a long horizon)
+        cost = np.add(cands.prompt_len[:, None], grow, dtype=np.float64) if self.growth else \
+            np.broadcast_to(cands.prompt_len[:, None], alive.shape).astype(np.float64)
+        cost *= c
+        cost += b
+        cost *= alive
+        return cost
 
     # -- placement --------------------------------------------------------
     def assign(self, view, cands, must_place=False):
