@@ -135,7 +135,7 @@ def run(args) -> dict:
     for spec, name, params in policies:
         kw = {"horizon": args.horizon, "seed": args.seed}
         if name == "bfio" and args.mode == "online":
-            kw.update(a=0.0, b=cost.b, c=cost.c, pool_tail=ONLINE_POOL_TAIL)  # the cost model's weights
+            kw.update(a=0.0, b=cost.b, c=cost.c, pool_tail=ONLINE_POOL_TAIL)  # cost-model weights, online pool tail
         kw.update(params)
         try:
             policy = make_policy(name, **kw)
