@@ -84,15 +84,17 @@ def main():
         i50, i99 = time_calls(bfio, snaps, must_place=True)
         j50, _ = time_calls(make_policy("jsq"), snaps)
         slots = float(np.mean([v.free_slots.sum() for v, _ in snaps]))
-        rows.append(dict(G=G, B=B, H=H, pool_tail=W, free_slots=slots, candidates=4 * G, pool_p50_us=p50, pool_p99_us=p99,
-                         immediate_p50_us=i50, immediate_p99_us=i99, jsq_p50_us=j50))
+        rows.append(dict(G=G, B=B, H=H, pool_tail=W, free_slots=slots, candidates=4 * G, pool_p50_us=p50,
+                         pool_p99_us=p99, immediate_p50_us=i50, immediate_p99_us=i99, jsq_p50_us=j50))
     print(f"\nbfio decision time per call (free slots ~{args.free_frac:.0%} of G*B, 4G candidates; "
           "immediate = one arriving request)\n")
-    print("| G | B | H | pool tail | free slots | pool p50 us | pool p99 us | immediate p50 us | immediate p99 us | jsq pool p50 us |")
+    print("| G | B | H | pool tail | free slots | pool p50 us | pool p99 us | immediate p50 us | immediate p99 us "
+          "| jsq pool p50 us |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['G']} | {r['B']} | {r['H']} | {r['pool_tail']:g} | {r['free_slots']:.0f} | {r['pool_p50_us']:.0f} | {r['pool_p99_us']:.0f} "
-              f"| {r['immediate_p50_us']:.0f} | {r['immediate_p99_us']:.0f} | {r['jsq_p50_us']:.0f} |")
+        print(f"| {r['G']} | {r['B']} | {r['H']} | {r['pool_tail']:g} | {r['free_slots']:.0f} "
+              f"| {r['pool_p50_us']:.0f} | {r['pool_p99_us']:.0f} | {r['immediate_p50_us']:.0f} "
+              f"| {r['immediate_p99_us']:.0f} | {r['jsq_p50_us']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

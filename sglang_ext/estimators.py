@@ -151,8 +151,12 @@ class EmpiricalEstimator(Estimator):
         self._km = None
 
     def observe_running(self, generated):
-        self._running = np.asarray(generated, dtype=np.int64).ravel()
-        self._km = None
+        running = np.asarray(generated, dtype=np.int64).ravel()
+        # Callers report before every decision (one per arrival under immediate
+        # binding) while the running set changes once a step: refit only then.
+        if not np.array_equal(running, self._running):
+            self._running = running
+            self._km = None
 
     def _survival(self):
         """Kaplan-Meier (S, tail): S[t] = P(O > t) for t < T, and tail[t] =

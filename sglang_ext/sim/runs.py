@@ -32,10 +32,8 @@ class RunSpec:
         cost model's per-request and per-token weights, bfio's pool tail) under
         its own parameters."""
         name, params = parse_policy_spec(self.policy)
-        defaults = {"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c}
-        if name == "bfio":
-            defaults["pool_tail"] = ONLINE_POOL_TAIL
-        return make_policy(name, **{**defaults, **params})
+        defaults = {"horizon": 20, "seed": 0, "b": cost.b, "c": cost.c, "pool_tail": ONLINE_POOL_TAIL}
+        return make_policy(name, **{**defaults, **params})  # a policy takes the defaults it has
 
     def config(self, **kw) -> OnlineConfig:
         return OnlineConfig(binding=self.binding, **kw)
