@@ -176,7 +176,7 @@ def test_bfio_pool_tail_looks_past_the_pool_horizon():
         make_policy("bfio", pool_tail=-1)
     # the blended weights: the pool's near weights plus the tail's, over the long horizon
     p = make_policy("bfio", horizon=20, pool_tail=0.5)
-    near, far = make_policy("bfio", horizon=20)._pool, p._imm
+    near, far = make_policy("bfio", horizon=20)._pool, make_policy("bfio", horizon=20, immediate_near=0)._imm
     assert p._pool.H == far.H == 200
     assert np.allclose(p._pool.w[:21], near.w + 0.5 * far.w[:21]) and np.allclose(p._pool.w[21:], 0.5 * far.w[21:])
 
@@ -186,14 +186,16 @@ def test_bfio_immediate_near_weighs_the_next_steps():
     v = ClusterView(free_slots=np.array([1, 1]), kv_tokens=np.array([1200, 1000]), num_requests=np.array([1, 1]),
                     req_rank=np.array([0, 1]), req_kv=np.array([1200, 1000]), req_remaining=np.array([5, 300]))
     c = cands([500], [300])
-    # the 200-step lookahead: rank 0 soon runs empty, so the long request goes there
-    assert make_policy("bfio", horizon=20).assign(v, c, must_place=True).tolist() == [0]
+    # the 200-step lookahead alone: rank 0 soon runs empty, so the long request goes there
+    assert make_policy("bfio", horizon=20, immediate_near=0).assign(v, c, must_place=True).tolist() == [0]
     # with the next steps weighed heavily, today's lighter rank wins
     assert make_policy("bfio", horizon=20, immediate_near=1000).assign(v, c, must_place=True).tolist() == [1]
     # the weights: the long lookahead plus the pool's near weights at that weight
     p = make_policy("bfio", horizon=20, immediate_near=2.0)
-    near, far = make_policy("bfio", horizon=20)._pool, make_policy("bfio", horizon=20)._imm
+    near, far = make_policy("bfio", horizon=20)._pool, make_policy("bfio", horizon=20, immediate_near=0)._imm
     assert np.allclose(p._imm.w[:21], far.w[:21] + 2.0 * near.w) and np.allclose(p._imm.w[21:], far.w[21:])
+    # the default weight is 1
+    assert np.allclose(make_policy("bfio", horizon=20)._imm.w[:21], far.w[:21] + near.w)
     with pytest.raises(ValueError, match="immediate_near"):
         make_policy("bfio", immediate_near=-1)
     # horizon 0 stays total_tokens whatever the weight

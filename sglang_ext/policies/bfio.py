@@ -28,9 +28,11 @@ overflow is how far j lifts g above the current envelope E(h) = max_g L_g(h).
   overflows, the common case) go to the rank with the least projected load
   along the request's lifetime. At H=0 that is exactly SGLang's total_tokens
   rule: with nothing to choose from it never drops below the best myopic rule.
-  With `immediate_near` the pool's near weights are added: under steady
-  traffic arrivals refill a rank whose requests leave, and the next steps are
-  certain where the far end is hopeful.
+  The pool's near weights are added at weight `immediate_near` (default 1):
+  under steady traffic arrivals refill a rank whose requests leave, and the
+  next steps are certain where the far end is hopeful (docs/benchmarks.md,
+  section 4: without them bfio idles more than total_tokens on azure_conv
+  while requests arrive).
 
 Unknown output lengths: with `scenarios=k` and an estimator that knows its
 uncertainty (noisy, empirical), each request's remaining steps come as k
@@ -107,7 +109,7 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
-                 pool_tail: float = 0.0, immediate_near: float = 0.0,
+                 pool_tail: float = 0.0, immediate_near: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
@@ -167,10 +169,10 @@ class BFIO(Policy):
                      else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay,
                                         immediate_now))
         near, long = _Horizon.make(self.horizon, decay, now_weight), self._imm
-        # With immediate_near > 0 the immediate rule adds the pool's near
-        # weights at that weight: under steady traffic, arrivals refill a rank
-        # whose requests leave, so the long lookahead alone is too hopeful
-        # about it; the next steps are certain.
+        # The immediate rule adds the pool's near weights at immediate_near
+        # (default 1; 0: the long lookahead alone): under steady traffic,
+        # arrivals refill a rank whose requests leave, so the long lookahead
+        # alone is too hopeful about it; the next steps are certain.
         self.immediate_near = float(immediate_near)
         if self.immediate_near > 0 and self.horizon > 0:
             self._imm = _Horizon.blend(self._imm, near, self.immediate_near)
@@ -211,18 +213,23 @@ class BFIO(Policy):
         _, b, c = self.weights
         H = self.horizon if H is None else H
         h = np.arange(H + 1)[None, :]
-        grow = h if self.growth else 0
         est = cands.output_est
         if est.ndim == 2:  # (n, k) scenarios: the chance the candidate still runs at h
             alive = (h[:, :, None] < est[:, None, :]).mean(axis=2)
         else:
             alive = h < est[:, None]
-        # b + c * (prompt + h), masked; in place (one (n, H+1) array, the hot
-        # part of a large pool call with a long horizon)
-        cost = np.add(cands.prompt_len[:, None], grow, dtype=np.float64) if self.growth else \
-            np.broadcast_to(cands.prompt_len[:, None], alive.shape).astype(np.float64)
+        # b + c * (prompt + h), masked: one (n, H+1) float64 array built in
+        # place from float operands (the hot part of a large pool call with a
+        # long horizon; mixing int64 operands into a float64 result converts
+        # element by element, twice as slow). prompt + h is exact in float64.
+        prompt = cands.prompt_len.astype(np.float64)[:, None]
+        if self.growth:
+            cost = prompt + np.arange(H + 1, dtype=np.float64)[None, :]
+        else:
+            cost = np.repeat(prompt, H + 1, axis=1)
         cost *= c
-        cost += b
+        if b != 0.0:
+            cost += b
         cost *= alive
         return cost
 
