@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from sglang_ext.argtypes import comma_list, nonneg_float, nonneg_int, positive_float, positive_int, run_main, trace_file
 from sglang_ext.policies import Candidates, ClusterView, make_policy
 from sglang_ext.traces import load_trace
 
@@ -53,26 +54,23 @@ def time_calls(policy, snaps, must_place=False):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=str(REPO / "data/traces/burstgpt_lengths_8000.json"))
-    ap.add_argument("--ranks", default="8,32,128", help="Comma-separated G values.")
-    ap.add_argument("--batch", default="72,256", help="Comma-separated B values.")
-    ap.add_argument("--horizons", default="0,20,80", help="Comma-separated H values.")
-    ap.add_argument("--pool-tails", default="0",
+    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
+                    help="Trace the running requests and candidates are drawn from (a name under data/traces, or a path).")
+    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32,128", help="Comma-separated G values.")
+    ap.add_argument("--batch", type=comma_list(positive_int), default="72,256", help="Comma-separated B values.")
+    ap.add_argument("--horizons", type=comma_list(nonneg_int), default="0,20,80", help="Comma-separated H values.")
+    ap.add_argument("--pool-tails", type=comma_list(nonneg_float), default="0",
                     help="Comma-separated bfio pool_tail values (the online default is 0.02): with a tail, "
                          "pool calls project over the immediate rule's 200 steps.")
-    ap.add_argument("--free-frac", type=float, default=0.02, help="Fraction of slots free at a call.")
-    ap.add_argument("--calls", type=int, default=30, help="Snapshots per cell.")
+    ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
+    ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.free_frac >= 1:
+        ap.error(f"--free-frac must be below 1, got {args.free_frac}")
     trace = load_trace(args.trace)
-    Gs, Bs, Hs = ([int(x) for x in s.split(",")] for s in (args.ranks, args.batch, args.horizons))
-    try:
-        tails = [float(x) for x in args.pool_tails.split(",")]
-    except ValueError:
-        ap.error(f"--pool-tails: not a comma list of numbers: {args.pool_tails!r}")
-    if any(t < 0 for t in tails):
-        ap.error("--pool-tails: values must be >= 0")
+    Gs, Bs, Hs, tails = args.ranks, args.batch, args.horizons, args.pool_tails
     rows = []
     cells = [(G, B, H, W) for G in Gs for B in Bs for H in Hs for W in tails]
     for G, B, H, W in tqdm(cells, desc="cells"):
@@ -100,4 +98,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sglang_ext.argtypes import (comma_list, cost_preset_name, estimator_spec, existing_file, positive_float,
+                                 positive_int, power_preset_name, run_main, trace_file)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -21,32 +23,35 @@ from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
+TRACES = REPO / "data" / "traces"
 RUNS = ("total_requests@immediate,total_tokens@immediate,round_robin@immediate,power_of_two@immediate,"
         "jsq@immediate,bfio@immediate,jsq@pool,bfio@pool")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl")
-    ap.add_argument("--ranks", default="8,32")
-    ap.add_argument("--batch", type=int, default=72)
-    ap.add_argument("--loads", default="0.7,1.3", help="Arrival rate / capacity.")
-    ap.add_argument("--requests-per-rank", type=int, default=250, help="N = min(trace, this * G).")
-    ap.add_argument("--estimator", default="oracle")
-    ap.add_argument("--cost-preset", default="paper-dsv3")
-    ap.add_argument("--power-preset", default="h100")
-    ap.add_argument("--max-prompt-len", type=int, default=32768)
-    ap.add_argument("--max-pool-wait", type=float, default=5.0,
+    ap.add_argument("--traces", type=comma_list(trace_file(TRACES)),
+                    default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl",
+                    help="Comma list of trace files (names under data/traces, or paths).")
+    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
+    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    ap.add_argument("--loads", type=comma_list(positive_float), default="0.7,1.3",
+                    help="Comma list of loads: arrival rate / capacity.")
+    ap.add_argument("--requests-per-rank", type=positive_int, default=250, help="N = min(trace, this * G).")
+    ap.add_argument("--estimator", type=estimator_spec, default="oracle",
+                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
+    ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
+    ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")
+    ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
+    ap.add_argument("--max-pool-wait", type=positive_float, default=5.0,
                     help="Seconds a request may wait in the pool before the immediate rule binds it "
                          "(under a queue deeper than this, the pool turns into delayed immediate binding).")
     ap.add_argument("--runs", default=None, help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--summary-from", default=None, help="Print the comparison summary of a saved --json run and exit.")
+    ap.add_argument("--summary-from", type=existing_file, default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
-    if not args.max_pool_wait > 0:
-        ap.error(f"--max-pool-wait must be > 0 seconds, got {args.max_pool_wait}")
     if args.summary_from:
-        print(summarize(json.loads(Path(args.summary_from).read_text())))
+        print(summarize(json.loads(args.summary_from.read_text())))
         return
     try:
         runs = parse_runs(args.runs or RUNS)
@@ -58,10 +63,10 @@ def main():
           f"prefill {cost.prefill_per_token*1e6:.2f} us/token); power {power.name}: busy {power.busy_w:.0f} W, "
           f"barrier-wait {power.wait_w:.0f} W, idle {power.idle_w:.0f} W; estimator {args.estimator}")
     results = []
-    cells = [(t, int(G), float(ld)) for t in args.traces.split(",") for G in args.ranks.split(",")
-             for ld in args.loads.split(",")]
-    for tname, G, load in tqdm(cells, desc="cells"):
-        trace = load_trace(REPO / "data/traces" / tname).head(args.requests_per_rank * G)
+    cells = [(path, G, load) for path in args.traces for G in args.ranks for load in args.loads]
+    for path, G, load in tqdm(cells, desc="cells"):
+        tname = path.name
+        trace = load_trace(path).head(args.requests_per_rank * G)
         cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len)
         scale = load * cap / native_rate(trace)
         rows = []
@@ -109,4 +114,4 @@ def summarize(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,11 +31,14 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sglang_ext.argtypes import (existing_file, nonneg_int, policy_spec, positive_float, positive_int,  # noqa: E402
+                                 run_main, trace_file)
 from sglang_ext.optimal import feasible, instance_from_view, objective, solve_exact  # noqa: E402
 from sglang_ext.policies import Candidates, ClusterView, make_policy, parse_policy_spec  # noqa: E402
 from sglang_ext.policies.search import improve  # noqa: E402
 from sglang_ext.traces import load_trace  # noqa: E402
 
+TRACES = REPO / "data" / "traces"
 TARGET = 0.03  # mean gap of bfio must be at most 3%
 
 
@@ -113,21 +116,25 @@ def summarise(records, labels, instances, seed, trace_name, time_limit):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--instances", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trace", default=str(REPO / "data/traces/burstgpt_lengths_8000.json"))
-    ap.add_argument("--time-limit", type=float, default=10.0, help="MILP time limit per instance (s)")
-    ap.add_argument("--extra", action="append", default=None,
+    ap.add_argument("--instances", type=positive_int, default=100, help="random instances to solve")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the instance generator")
+    ap.add_argument("--trace", type=trace_file(TRACES), default="burstgpt_lengths_8000.json",
+                    help="length trace the pools are drawn from (a name under data/traces, or a path)")
+    ap.add_argument("--time-limit", type=positive_float, default=10.0, help="MILP time limit per instance (s)")
+    ap.add_argument("--extra", type=policy_spec, action="append", default=None,
                     help=f"extra policy spec, e.g. bfio:reward=2 (repeatable; default {DEFAULT_EXTRA})")
     ap.add_argument("--json", dest="json_out", help="write per-instance results and the summary here")
-    ap.add_argument("--summary-from", help="re-print the table from a JSON written by --json (no solving)")
+    ap.add_argument("--summary-from", type=existing_file, help="re-print the table from a JSON written by --json (no solving)")
     args = ap.parse_args(argv)
 
     if args.summary_from:
-        d = json.loads(Path(args.summary_from).read_text())
-        c = d["config"]
-        print(summarise(d["instances"], list(d["summary"]), c["instances"], c["seed"], c["trace"],
-                        c["time_limit"])[2])
+        try:
+            d = json.loads(args.summary_from.read_text())
+            c = d["config"]
+            saved = (d["instances"], list(d["summary"]), c["instances"], c["seed"], c["trace"], c["time_limit"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{args.summary_from}: not a JSON written by --json ({type(exc).__name__}: {exc})") from None
+        print(summarise(*saved)[2])
         return 0
 
     tr = load_trace(args.trace)
@@ -190,4 +197,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

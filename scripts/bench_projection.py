@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from sglang_ext.argtypes import nonneg_int, positive_int, run_main
 from sglang_ext.triton_kernels import project_cost, project_cost_reference, project_cost_triton
 
 
@@ -48,13 +49,13 @@ def median_us(fn, repeats: int, sync=None) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=32)
-    ap.add_argument("--requests-per-rank", type=int, default=256)
-    ap.add_argument("--horizon", type=int, default=80)
-    ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--ranks", type=positive_int, default=32, help="DP ranks G")
+    ap.add_argument("--requests-per-rank", type=positive_int, default=256, help="running requests per rank (N = G * this)")
+    ap.add_argument("--horizon", type=nonneg_int, default=80, help="projection horizon H (steps)")
+    ap.add_argument("--repeats", type=positive_int, default=200, help="timed calls; the median is reported")
+    ap.add_argument("--warmup", type=nonneg_int, default=10, help="untimed calls first")
     ap.add_argument("--no-growth", action="store_true", help="growth=False (the paper's projection)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random requests")
     args = ap.parse_args(argv)
 
     G, H = args.ranks, args.horizon
@@ -116,4 +117,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sglang_ext.argtypes import (comma_list, cost_preset_name, estimator_spec, positive_float, positive_int,
+                                 run_main, trace_file)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -25,35 +27,37 @@ from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
+TRACES = REPO / "data" / "traces"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl")
-    ap.add_argument("--ranks", default="8,32")
-    ap.add_argument("--batch", type=int, default=72)
-    ap.add_argument("--load", type=float, default=1.3, help="Arrival rate / capacity.")
-    ap.add_argument("--requests-per-rank", type=int, default=1000, help="N = min(trace, this * G).")
-    ap.add_argument("--max-pool-wait", type=float, default=600.0, help="Pool binding deadline, seconds.")
+    ap.add_argument("--traces", type=comma_list(trace_file(TRACES)),
+                    default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl",
+                    help="Comma list of trace files (names under data/traces, or paths).")
+    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
+    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    ap.add_argument("--load", type=positive_float, default=1.3, help="Arrival rate / capacity.")
+    ap.add_argument("--requests-per-rank", type=positive_int, default=1000, help="N = min(trace, this * G).")
+    ap.add_argument("--max-pool-wait", type=positive_float, default=600.0, help="Pool binding deadline, seconds.")
     ap.add_argument("--runs", default="total_tokens@immediate,jsq@pool,bfio@pool",
                     help="Comma list of POLICY[:key=val...]@BINDING.")
-    ap.add_argument("--estimator", default="oracle")
-    ap.add_argument("--cost-preset", default="paper-dsv3")
-    ap.add_argument("--max-prompt-len", type=int, default=32768)
+    ap.add_argument("--estimator", type=estimator_spec, default="oracle",
+                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
+    ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
+    ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if not args.load > 0 or not args.max_pool_wait > 0:
-        ap.error("--load and --max-pool-wait must be > 0")
     try:
         runs = parse_runs(args.runs)
     except ValueError as exc:
         ap.error(f"--runs: {exc}")
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset("h100")
-    cells = [(t, int(G)) for t in args.traces.split(",") for G in args.ranks.split(",")]
+    cells = [(path, G) for path in args.traces for G in args.ranks]
     rows = []
-    for tname, G in tqdm(cells, desc="cells"):
-        trace = load_trace(REPO / "data/traces" / tname).head(args.requests_per_rank * G)
+    for path, G in tqdm(cells, desc="cells"):
+        tname, trace = path.name, load_trace(path).head(args.requests_per_rank * G)
         scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len) / native_rate(trace)
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
@@ -105,4 +109,4 @@ def _pct(x):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
+from sglang_ext.argtypes import (comma_list, cost_preset_name, estimator_spec, existing_file, nonneg_int,
+                                 positive_float, positive_int, power_preset_name, run_main, trace_file)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -26,6 +28,7 @@ from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
+TRACES = REPO / "data" / "traces"
 LABELS = {"idle_fraction": "idle", "idle_arrivals": "idle while arriving", "idle_drain": "idle in the drain",
           "idle_above_floor": "idle above the floor",
           "tpot_ms_p99": "p99 TPOT", "latency_ms_p99": "p99 e2e",
@@ -35,39 +38,43 @@ CONTROL = "control"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl")
-    ap.add_argument("--ranks", default="8,32")
-    ap.add_argument("--batch", type=int, default=72)
-    ap.add_argument("--loads", default="0.6,0.7,0.8", help="Arrival rate / capacity (moderate: 0.5 to 0.8).")
+    ap.add_argument("--traces", type=comma_list(trace_file(TRACES)),
+                    default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl",
+                    help="Comma list of trace files (names under data/traces, or paths).")
+    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
+    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    ap.add_argument("--loads", type=comma_list(positive_float), default="0.6,0.7,0.8",
+                    help="Comma list of loads: arrival rate / capacity (moderate: 0.5 to 0.8).")
     ap.add_argument("--runs", default="total_tokens@immediate,bfio@immediate",
                     help="Comma list of POLICY[:key=val...]@BINDING: the first is the baseline (and the "
                          "control's policy), each run is compared with it, and the last also with every other.")
     ap.add_argument("--metrics", default="idle_fraction,tpot_ms_p99",
                     help=f"Comma list, lower is better: {', '.join(LABELS)}.")
-    ap.add_argument("--requests-per-rank", type=int, default=125,
+    ap.add_argument("--requests-per-rank", type=positive_int, default=125,
                     help="Window size: this * G requests; the trace is cut into disjoint windows of it.")
-    ap.add_argument("--max-windows", type=int, default=4, help="Windows per (trace, G) cell, from the start.")
+    ap.add_argument("--max-windows", type=positive_int, default=4, help="Windows per (trace, G) cell, from the start.")
     ap.add_argument("--control-jitter", type=float, default=0.002,
                     help="The control reruns the baseline at this relative arrival-rate change.")
-    ap.add_argument("--max-pool-wait", type=float, default=5.0, help="Pool binding deadline, seconds.")
-    ap.add_argument("--pool-window", type=int, default=0,
+    ap.add_argument("--max-pool-wait", type=positive_float, default=5.0, help="Pool binding deadline, seconds.")
+    ap.add_argument("--pool-window", type=nonneg_int, default=0,
                     help="Candidates offered per pool call (0: the simulator's default, 4 x G).")
-    ap.add_argument("--estimator", default="oracle")
-    ap.add_argument("--cost-preset", default="paper-dsv3")
-    ap.add_argument("--power-preset", default="h100")
-    ap.add_argument("--max-prompt-len", type=int, default=32768)
+    ap.add_argument("--estimator", type=estimator_spec, default="oracle",
+                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
+    ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
+    ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")
+    ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
     ap.add_argument("--json", default=None, help="Write every run's metrics here.")
-    ap.add_argument("--summary-from", default=None,
+    ap.add_argument("--summary-from", type=existing_file, default=None,
                     help="Print the summary of a saved --json file (its runs, in their order) and exit.")
     ap.add_argument("--plot", default=None,
                     help="Write a PNG: each run's ratio to the baseline with its 95%% interval, per cell and metric.")
     args = ap.parse_args()
-    loads = _floats(ap, "--loads", args.loads)
+    loads = args.loads
     metrics = args.metrics.split(",")
     if unknown := [m for m in metrics if m not in LABELS]:
         ap.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(LABELS)})")
     if args.summary_from:
-        rows = json.loads(Path(args.summary_from).read_text())
+        rows = json.loads(args.summary_from.read_text())
         saved = [r for r in dict.fromkeys(x["run"] for x in rows) if r != CONTROL]
         print(summarize(rows, saved, metrics))
         if args.plot:
@@ -80,22 +87,16 @@ def main():
     runs = [s.text for s in specs]
     if len(runs) < 2 or len(set(runs)) != len(runs):
         ap.error("--runs: give at least two distinct runs (baseline first, the policy under test last)")
-    if args.requests_per_rank < 1 or args.max_windows < 1:
-        ap.error("--requests-per-rank and --max-windows must be >= 1")
     if not 0 < args.control_jitter < 0.1:
         ap.error(f"--control-jitter must be in (0, 0.1), got {args.control_jitter}")
-    if args.pool_window < 0:
-        ap.error(f"--pool-window must be >= 0, got {args.pool_window}")
-    if not args.max_pool_wait > 0:
-        ap.error(f"--max-pool-wait must be > 0 seconds, got {args.max_pool_wait}")
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset(args.power_preset)
     plan = [(s.text, s, 1.0) for s in specs] + [(CONTROL, specs[0], 1.0 + args.control_jitter)]
 
     jobs = []
-    for tname in args.traces.split(","):
-        full = load_trace(REPO / "data/traces" / tname)
-        for G in (int(g) for g in args.ranks.split(",")):
+    for path in args.traces:
+        tname, full = path.name, load_trace(path)
+        for G in args.ranks:
             n = args.requests_per_rank * G
             for w in range(min(args.max_windows, max(1, len(full) // n))):
                 jobs += [(tname, G, w, full.window(w * n, n), load) for load in loads]
@@ -111,7 +112,7 @@ def main():
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
             rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), load=load, run=label,
                              **r.to_dict(), **r.extra))
-    print(f"\ncost preset {cost.name}, estimator {args.estimator}, loads {args.loads}, windows of "
+    print(f"\ncost preset {cost.name}, estimator {args.estimator}, loads {','.join(f'{x:g}' for x in loads)}, windows of "
           f"{args.requests_per_rank} x G requests (at most {args.max_windows}), pool max wait {args.max_pool_wait:g} s, "
           f"control: {runs[0]} at x{1 + args.control_jitter:g} arrival rate\n")
     print(summarize(rows, runs, metrics))
@@ -119,16 +120,6 @@ def main():
         plot(rows, runs, metrics, args.plot)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-
-
-def _floats(ap, flag, text):
-    try:
-        vals = [float(x) for x in text.split(",")]
-    except ValueError:
-        ap.error(f"{flag}: expected comma-separated numbers, got {text!r}")
-    if not all(v > 0 for v in vals):
-        ap.error(f"{flag}: every value must be > 0, got {text!r}")
-    return vals
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:
@@ -227,4 +218,4 @@ def plot(rows: list[dict], runs: list[str], metrics: list[str], path: str) -> No
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

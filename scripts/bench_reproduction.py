@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sglang_ext.argtypes import comma_list, estimator_spec, nonneg_int, policy_spec, positive_int, run_main, trace_file
 from sglang_ext.estimators import make_estimator
 from sglang_ext.policies import make_policy, parse_policy_spec
 from sglang_ext.sim.paper import PaperConfig, simulate_paper
@@ -19,24 +20,29 @@ REPO = Path(__file__).resolve().parents[1]
 REF = REPO / "data/reference/paper_mode_baselines.json"
 POLICIES = ["fcfs", "round_robin", "jsq", "total_tokens", "bfio:horizon=0", "bfio:horizon=20"]
 REF_KEY = {"bfio:horizon=0": "paper_bfio_h0", "bfio:horizon=20": "paper_bfio_h20"}
+TRACES = REPO / "data" / "traces"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", default="burstgpt_lengths_8000.json,arxiv_lengths_8000.json,longbench_lengths_8000.json")
-    ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--estimator", default="oracle", help="oracle, noisy:<delta>, empirical")
-    ap.add_argument("--estimator-seed", type=int, default=42, help="Seed of the noisy estimator's draws.")
-    ap.add_argument("--max-prompt-len", type=int, default=131072, help="Context limit for clipping (longbench).")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--traces", type=comma_list(trace_file(TRACES)),
+                    default="burstgpt_lengths_8000.json,arxiv_lengths_8000.json,longbench_lengths_8000.json",
+                    help="Comma list of length traces (names under data/traces, or paths).")
+    ap.add_argument("--policies", type=comma_list(policy_spec), default=",".join(POLICIES),
+                    help="Comma list of POLICY[:key=val...] specs.")
+    ap.add_argument("--estimator", type=estimator_spec, default="oracle", help="oracle, noisy:<delta>, empirical")
+    ap.add_argument("--estimator-seed", type=nonneg_int, default=42, help="Seed of the noisy estimator's draws.")
+    ap.add_argument("--max-prompt-len", type=positive_int, default=131072, help="Context limit for clipping (longbench).")
+    ap.add_argument("--json", default=None, help="Write every run's metrics here.")
     args = ap.parse_args()
     ref = json.loads(REF.read_text())["results"]
     rows = {}
-    for tname in args.traces.split(","):
-        trace = load_trace(REPO / "data/traces" / tname)
+    for path in args.traces:
+        tname = path.name
+        trace = load_trace(path)
         trace.prompt_len = trace.prompt_len.clip(max=args.max_prompt_len)
         trace = paper_order(trace, 8000, 42)
-        for spec in tqdm(args.policies.split(","), desc=tname):
+        for spec in tqdm(args.policies, desc=tname):
             name, params = parse_policy_spec(spec)
             r = simulate_paper(trace, make_policy(name, **params), PaperConfig(32, 72),
                                make_estimator(args.estimator, seed=args.estimator_seed))
@@ -60,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

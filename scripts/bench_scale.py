@@ -31,6 +31,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sglang_ext.argtypes import nonneg_int, positive_float, positive_int, run_main, trace_file  # noqa: E402
 from sglang_ext.policies import make_policy  # noqa: E402
 from sglang_ext.sim.paper import PaperConfig, simulate_paper  # noqa: E402
 from sglang_ext.traces import load_trace, paper_order  # noqa: E402
@@ -39,6 +40,7 @@ FULL_G = [16, 32, 64, 128, 256]
 FULL_B = [32, 72, 128, 256]
 QUICK_G = [16, 32, 64]
 QUICK_B = [32, 72, 128]
+TRACES = REPO / "data" / "traces"
 
 
 def cell_trace(trace, N: int):
@@ -130,14 +132,15 @@ def theory_plot(rows, path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", default=str(REPO / "data/traces/burstgpt_lengths_8000.json"))
-    ap.add_argument("--ranks", type=int, nargs="+", help=f"G values (default {FULL_G})")
-    ap.add_argument("--batches", type=int, nargs="+", help=f"B values (default {FULL_B})")
+    ap.add_argument("--trace", type=trace_file(TRACES), default="burstgpt_lengths_8000.json",
+                    help="length trace (a name under data/traces, or a path)")
+    ap.add_argument("--ranks", type=positive_int, nargs="+", help=f"G values (default {FULL_G})")
+    ap.add_argument("--batches", type=positive_int, nargs="+", help=f"B values (default {FULL_B})")
     ap.add_argument("--quick", action="store_true", help=f"G in {QUICK_G} x B in {QUICK_B}")
-    ap.add_argument("--per-slot", type=float, default=4.0, help="N = per_slot * G * B (capped by --max-n)")
-    ap.add_argument("--max-n", type=int, default=10**9)
-    ap.add_argument("--horizon", type=int, default=20)
-    ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--per-slot", type=positive_float, default=4.0, help="N = per_slot * G * B (capped by --max-n)")
+    ap.add_argument("--max-n", type=positive_int, default=10**9, help="cap on the requests per cell N")
+    ap.add_argument("--horizon", type=nonneg_int, default=20, help="bfio look-ahead horizon H (steps)")
+    ap.add_argument("--json", dest="json_out", help="write the config and every cell here")
     ap.add_argument("--plot", help="heat map PNG")
     ap.add_argument("--theory-plot", help="ratio vs sqrt(B log G) PNG")
     args = ap.parse_args(argv)
@@ -180,4 +183,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sglang_ext.argtypes import comma_list, positive_float, positive_int, run_main  # noqa: E402
 from sglang_ext.telemetry import StepTelemetry  # noqa: E402
 
 
@@ -42,13 +43,14 @@ def bench(records: int, rounds: int, use_nvml: bool, max_bytes: int) -> tuple[fl
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=100_000, help="records per round")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds; the median is reported")
-    ap.add_argument("--steps-ms", default="10,30", help="typical step times (ms), comma-separated")
-    ap.add_argument("--max-bytes", type=int, default=4 << 20,
+    ap.add_argument("--records", type=positive_int, default=100_000, help="records per round")
+    ap.add_argument("--rounds", type=positive_int, default=5, help="rounds; the median is reported")
+    ap.add_argument("--steps-ms", type=comma_list(positive_float), default="10,30",
+                    help="typical step times (ms), comma-separated")
+    ap.add_argument("--max-bytes", type=positive_int, default=4 << 20,
                     help="rotation size for the benchmark (small, so rotation is included)")
     args = ap.parse_args()
-    steps = [float(x) for x in args.steps_ms.split(",") if x]
+    steps = args.steps_ms
 
     rows = [("power model", *bench(args.records, args.rounds, False, args.max_bytes))]
     us_nvml, src = bench(min(args.records, 20_000), args.rounds, True, args.max_bytes)
@@ -67,4 +69,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 # Triton fixes interpreter mode when it is first imported, and importing SGLang

@@ -25,7 +25,8 @@ def test_small_saturated_run_splits_idle_by_phase(tmp_path):
         assert r.stdout.count(f"| azure_conv_2023 | 4 | {x['run']} | {x['idle_fraction']:.4f} |") == 2
 
 
-@pytest.mark.parametrize("argv", [["--runs", "bfio"], ["--load", "0"]])
+@pytest.mark.parametrize("argv", [["--runs", "bfio"], ["--load", "0"], ["--traces", "nope.csv"], ["--ranks", "8,x"],
+                                  ["--estimator", "bogus"]])
 def test_bad_flags_exit_2_naming_the_flag(argv):
     bad = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
     assert bad.returncode == 2 and argv[0] in bad.stderr and "Traceback" not in bad.stderr

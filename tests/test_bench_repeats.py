@@ -75,6 +75,9 @@ def test_small_run_end_to_end_and_bad_flags(tmp_path):
     assert again.stdout.strip() == r.stdout.strip().split("\n\n")[-1]  # the same table from the saved runs
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for argv, flag in ((["--loads", "0.7,x"], "--loads"), (["--runs", "bfio@later"], "--runs"),
-                       (["--metrics", "speed"], "--metrics")):
+                       (["--metrics", "speed"], "--metrics"), (["--traces", "nope.csv"], "--traces"),
+                       (["--ranks", "8,x"], "--ranks"), (["--estimator", "bogus"], "--estimator"),
+                       (["--cost-preset", "nope"], "--cost-preset"), (["--batch", "0"], "--batch"),
+                       (["--summary-from", str(tmp_path / "missing.json")], "--summary-from")):
         bad = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True)
         assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr

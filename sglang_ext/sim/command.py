@@ -13,61 +13,40 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
+from ..argtypes import nonneg_int, positive_float, positive_int
 from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
 from ..estimators import make_estimator
 from ..policies import REGISTRY, make_policy, parse_policy_spec
 from ..policies.bfio import ONLINE_POOL_TAIL
 from ..traces import load_trace, paper_order
-from .metrics import RESULT_KEYS
 from .online import OnlineConfig, capacity_rps, native_rate, simulate_online
 from .paper import PaperConfig, simulate_paper
 
 logger = logging.getLogger(__name__)
 
 
-def _number(kind, ok, need: str):
-    """argparse type: parse with `kind`, then require ok(value) (message: need)."""
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {need}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _number(int, lambda v: v > 0, "positive")
-_nonneg_int = _number(int, lambda v: v >= 0, ">= 0")
-_positive_float = _number(float, lambda v: v > 0, "positive")
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="Trace file: Azure .csv, Mooncake .jsonl or the paper's length .json.")
     p.add_argument("--mode", choices=("paper", "online"), default="paper",
                    help="paper: the released simulator's saturated setting; online: timed arrivals.")
-    p.add_argument("--ranks", type=_positive_int, default=32, help="DP ranks G.")
-    p.add_argument("--batch", type=_positive_int, default=72, help="Max running requests per rank B.")
+    p.add_argument("--ranks", type=positive_int, default=32, help="DP ranks G.")
+    p.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
     p.add_argument("--policies", default="fcfs,round_robin,jsq,bfio",
                    help=f"Comma-separated policies, each NAME or NAME:key=val:key=val. Valid: {', '.join(REGISTRY)}.")
-    p.add_argument("--horizon", type=_nonneg_int, default=20, help="Lookahead H of bfio (steps).")
+    p.add_argument("--horizon", type=nonneg_int, default=20, help="Lookahead H of bfio (steps).")
     p.add_argument("--seed", type=int, default=42, help="Request-order seed (paper mode) and policy/estimator seed.")
-    p.add_argument("--requests", type=_positive_int, default=None, help="Use the first N requests (paper: N drawn in the paper's order).")
-    p.add_argument("--rate-scale", type=_positive_float, default=1.0, help="Online: multiply the recorded arrival rate by X.")
-    p.add_argument("--load", type=_positive_float, default=None,
+    p.add_argument("--requests", type=positive_int, default=None, help="Use the first N requests (paper: N drawn in the paper's order).")
+    p.add_argument("--rate-scale", type=positive_float, default=1.0, help="Online: multiply the recorded arrival rate by X.")
+    p.add_argument("--load", type=positive_float, default=None,
                    help="Online: set the arrival rate to X times the ranks' capacity (overrides --rate-scale).")
     p.add_argument("--binding", choices=("immediate", "pool"), default="immediate",
                    help="Online: bind each request to a rank on arrival (SGLang) or hold a central pool (late binding).")
-    p.add_argument("--max-pool-wait", type=_positive_float, default=5.0, help="Online pool: seconds before a pooled request is bound immediately.")
-    p.add_argument("--kv-capacity", type=_positive_int, default=None, help="Online: KV tokens per rank.")
-    p.add_argument("--max-prompt-len", type=_positive_int, default=None, help="Clip prompts to this context limit (e.g. longbench).")
+    p.add_argument("--max-pool-wait", type=positive_float, default=5.0, help="Online pool: seconds before a pooled request is bound immediately.")
+    p.add_argument("--kv-capacity", type=positive_int, default=None, help="Online: KV tokens per rank.")
+    p.add_argument("--max-prompt-len", type=positive_int, default=None, help="Clip prompts to this context limit (e.g. longbench).")
     p.add_argument("--estimator", default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical.")
     p.add_argument("--cost-preset", default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
     p.add_argument("--power-preset", default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")

@@ -1,0 +1,52 @@
+"""Bad flags of the benchmark scripts: exit status 2, the flag named on stderr,
+no traceback, and no run started (each case stops at argument parsing)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+CASES = [
+    # (script, argv, flag the error must name)
+    ("bench_scale.py", ["--ranks", "x"], "--ranks"),
+    ("bench_scale.py", ["--batches", "72", "0"], "--batches"),
+    ("bench_scale.py", ["--trace", "nope.json"], "--trace"),
+    ("bench_scale.py", ["--per-slot", "0"], "--per-slot"),
+    ("bench_scale.py", ["--horizon", "-1"], "--horizon"),
+    ("bench_optimality.py", ["--instances", "0"], "--instances"),
+    ("bench_optimality.py", ["--time-limit", "x"], "--time-limit"),
+    ("bench_optimality.py", ["--extra", "bogus:reward=2"], "--extra"),
+    ("bench_optimality.py", ["--summary-from", "nope.json"], "--summary-from"),
+    ("bench_reproduction.py", ["--traces", "burstgpt_lengths_8000.json,nope.json"], "--traces"),
+    ("bench_reproduction.py", ["--policies", "fcfs,bogus"], "--policies"),
+    ("bench_reproduction.py", ["--estimator", "bogus"], "--estimator"),
+    ("bench_reproduction.py", ["--max-prompt-len", "0"], "--max-prompt-len"),
+    ("bench_seeds.py", ["--traces", "nope.json"], "--traces"),
+    ("bench_seeds.py", ["--policies", "fcfs,,jsq"], "--policies"),
+    ("bench_seeds.py", ["--seeds", "42,x"], "--seeds"),
+    ("bench_projection.py", ["--ranks", "0"], "--ranks"),
+    ("bench_projection.py", ["--horizon", "-1"], "--horizon"),
+    ("bench_projection.py", ["--repeats", "x"], "--repeats"),
+    ("bench_telemetry.py", ["--records", "0"], "--records"),
+    ("bench_telemetry.py", ["--steps-ms", "10,x"], "--steps-ms"),
+    ("bench_telemetry.py", ["--max-bytes", "-1"], "--max-bytes"),
+    ("bench_online.py", ["--ranks", "8,x"], "--ranks"),
+    ("bench_online.py", ["--traces", "nope.csv"], "--traces"),
+    ("bench_online.py", ["--loads", "0.7,0"], "--loads"),
+    ("bench_online.py", ["--cost-preset", "bogus"], "--cost-preset"),
+    ("bench_online.py", ["--runs", "bfio"], "--runs"),
+    ("bench_decision.py", ["--trace", "nope.json"], "--trace"),
+    ("bench_decision.py", ["--batch", "72,0"], "--batch"),
+    ("bench_decision.py", ["--horizons", "0,-1"], "--horizons"),
+    ("bench_decision.py", ["--free-frac", "0"], "--free-frac"),
+]
+
+
+@pytest.mark.parametrize("script,argv,flag", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
+def test_bad_flag_exits_2_naming_the_flag(script, argv, flag):
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert flag in r.stderr and "error:" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
