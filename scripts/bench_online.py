@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (comma_list, cost_preset_name, estimator_spec, existing_file, positive_float,
-                                 positive_int, power_preset_name, run_main, trace_file)
+from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, existing_file, positive_float,
+                                 positive_int, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -30,19 +30,11 @@ RUNS = ("total_requests@immediate,total_tokens@immediate,round_robin@immediate,p
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", type=comma_list(trace_file(TRACES)),
-                    default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl",
-                    help="Comma list of trace files (names under data/traces, or paths).")
-    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
-    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    add_online_grid(ap, TRACES)
     ap.add_argument("--loads", type=comma_list(positive_float), default="0.7,1.3",
                     help="Comma list of loads: arrival rate / capacity.")
     ap.add_argument("--requests-per-rank", type=positive_int, default=250, help="N = min(trace, this * G).")
-    ap.add_argument("--estimator", type=estimator_spec, default="oracle",
-                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
-    ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
-    ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")
-    ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
+    add_online_model(ap)
     ap.add_argument("--max-pool-wait", type=positive_float, default=5.0,
                     help="Seconds a request may wait in the pool before the immediate rule binds it "
                          "(under a queue deeper than this, the pool turns into delayed immediate binding).")

@@ -19,8 +19,8 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (comma_list, cost_preset_name, estimator_spec, existing_file, nonneg_int,
-                                 positive_float, positive_int, power_preset_name, run_main, trace_file)
+from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, existing_file, nonneg_int,
+                                 positive_float, positive_int, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -38,11 +38,7 @@ CONTROL = "control"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--traces", type=comma_list(trace_file(TRACES)),
-                    default="azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl",
-                    help="Comma list of trace files (names under data/traces, or paths).")
-    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
-    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    add_online_grid(ap, TRACES)
     ap.add_argument("--loads", type=comma_list(positive_float), default="0.6,0.7,0.8",
                     help="Comma list of loads: arrival rate / capacity (moderate: 0.5 to 0.8).")
     ap.add_argument("--runs", default="total_tokens@immediate,bfio@immediate",
@@ -58,11 +54,7 @@ def main():
     ap.add_argument("--max-pool-wait", type=positive_float, default=5.0, help="Pool binding deadline, seconds.")
     ap.add_argument("--pool-window", type=nonneg_int, default=0,
                     help="Candidates offered per pool call (0: the simulator's default, 4 x G).")
-    ap.add_argument("--estimator", type=estimator_spec, default="oracle",
-                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
-    ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
-    ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")
-    ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
+    add_online_model(ap)
     ap.add_argument("--json", default=None, help="Write every run's metrics here.")
     ap.add_argument("--summary-from", type=existing_file, default=None,
                     help="Print the summary of a saved --json file (its runs, in their order) and exit.")

@@ -65,49 +65,63 @@ def trace_file(trace_dir: Path):
     return parse
 
 
-def _checked(build, what: str):
-    def parse(text: str) -> str:
-        try:
-            build(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
+def _valid(text: str, check) -> str:
+    """text, if check(text) raises no ValueError; else argparse's error with its message."""
+    try:
+        check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def estimator_spec(text: str) -> str:
+    """argparse type: oracle, noisy:<delta>, cap or empirical."""
     from .estimators import make_estimator
 
-    return _checked(lambda t: make_estimator(t, seed=0), "estimator")(text)
+    return _valid(text, lambda t: make_estimator(t, seed=0))
 
 
 def policy_spec(text: str) -> str:
     """argparse type: a POLICY[:key=val...] spec of a registered policy."""
     from .policies import parse_policy_spec
 
-    try:
-        parse_policy_spec(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return _valid(text, parse_policy_spec)
 
 
 def cost_preset_name(text: str) -> str:
-    from .cost import PRESETS
+    """argparse type: a cost preset name (sglang_ext.cost.PRESETS)."""
+    from .cost import cost_preset
 
-    if text not in PRESETS:
-        raise argparse.ArgumentTypeError(f"unknown cost preset {text!r}; choose from {', '.join(PRESETS)}")
-    return text
+    return _valid(text, cost_preset)
 
 
 def power_preset_name(text: str) -> str:
-    from .cost import POWER_PRESETS
+    """argparse type: a power preset name (sglang_ext.cost.POWER_PRESETS)."""
+    from .cost import power_preset
 
-    if text not in POWER_PRESETS:
-        raise argparse.ArgumentTypeError(f"unknown power preset {text!r}; choose from {', '.join(POWER_PRESETS)}")
-    return text
+    return _valid(text, power_preset)
+
+
+#: the online traces the scripts replay by default
+ONLINE_TRACES = "azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.jsonl"
+
+
+def add_online_grid(ap: argparse.ArgumentParser, trace_dir: Path) -> None:
+    """--traces, --ranks, --batch: the (trace, G) cells an online script runs."""
+    ap.add_argument("--traces", type=comma_list(trace_file(trace_dir)), default=ONLINE_TRACES,
+                    help="Comma list of trace files (names under data/traces, or paths).")
+    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
+    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+
+
+def add_online_model(ap: argparse.ArgumentParser, power: bool = True) -> None:
+    """--estimator, --cost-preset, --power-preset, --max-prompt-len: what an online run assumes."""
+    ap.add_argument("--estimator", type=estimator_spec, default="oracle",
+                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
+    ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
+    if power:
+        ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")
+    ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
 
 
 def run_main(main, prog: str | None = None) -> None:
