@@ -18,6 +18,8 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
+from ..argtypes import nonneg_float, nonneg_int, positive_float
+
 logger = logging.getLogger(__name__)
 
 #: the policies offered on the command line (fcfs and jsq are simulation baselines)
@@ -80,27 +82,6 @@ def _cost_presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_cli_args(result, parser: argparse.ArgumentParser):
     """AFTER hook on ServerArgs.add_cli_args(parser): add the --balancer-* flags."""
     group = parser.add_argument_group("Barrier-aware DP load balancing (sglang-ext)")
@@ -116,7 +97,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-horizon",
         metavar="H",
-        type=_non_negative_int,
+        type=nonneg_int,
         default=None,
         help="Number of future decode steps the bfio policy projects for a pool decision; an arriving "
         "request is weighed over its whole stay with these steps weighed more (default: 20; 0 = myopic).",
@@ -124,7 +105,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-prefill-weight",
         metavar="W",
-        type=_non_negative_float,
+        type=nonneg_float,
         default=None,
         help="bfio: cost of prefilling one prompt token relative to one KV token of a decode "
         "step (about 8 for DeepSeek-V3 on H100). The next step then carries each rank's "
@@ -135,7 +116,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-scenarios",
         metavar="K",
-        type=_non_negative_int,
+        type=nonneg_int,
         default=None,
         help="bfio with --balancer-estimator empirical: take each request's remaining decode "
         "steps as K equally likely scenarios (quantiles of the residual life of finished "
@@ -153,7 +134,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-pool-tail",
         metavar="W",
-        type=_non_negative_float,
+        type=nonneg_float,
         default=None,
         help="bfio, pool binding: weight of the long lookahead (the immediate rule's 200 "
         "steps) added to the pool's 20-step one, so a rank whose requests leave soon is "
@@ -172,7 +153,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-pool-max-wait",
         metavar="SECONDS",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="In pool binding, the longest a request may wait in the controller (seconds) "
         "before it is placed by the immediate rule (default: 0.5).",
@@ -229,7 +210,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-sim-time-scale",
         metavar="X",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="Multiply the stand-in's simulated step times by this factor when sleeping "
         "(default: 1.0; smaller runs faster).",

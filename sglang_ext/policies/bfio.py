@@ -417,8 +417,9 @@ class BFIO(Policy):
         E = Lp.max(axis=1) if floor is None else np.maximum(Lp.max(axis=1), floor[pts])
         S = np.full((n, G), _NEG)
         taken = np.zeros(n, bool)
-        XT = X.T[pts]  # (points, n) float64
-        A = XT.astype(np.float32) - E[:, None].astype(np.float32)  # candidate minus envelope
+        XT = X.T[pts]  # (points, n) float64: the loads' updates
+        XT32 = XT.astype(np.float32)  # the scores' operand
+        A = XT32 - E[:, None].astype(np.float32)  # candidate minus envelope
         stale = np.flatnonzero(free > 0)
         while True:
             live = np.flatnonzero(free > 0)
@@ -441,7 +442,7 @@ class BFIO(Policy):
             newE = np.maximum(E, Lp[:, gs].max(axis=1))
             if (newE > E).any():  # the envelope rose: every rank's deficit changed
                 E = newE
-                A = XT.astype(np.float32) - E[:, None].astype(np.float32)
+                A = XT32 - E[:, None].astype(np.float32)
                 stale = np.flatnonzero(free > 0)
             else:
                 stale = gs[free[gs] > 0]
