@@ -103,9 +103,9 @@ class BalancedDispatch:
         self.sock.bind(cfg.report_addr)
         logger.info(
             "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s scenarios=%d "
-            "full_wait=%s pool_tail=%g reports on %s",
+            "full_wait=%s pool_tail=%g over %d steps reports on %s",
             cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, cfg.scenarios,
-            cfg.full_wait, cfg.pool_tail, cfg.report_addr,
+            cfg.full_wait, cfg.pool_tail, cfg.pool_tail_horizon, cfg.report_addr,
         )
 
     def _make_policy(self):
@@ -117,7 +117,8 @@ class BalancedDispatch:
         backend = "torch" if self.device == "cpu" else "auto"
         return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend,
                            prefill=self.cfg.prefill_weight, scenarios=self.cfg.scenarios,
-                           full_wait=self.cfg.full_wait, pool_tail=self.cfg.pool_tail)
+                           full_wait=self.cfg.full_wait, pool_tail=self.cfg.pool_tail,
+                           tail_horizon=self.cfg.pool_tail_horizon)
 
     def _cuda_projection_works(self) -> bool:
         """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to

@@ -2,12 +2,15 @@
 """Benchmark the cost projection: CPU torch reference vs the compiled Triton kernel.
 
     python scripts/bench_projection.py --ranks 32 --requests-per-rank 256 --horizon 80 --repeats 200
+    python scripts/bench_projection.py --horizon 2000 --steps 26   # a long tail at a few steps
 
 Times `project_cost_reference` on CPU (median of --repeats calls, microseconds)
 and, when CUDA is available, the compiled Triton kernel on the GPU (warm-up,
 then median with torch.cuda.synchronize around every call), checks the results
 are identical, and prints a markdown table. Without CUDA the kernel row reads
-"n/a (no CUDA)".
+"n/a (no CUDA)". With --steps P, the same projection at P steps of 0..H (dense
+near 0, sparse far out, as bfio's pool tail evaluates it) is timed too and
+checked equal to those rows of the full projection.
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=nonneg_int, default=10, help="untimed calls first")
     ap.add_argument("--no-growth", action="store_true", help="growth=False (the paper's projection)")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random requests")
+    ap.add_argument("--steps", type=nonneg_int, default=0,
+                    help="also project at about this many steps of 0..H (0: only every step)")
     args = ap.parse_args(argv)
 
     G, H = args.ranks, args.horizon
@@ -79,6 +84,14 @@ def main(argv=None) -> None:
         ("torch reference (numpy in)", cpu, f"{t_ref:.1f}", "-"),
         ("project_cost(backend='torch')", "CPU", f"{t_pub:.1f}", "-"),
     ]
+    steps = None
+    if args.steps:
+        steps = np.unique(np.round(np.geomspace(1, H + 1, args.steps)).astype(np.int64) - 1)
+        sparse = project_cost_reference(rank, kv, rem, G, steps, **w)
+        same_sparse = torch.equal(sparse, ref[torch.from_numpy(steps)])
+        t_sp = median_us(lambda: project_cost_reference(rank, kv, rem, G, steps, **w), args.repeats)
+        rows.append((f"torch reference at {steps.size} steps", "CPU", f"{t_sp:.1f}",
+                     "yes" if same_sparse else "NO"))
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         r_d, kv_d, rem_d = (torch.from_numpy(x).to(dev) for x in (rank, kv, rem))
@@ -102,6 +115,15 @@ def main(argv=None) -> None:
             ("torch reference on CUDA", f"CUDA: {name}", f"{t_tg:.1f}", "yes" if same_tg else "NO"),
         ]
         ok = same and same_auto and same_tg
+        if steps is not None:
+            st_d = torch.from_numpy(steps).to(dev)
+            out_sp = project_cost_triton(r_d, kv_d, rem_d, G, st_d, **w)
+            same_k = torch.equal(out_sp.cpu(), sparse)
+            t_ks = median_us(lambda: project_cost_triton(r_d, kv_d, rem_d, G, st_d, **w), args.repeats,
+                             torch.cuda.synchronize)
+            rows.append((f"Triton kernel at {steps.size} steps", f"CUDA: {name}", f"{t_ks:.1f}",
+                         "yes" if same_k else "NO"))
+            ok = ok and same_k
     else:
         rows.append(("Triton kernel (compiled)", "n/a (no CUDA)", "n/a (no CUDA)", "n/a"))
         ok = True
@@ -114,6 +136,8 @@ def main(argv=None) -> None:
         print("| " + " | ".join(r) + " |")
     if not ok:
         raise SystemExit("MISMATCH between the Triton kernel and the torch reference")
+    if steps is not None and not same_sparse:
+        raise SystemExit("MISMATCH between the projection at steps and the full projection's rows")
 
 
 if __name__ == "__main__":

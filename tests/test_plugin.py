@@ -49,6 +49,8 @@ def test_cli_defaults_and_values():
 
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).pool_tail == ONLINE_POOL_TAIL
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-pool-tail", "0"]).pool_tail == 0.0
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).pool_tail_horizon == 2000
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-pool-tail-horizon", "8000"]).pool_tail_horizon == 8000
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -74,6 +76,9 @@ def test_cli_rejects_bad_flags(capsys):
     assert "--balancer-pool-tail" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--balancer-pool-tail only apply"):
         _parse(["--balancer-pool-tail", "0.1"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-pool-tail-horizon", "0"])
+    assert "--balancer-pool-tail-horizon" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-scenarios", "-1"])
 

@@ -163,11 +163,12 @@ def test_bfio_pool_tail_looks_past_the_pool_horizon():
     # two ranks, equal KV for the next 20 steps; rank `early` empties at step 30,
     # the other at 300. A 400-step request in the pool: within the pool's
     # 20-step horizon the ranks tie; the long tail sees rank `early` run empty.
+    short = dict(tail_horizon=200, tail_decay=0.99, tail_points=0)  # a dense 200-step tail
     for early in (0, 1):
         rem = np.array([30, 300]) if early == 0 else np.array([300, 30])
         v = ClusterView(free_slots=np.array([1, 1]), kv_tokens=np.array([1000, 1000]), num_requests=np.array([1, 1]),
                         req_rank=np.array([0, 1]), req_kv=np.array([1000, 1000]), req_remaining=rem)
-        tail = make_policy("bfio", horizon=20, pool_tail=0.02).assign(v, cands([800, 50], [400, 5]))
+        tail = make_policy("bfio", horizon=20, pool_tail=0.02, **short).assign(v, cands([800, 50], [400, 5]))
         # both fit (two slots): the long one goes where the load leaves soon
         assert tail.tolist()[0] == early
         # without the tail the ranks tie and the lower index takes it
@@ -175,10 +176,43 @@ def test_bfio_pool_tail_looks_past_the_pool_horizon():
     with pytest.raises(ValueError, match="pool_tail"):
         make_policy("bfio", pool_tail=-1)
     # the blended weights: the pool's near weights plus the tail's, over the long horizon
-    p = make_policy("bfio", horizon=20, pool_tail=0.5)
+    p = make_policy("bfio", horizon=20, pool_tail=0.5, **short)
     near, far = make_policy("bfio", horizon=20)._pool, make_policy("bfio", horizon=20, immediate_near=0)._imm
     assert p._pool.H == far.H == 200
     assert np.allclose(p._pool.w[:21], near.w + 0.5 * far.w[:21]) and np.allclose(p._pool.w[21:], 0.5 * far.w[21:])
+
+
+def test_bfio_pool_tail_over_a_whole_life_at_a_few_steps():
+    # rank 0 empties at step 600, rank 1 at 1200, equal KV until then. A 1500-step
+    # request: a 200-step tail sees the ranks tie; a 2000-step tail (the whole
+    # life of the longest requests) sends it where the load leaves first, and
+    # evaluating that tail at 16 steps past the pool horizon decides the same.
+    for early in (0, 1):
+        rem = np.array([600, 1200]) if early == 0 else np.array([1200, 600])
+        v = ClusterView(free_slots=np.array([1, 1]), kv_tokens=np.array([1000, 1000]), num_requests=np.array([1, 1]),
+                        req_rank=np.array([0, 1]), req_kv=np.array([1000, 1000]), req_remaining=rem)
+        c = cands([800, 50], [1500, 5])
+        long = dict(horizon=20, pool_tail=0.005, tail_horizon=2000, tail_decay=1.0, tail_points=0)
+        assert make_policy("bfio", **long).assign(v, c).tolist()[0] == early
+        assert make_policy("bfio", **long | dict(tail_points=16)).assign(v, c).tolist()[0] == early
+        assert make_policy("bfio", horizon=20, pool_tail=0.005).assign(v, c).tolist()[0] == early  # the defaults
+        short = dict(tail_horizon=200, tail_decay=0.99)
+        assert make_policy("bfio", horizon=20, pool_tail=0.005, **short).assign(v, c).tolist()[0] == 0  # a tie
+    # the sparse rows: the pool's own scoring steps, then about 16 steps out to
+    # the tail's end, each weighing the steps up to the next row
+    dense = make_policy("bfio", **long)._pool
+    sparse = make_policy("bfio", **long | dict(tail_points=16))._pool
+    near = make_policy("bfio", horizon=20)._pool
+    assert sparse.steps[0] == 0 and sparse.steps[-1] == 2000 and np.all(np.diff(sparse.steps) > 0)
+    assert set(near.pts.tolist()) <= set(sparse.steps.tolist()) and sparse.steps.size <= near.pts.size + 16
+    assert np.isclose(sparse.w.sum(), dense.w.sum())
+    assert np.allclose(sparse.w, np.add.reduceat(dense.w, sparse.steps))
+    assert sparse.pts.tolist() == list(range(sparse.steps.size))  # every row is scored
+    # no tail: the paper's dense 0..H rows
+    assert near.steps is None and near.axis == 20
+    for bad in (dict(tail_horizon=-1), dict(tail_points=-2), dict(tail_decay=0.0), dict(tail_decay=1.5)):
+        with pytest.raises(ValueError, match="tail"):
+            make_policy("bfio", **bad)
 
 
 def test_bfio_immediate_near_weighs_the_next_steps():

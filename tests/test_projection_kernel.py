@@ -80,6 +80,37 @@ def test_reference_matches_brute_force(G, N, H, growth):
         exact(ref, brute_force(rank, kv, rem, G, H, growth=growth, **w))
 
 
+@pytest.mark.parametrize("growth", [True, False])
+@pytest.mark.parametrize("G,N,H,P", [(1, 30, 7, 3), (4, 200, 300, 12), (32, 500, 2000, 26), (7, 0, 50, 5), (3, 40, 9, 10)])
+def test_steps_are_the_dense_rows(G, N, H, P, growth):
+    # A long horizon projected at a few steps: row k is exactly dense row steps[k],
+    # on both backends (the Triton suffix kernel reads the steps for growth).
+    rng = np.random.default_rng(11 * G + N + H + P + growth)
+    rank, kv, rem = random_inputs(rng, N, G, H=H, max_rem=H + H // 3)
+    steps = np.sort(rng.choice(H + 1, size=P, replace=False))
+    a, b, c = rng.uniform(-1, 1, 3).tolist()
+    for w in (dict(a=a, b=b, c=c), dict()):
+        dense = project_cost_reference(rank, kv, rem, G, H, growth=growth, **w)
+        ref = project_cost_reference(rank, kv, rem, G, steps, growth=growth, **w)
+        assert ref.shape == (P, G)
+        exact(ref, dense[torch.from_numpy(steps)])
+        exact(project_cost_triton(rank, kv, rem, G, steps, growth=growth, **w), ref)
+        exact(project_cost(rank, kv, rem, G, torch.from_numpy(steps), growth=growth, **w).cost, ref)
+
+
+def test_steps_edges():
+    rank, kv, rem = np.array([0, 1, 1]), np.array([10, 20, 30]), np.array([0, 5, 1000])
+    # a step past every request: only the long one is left, grown by that step
+    got = project_cost_reference(rank, kv, rem, 2, [0, 4, 5, 999, 1000])
+    assert got.tolist() == [[0.0, 50.0], [0.0, 58.0], [0.0, 35.0], [0.0, 1029.0], [0.0, 0.0]]
+    exact(project_cost_triton(rank, kv, rem, 2, [0, 4, 5, 999, 1000]), got)
+    # one step
+    exact(project_cost_reference(rank, kv, rem, 2, [3]), project_cost_reference(rank, kv, rem, 2, 3)[3:])
+    for bad in ([], [3, 3], [5, 2], [-1, 2], [[1, 2]], [0.5, 1.5]):
+        with pytest.raises((ValueError, TypeError), match="horizon"):
+            project_cost(rank, kv, rem, 2, bad)
+
+
 def test_paper_projection_is_kv_still_held():
     # growth=False, (a, b, c) = (0, 0, 1): KV tokens each rank still holds h steps ahead.
     rank, kv, rem = [0, 0, 1], [100, 50, 7], [2, 1, 3]

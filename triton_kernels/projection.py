@@ -10,6 +10,10 @@ h = 0..H is
     S(h, g) = sum_{i : r_i == g and m_i > h} (kv_i + h)           growth=True
             = sum_{i : r_i == g and m_i > h}  kv_i                growth=False
 
+`horizon` may also be the steps themselves, an increasing sequence h_0 < h_1 <
+... of non-negative ints: then row k is step h_k (a long lookahead scored at a
+few points costs O(points), not O(H)).
+
 i.e. the cost model of `sglang_ext.cost.CostModel` (t = a + b*n + c*kv) applied
 to the load each rank will still carry h steps from now. `a` is added even on a
 rank with no request. The paper's projection is growth=False, (a, b, c) = (0, 0, 1):
@@ -31,6 +35,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["Projection", "project_cost", "project_cost_reference", "project_cost_triton"]
@@ -61,17 +66,35 @@ def _as_int_tensor(x, name: str) -> torch.Tensor:
     return t if t.dtype == torch.int64 else t.to(torch.int64)
 
 
+def _steps(horizon):
+    """(H, steps): an int horizon H means steps 0..H (steps None); a 1-D increasing
+    sequence of non-negative ints is the steps themselves (H = their count - 1)."""
+    if isinstance(horizon, (int, np.integer)) and not isinstance(horizon, bool):
+        H = int(horizon)
+        if H < 0:
+            raise ValueError(f"horizon must be >= 0, got {H}")
+        return H, None
+    try:
+        steps = _as_int_tensor(horizon, "horizon steps")
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"horizon must be an int or a 1-D sequence of steps, got {horizon!r}") from None
+    if steps.numel() == 0:
+        raise ValueError("horizon steps must not be empty")
+    if int(steps[0]) < 0 or (steps.numel() > 1 and not bool((steps[1:] > steps[:-1]).all())):
+        raise ValueError("horizon steps must be non-negative and strictly increasing")
+    return steps.numel() - 1, steps
+
+
 def _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon):
-    """Validated int64 1-D tensors on one device, plus (G, H) as Python ints."""
+    """Validated int64 1-D tensors on one device, G, and the horizon as
+    (H, steps): H + 1 output rows, steps None for 0..H or the int64 steps."""
     try:
         G = int(num_ranks)
-        H = int(horizon)
     except (TypeError, ValueError):
-        raise ValueError(f"num_ranks and horizon must be integers, got {num_ranks!r}, {horizon!r}") from None
+        raise ValueError(f"num_ranks must be an integer, got {num_ranks!r}") from None
     if G < 0:
         raise ValueError(f"num_ranks must be >= 0, got {G}")
-    if H < 0:
-        raise ValueError(f"horizon must be >= 0, got {H}")
+    H, steps = _steps(horizon)
     rank = _as_int_tensor(req_rank, "req_rank")
     kv = _as_int_tensor(req_kv, "req_kv")
     rem = _as_int_tensor(req_remaining, "req_remaining")
@@ -89,7 +112,9 @@ def _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon):
         if lo < 0 or hi >= G:
             bad = int(((rank < 0) | (rank >= G)).sum())
             raise ValueError(f"{bad} request(s) have a rank outside [0, {G}) (min {lo}, max {hi})")
-    return rank, kv, rem, G, H
+    if steps is not None:
+        steps = steps.to(rank.device)
+    return rank, kv, rem, G, (H, steps)
 
 
 def _combine(cnt: torch.Tensor, kvsum: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
@@ -114,7 +139,12 @@ def _combine(cnt: torch.Tensor, kvsum: torch.Tensor, a: float, b: float, c: floa
 # --------------------------------------------------------------------------- torch
 
 
-def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool):
+def _end_rows(rem, steps):
+    """Per request, how many of the steps it is active at (steps[k] < rem)."""
+    return torch.searchsorted(steps, rem, right=False)
+
+
+def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool, steps=None):
     R = H + 1
     # Equals the O((H+1) * N) formula
     #     active = rem[None, :] > arange(H+1)[:, None]                  # (H+1, N)
@@ -125,7 +155,10 @@ def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool):
     # n[h] = sum_{e > h} B[e] (a reverse cumulative sum), taken as total - prefix
     # P[h] = sum_{e <= h} B[e] (row e=0, never active, falls out). Growth adds h
     # per active request, i.e. h * n. All int64, so exact.
-    flat = torch.add(rank, rem.clamp(0, R), alpha=G)  # e_i * G + rank_i, in [0, (H+2)*G)
+    # With explicit steps h_k, row k is step h_k: request i is active at rows
+    # k < e_i = #{k : h_k < rem_i}, and growth adds h_k per active request.
+    end = rem.clamp(0, R) if steps is None else _end_rows(rem, steps)
+    flat = torch.add(rank, end, alpha=G)  # e_i * G + rank_i, in [0, (H+2)*G)
     nb = (R + 1) * G
     pc = torch.bincount(flat, minlength=nb).view(R + 1, G).cumsum(0)
     ps = torch.zeros(nb, dtype=torch.int64, device=kv.device).scatter_add_(0, flat, kv)
@@ -133,15 +166,17 @@ def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool):
     cnt = pc[R] - pc[:R]
     kvs = ps[R] - ps[:R]
     if growth:
-        kvs.addcmul_(torch.arange(R, dtype=torch.int64, device=kvs.device).unsqueeze(1), cnt)
+        h = torch.arange(R, dtype=torch.int64, device=kvs.device) if steps is None else steps
+        kvs.addcmul_(h.unsqueeze(1), cnt)
     return cnt, kvs
 
 
-def _reference(rank, kv, rem, G, H, a, b, c, growth) -> torch.Tensor:
+def _reference(rank, kv, rem, G, hs, a, b, c, growth) -> torch.Tensor:
+    H, steps = hs
     if G == 0 or rank.numel() == 0:
         z = torch.zeros((H + 1, G), dtype=torch.int64, device=rank.device)
         return _combine(z, z, a, b, c)
-    cnt, kvs = _counts_torch(rank, kv, rem, G, H, growth)
+    cnt, kvs = _counts_torch(rank, kv, rem, G, H, growth, steps)
     return _combine(cnt, kvs, a, b, c)
 
 
@@ -156,9 +191,10 @@ def project_cost_reference(
     c: float = 1.0,
     growth: bool = True,
 ) -> torch.Tensor:
-    """Plain-torch projection (any device): float64 tensor cost[h, g] of shape (H+1, G)."""
-    rank, kv, rem, G, H = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
-    return _reference(rank, kv, rem, G, H, a, b, c, bool(growth))
+    """Plain-torch projection (any device): float64 tensor cost[h, g] of shape (H+1, G)
+    (horizon: H, or the steps to project at; see the module docstring)."""
+    rank, kv, rem, G, hs = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
+    return _reference(rank, kv, rem, G, hs, a, b, c, bool(growth))
 
 
 # --------------------------------------------------------------------------- triton
@@ -208,10 +244,11 @@ def _bucket_kernel(rank_ptr, kv_ptr, rem_ptr, cnt_ptr, kvs_ptr, N, G, H, BLOCK_N
     tl.atomic_add(kvs_ptr + idx, kv, mask=active, sem="relaxed")
 
 
-def _suffix_kernel(cnt_ptr, kvs_ptr, G, H, num_h_blocks, GROWTH: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
+def _suffix_kernel(cnt_ptr, kvs_ptr, steps_ptr, G, H, num_h_blocks, GROWTH: tl.constexpr,
+                   STEPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr):
     # One program per BLOCK_G ranks, in place: bucket row h becomes the sum of rows
     # h..H (active count / KV sum at step h); walks h-tiles from the top with a carry.
+    # With STEPS, row k stands for step steps[k] (growth adds that step, not k).
     pid = tl.program_id(0)
     g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < G
@@ -228,7 +265,11 @@ def _suffix_kernel(cnt_ptr, kvs_ptr, G, H, num_h_blocks, GROWTH: tl.constexpr,
         carry_c += tl.sum(tc, axis=0)
         carry_s += tl.sum(ts, axis=0)
         if GROWTH:
-            ss = ss + rows[:, None] * sc
+            if STEPS:
+                h = tl.load(steps_ptr + rows, mask=rows <= H, other=0)
+                ss = ss + h[:, None] * sc
+            else:
+                ss = ss + rows[:, None] * sc
         tl.store(cnt_ptr + off, sc, mask=mask)
         tl.store(kvs_ptr + off, ss, mask=mask)
 
@@ -251,7 +292,8 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _triton_impl(rank, kv, rem, G, H, a, b, c, growth) -> torch.Tensor:
+def _triton_impl(rank, kv, rem, G, hs, a, b, c, growth) -> torch.Tensor:
+    H, steps = hs
     interpret, (bucket_kernel, suffix_kernel) = _kernels()
     if rank.is_cuda and interpret:
         raise RuntimeError("TRITON_INTERPRET is set: the Triton backend runs on CPU tensors only")
@@ -264,6 +306,10 @@ def _triton_impl(rank, kv, rem, G, H, a, b, c, growth) -> torch.Tensor:
     cnt = torch.zeros((H + 1, G), dtype=torch.int64, device=rank.device)
     kvs = torch.zeros((H + 1, G), dtype=torch.int64, device=rank.device)
     if n and G:
+        if steps is not None:
+            # The bucket kernel takes each request's end row (min(rem, H+1) is
+            # then the row count itself); the suffix kernel reads the steps.
+            rem = _end_rows(rem, steps)
         rank, kv, rem = rank.contiguous(), kv.contiguous(), rem.contiguous()
         block_n = 1024
         block_h = min(64, max(16, _next_pow2(H + 1)))
@@ -274,8 +320,8 @@ def _triton_impl(rank, kv, rem, G, H, a, b, c, growth) -> torch.Tensor:
                 rank, kv, rem, cnt, kvs, n, G, H, BLOCK_N=block_n, **_LAUNCH,
             )
             suffix_kernel[(triton.cdiv(G, block_g),)](
-                cnt, kvs, G, H, triton.cdiv(H + 1, block_h),
-                GROWTH=bool(growth), BLOCK_H=block_h, BLOCK_G=block_g, **_LAUNCH,
+                cnt, kvs, cnt if steps is None else steps.contiguous(), G, H, triton.cdiv(H + 1, block_h),
+                GROWTH=bool(growth), STEPS=steps is not None, BLOCK_H=block_h, BLOCK_G=block_g, **_LAUNCH,
             )
     return _combine(cnt, kvs, a, b, c)
 
@@ -295,10 +341,11 @@ def project_cost_triton(
 
     Two launches: a scatter of requests into (end step, rank) int64 buckets with
     atomics (O(N)), then an in-place reverse cumulative sum over the horizon per
-    rank (O(G*H)). Returns the same float64 (H+1, G) tensor as the reference.
+    rank (O(G*H)). Returns the same float64 (H+1, G) tensor as the reference
+    (horizon: H, or the steps to project at).
     """
-    rank, kv, rem, G, H = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
-    return _triton_impl(rank, kv, rem, G, H, a, b, c, bool(growth))
+    rank, kv, rem, G, hs = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
+    return _triton_impl(rank, kv, rem, G, hs, a, b, c, bool(growth))
 
 
 # --------------------------------------------------------------------------- public
@@ -329,13 +376,14 @@ def project_cost(
     zero-copy): `req_rank` in [0, num_ranks), `req_kv` (KV length), `req_remaining`
     (predicted remaining decode steps). Returns `Projection(cost, backend)`, where
     cost[h, g] = a + b*n(h, g) + c*S(h, g) (float64, shape (horizon+1, num_ranks));
-    see the module docstring. backend: "auto" (Triton for CUDA tensors, else the
+    see the module docstring. `horizon` may instead be an increasing sequence of
+    steps: then row k is step horizon[k] (shape (len(horizon), num_ranks)). backend: "auto" (Triton for CUDA tensors, else the
     torch reference), "torch", or "triton" (CUDA, or CPU with TRITON_INTERPRET=1).
     Raises ValueError for a rank outside [0, num_ranks) or an unknown backend.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(_BACKENDS)}")
-    rank, kv, rem, G, H = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
+    rank, kv, rem, G, hs = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
     growth = bool(growth)
     if backend == "auto":
         if rank.is_cuda:
@@ -350,7 +398,7 @@ def project_cost(
         chosen, why = backend, "requested"
     _log_choice(chosen, why)
     if chosen == "triton":
-        cost = _triton_impl(rank, kv, rem, G, H, a, b, c, growth)
+        cost = _triton_impl(rank, kv, rem, G, hs, a, b, c, growth)
     else:
-        cost = _reference(rank, kv, rem, G, H, a, b, c, growth)
+        cost = _reference(rank, kv, rem, G, hs, a, b, c, growth)
     return Projection(cost=cost, backend=chosen)

@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
-from ..argtypes import nonneg_float, nonneg_int, positive_float
+from ..argtypes import nonneg_float, nonneg_int, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class BalancerConfig:
     prefill_weight: float = 0.0  # bfio: cost of prefilling a prompt token / one KV token of decode
     scenarios: int = 0  # bfio: remaining lengths as this many equally likely scenarios (0: point guesses)
     full_wait: bool = False  # bfio: with every rank full, place where a slot frees first
-    pool_tail: float = 0.02  # bfio, pool binding: weight of the long lookahead (policies.bfio.ONLINE_POOL_TAIL)
+    pool_tail: float = 0.002  # bfio, pool binding: weight of the long lookahead (policies.bfio.ONLINE_POOL_TAIL)
+    pool_tail_horizon: int = 2000  # bfio, pool binding: steps the long lookahead covers (a request's whole life)
     binding: str = "immediate"
     pool_max_wait_s: float = 0.5
     device: str = "auto"
@@ -140,6 +141,15 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "steps) added to the pool's 20-step one, so a rank whose requests leave soon is "
         "refilled with long requests before it runs empty (default: 0.02; 0 = the pool "
         "horizon alone).",
+    )
+    group.add_argument(
+        "--balancer-pool-tail-horizon",
+        metavar="STEPS",
+        type=positive_int,
+        default=None,
+        help="bfio, pool binding: decode steps the long lookahead covers, evenly weighted and "
+        "evaluated at 16 steps past the pool horizon; set it to about the longest output the "
+        "server generates (default: 2000).",
     )
     group.add_argument(
         "--balancer-binding",
@@ -251,7 +261,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         needing = [
             f"--{k.replace('_', '-')}"
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
-                      "balancer_pool_tail", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
+                      "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
                       "balancer_estimator", "balancer_report_addr", "balancer_seed")
             if getattr(args, k, None) is not None
         ]
@@ -262,7 +272,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
     cfg = BalancerConfig(policy=policy)
     for field, key in (("horizon", "balancer_horizon"), ("prefill_weight", "balancer_prefill_weight"),
                        ("scenarios", "balancer_scenarios"), ("full_wait", "balancer_full_wait"),
-                       ("pool_tail", "balancer_pool_tail"), ("binding", "balancer_binding"),
+                       ("pool_tail", "balancer_pool_tail"), ("pool_tail_horizon", "balancer_pool_tail_horizon"),
+                       ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
                        ("estimator", "balancer_estimator"), ("log_dir", "balancer_log"),
                        ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),

@@ -19,9 +19,12 @@ overflow is how far j lifts g above the current envelope E(h) = max_g L_g(h).
   (replace / swap / move, iterated with random kicks) then improves the
   greedy's pick within a time budget: on rich pools it closes most of the gap
   to the exact optimum (scripts/bench_optimality.py). With `pool_tail` (the
-  online default, ONLINE_POOL_TAIL) the immediate rule's long lookahead is
-  added at a small weight: a request stays for its whole life, and a rank
-  whose requests leave soon looks, 20 steps out, like one whose requests stay.
+  online default, ONLINE_POOL_TAIL) a lookahead over a request's whole life
+  (`tail_horizon` steps, evenly weighted) is added at a small weight: a
+  request stays for its whole life, and a rank whose requests leave soon
+  looks, 20 steps out, like one whose requests stay. The tail is projected at
+  `tail_points` steps past the pool horizon, each standing for the stretch up
+  to the next (the kernel takes the steps), so 2000 steps cost 16 rows.
 - immediate (one arriving request): only *where* is open, and where matters
   over the request's whole stay, so the lookahead is long (immediate_horizon,
   slowly decaying weights): the rank whose envelope grows least; ties (nothing
@@ -55,9 +58,11 @@ from .search import improve
 #: pool_tail for pool decisions on a server (online simulator, plugin): where
 #: requests arrive over time, a rank's load far out is what its placements
 #: leave behind (docs/benchmarks.md, "Pool decisions that look past the pool
-#: horizon"). The class default stays 0, the paper's finite-horizon objective
-#: (paper mode, and the exact program in scripts/bench_optimality.py).
-ONLINE_POOL_TAIL = 0.02
+#: horizon"). With the default tail (2000 steps, evenly weighted) the tail's
+#: total weight is 4 against the pool horizon's 14. The class default stays 0,
+#: the paper's finite-horizon objective (paper mode, and the exact program in
+#: scripts/bench_optimality.py).
+ONLINE_POOL_TAIL = 0.002
 
 #: score of an impossible pair: finite, so the assignment solver takes the matrix
 #: as is, and far below any real score (|score| < G * tokens * sum(w) << 1e13).
@@ -66,13 +71,23 @@ _NEG = -1e13
 
 @dataclass(frozen=True)
 class _Horizon:
-    """Lookahead length and step weights of one kind of decision."""
+    """Lookahead of one kind of decision: the steps it looks at and their weights.
+
+    Rows are steps 0..H (dense), or, for a long tail, a few steps that each
+    stand for the stretch up to the next one (`steps`): the projection kernel
+    and the profiles are then computed at those steps only."""
 
     H: int
-    w: np.ndarray  # (H+1,) weight of each future step
+    w: np.ndarray  # weight of each row: one step (dense), or the steps a row stands for
     tie_scale: float  # tie-break terms stay below the smallest growth step
-    pts: np.ndarray  # steps at which pool scores are evaluated (a subset of 0..H)
-    wpts: np.ndarray  # float32 weight of each point: the w of the steps it stands for
+    pts: np.ndarray  # rows at which pool scores are evaluated
+    wpts: np.ndarray  # float32 weight of each point: the w of the rows it stands for
+    steps: np.ndarray | None = None  # the step of each row (None: row h is step h)
+
+    @property
+    def axis(self):
+        """What the projection and the profiles take: H, or the steps."""
+        return self.H if self.steps is None else self.steps
 
     @classmethod
     def make(cls, H: int, decay: float, now_weight: float, points: int = 16) -> "_Horizon":
@@ -80,27 +95,41 @@ class _Horizon:
         w[0] *= now_weight  # the next step is certain, the rest predicted
         return cls._with_points(H, w, points)
 
+    @staticmethod
+    def _grid(H: int, points: int) -> np.ndarray:
+        """About `points` steps of 0..H, dense near h=0 and sparse far out."""
+        if H + 1 <= points:
+            return np.arange(H + 1)
+        return np.unique(np.round(np.geomspace(1, H + 1, points)).astype(np.int64) - 1)
+
     @classmethod
     def _with_points(cls, H: int, w: np.ndarray, points: int) -> "_Horizon":
         # Scoring every one of H+1 steps for every (candidate, rank) pair is the
         # hot loop; the projection changes slowly in h, so evaluate it on a
         # grid that is dense near h=0 and sparse far out, each point carrying
         # the weight of the steps up to the next one.
-        if H + 1 <= points:
-            pts = np.arange(H + 1)
-        else:
-            pts = np.unique(np.round(np.geomspace(1, H + 1, points)).astype(np.int64) - 1)
+        pts = cls._grid(H, points)
         wpts = np.add.reduceat(w, pts)
         return cls(H, w, 1e-3 * float(w[w > 0].min()), pts, wpts.astype(np.float32))
 
     @classmethod
-    def blend(cls, near: "_Horizon", far: "_Horizon", weight: float, points: int = 16) -> "_Horizon":
-        """near's weights plus `weight` times far's, over the longer horizon."""
+    def blend(cls, near: "_Horizon", far: "_Horizon", weight: float, points: int = 16,
+              far_points: int = 0) -> "_Horizon":
+        """near's weights plus `weight` times far's, over the longer horizon.
+        far_points > 0: sparse rows, near's scoring points plus about that many
+        steps past near's horizon, each carrying the weight of the steps up to
+        the next row (a 2000-step tail costs a few rows, not 2000)."""
         H = max(near.H, far.H)
         w = np.zeros(H + 1)
         w[:near.H + 1] += near.w
         w[:far.H + 1] += weight * far.w
-        return cls._with_points(H, w, points)
+        if far_points <= 0 or far.H <= near.H:
+            return cls._with_points(H, w, points)
+        tail = np.round(np.geomspace(near.H + 1, H + 1, far_points)).astype(np.int64) - 1
+        steps = np.union1d(near.steps[near.pts] if near.steps is not None else near.pts, tail)
+        wrows = np.add.reduceat(w, steps)
+        return cls(H, wrows, 1e-3 * float(wrows[wrows > 0].min()), np.arange(steps.size),
+                   wrows.astype(np.float32), steps)
 
 
 class BFIO(Policy):
@@ -109,7 +138,8 @@ class BFIO(Policy):
 
     def __init__(self, horizon: int = 20, decay: float = 0.8, now_weight: float = 10.0,
                  immediate_horizon: int = 200, immediate_decay: float = 0.99, immediate_now: float = 1.0,
-                 pool_tail: float = 0.0, immediate_near: float = 1.0,
+                 pool_tail: float = 0.0, tail_horizon: int = 2000, tail_decay: float = 1.0, tail_points: int = 16,
+                 immediate_near: float = 1.0,
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
@@ -118,8 +148,11 @@ class BFIO(Policy):
                  scenarios: int = 0, full_wait: bool = False, backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
-        if not 0 < decay <= 1 or not 0 < immediate_decay <= 1:
-            raise ValueError("bfio decay must be in (0, 1]")
+        if not 0 < decay <= 1 or not 0 < immediate_decay <= 1 or not 0 < tail_decay <= 1:
+            raise ValueError(f"bfio decay, immediate_decay and tail_decay must be in (0, 1], "
+                             f"got {decay}, {immediate_decay} and {tail_decay}")
+        if tail_horizon < 0 or tail_points < 0:
+            raise ValueError(f"bfio tail_horizon and tail_points must be >= 0, got {tail_horizon} and {tail_points}")
         if pool_tail < 0 or immediate_near < 0:
             raise ValueError(f"bfio pool_tail and immediate_near must be >= 0, got {pool_tail} and {immediate_near}")
         self.horizon = int(horizon)
@@ -168,7 +201,7 @@ class BFIO(Policy):
         self._imm = (_Horizon.make(0, 1.0, 1.0) if self.horizon == 0
                      else _Horizon.make(max(self.horizon, int(immediate_horizon)), immediate_decay,
                                         immediate_now))
-        near, long = _Horizon.make(self.horizon, decay, now_weight), self._imm
+        near = _Horizon.make(self.horizon, decay, now_weight)
         # The immediate rule adds the pool's near weights at immediate_near
         # (default 1; 0: the long lookahead alone): under steady traffic,
         # arrivals refill a rank whose requests leave, so the long lookahead
@@ -177,17 +210,22 @@ class BFIO(Policy):
         if self.immediate_near > 0 and self.horizon > 0:
             self._imm = _Horizon.blend(self._imm, near, self.immediate_near)
         # Pool decisions choose *which* requests: the next steps matter most.
-        # With pool_tail > 0 the immediate rule's long horizon is added at that
-        # weight: a request placed now stays for its whole life, and when the
-        # traffic thins (or ends) nothing refills a rank whose requests leave.
+        # With pool_tail > 0 a long horizon (tail_horizon steps, weights
+        # tail_decay^h) is added at that weight: a request placed now stays for
+        # its whole life, and when the traffic thins (or ends) nothing refills a
+        # rank whose requests leave. tail_points > 0 evaluates the tail at that
+        # many steps past the pool horizon instead of at every step.
         self.pool_tail = float(pool_tail)
+        self.tail_horizon, self.tail_decay, self.tail_points = int(tail_horizon), float(tail_decay), int(tail_points)
         self._pool = near
         if self.pool_tail > 0 and self.horizon > 0:
-            self._pool = _Horizon.blend(near, long, self.pool_tail)
+            tail = _Horizon.make(max(self.horizon, self.tail_horizon), self.tail_decay, 1.0)
+            self._pool = _Horizon.blend(near, tail, self.pool_tail, far_points=self.tail_points)
 
     # -- projection -------------------------------------------------------
-    def project(self, view: ClusterView, H: int | None = None) -> np.ndarray:
-        """(H+1, G) projected cost of what each rank already holds."""
+    def project(self, view: ClusterView, H=None) -> np.ndarray:
+        """(H+1, G) projected cost of what each rank already holds (H: the
+        horizon, default the pool's; or the steps to project at, one row each)."""
         G = view.num_ranks
         H = self.horizon if H is None else H
         a, b, c = self.weights
@@ -206,13 +244,16 @@ class BFIO(Policy):
                                 a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
             return proj.cost.cpu().numpy()
         # No per-request detail (e.g. a coarse load report): hold today's load flat.
-        return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (H + 1, G)).astype(np.float64)
+        rows = H + 1 if np.isscalar(H) else len(H)
+        return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (rows, G)).astype(np.float64)
 
-    def profiles(self, cands: Candidates, H: int | None = None) -> np.ndarray:
-        """(n, H+1) cost each candidate adds at each horizon step."""
+    def profiles(self, cands: Candidates, H=None) -> np.ndarray:
+        """(n, H+1) cost each candidate adds at each horizon step (H: the
+        horizon, or the steps, one column each)."""
         _, b, c = self.weights
         H = self.horizon if H is None else H
-        h = np.arange(H + 1)[None, :]
+        steps = np.arange(H + 1, dtype=np.float64) if np.isscalar(H) else np.asarray(H, dtype=np.float64)
+        h = steps[None, :]
         est = cands.output_est
         if est.ndim == 2:  # (n, k) scenarios: the chance the candidate still runs at h
             alive = (h[:, :, None] < est[:, None, :]).mean(axis=2)
@@ -224,9 +265,9 @@ class BFIO(Policy):
         # element by element, twice as slow). prompt + h is exact in float64.
         prompt = cands.prompt_len.astype(np.float64)[:, None]
         if self.growth:
-            cost = prompt + np.arange(H + 1, dtype=np.float64)[None, :]
+            cost = prompt + h
         else:
-            cost = np.repeat(prompt, H + 1, axis=1)
+            cost = np.repeat(prompt, steps.size, axis=1)
         cost *= c
         if b != 0.0:
             cost += b
@@ -240,8 +281,8 @@ class BFIO(Policy):
         if n == 0:
             return out
         hz = self._imm if must_place else self._pool
-        L = self.project(view, hz.H).copy()  # (H+1, G)
-        X = self.profiles(cands, hz.H)  # (n, H+1)
+        L = self.project(view, hz.axis).copy()  # (rows, G)
+        X = self.profiles(cands, hz.axis)  # (n, rows)
         if self.prefill > 0 and view.pending_prefill is not None:
             L[0] += self.prefill * np.asarray(view.pending_prefill, dtype=np.float64)
             X[:, 0] += self.prefill * cands.prompt_len
