@@ -60,8 +60,8 @@ def main():
     ap.add_argument("--batch", type=comma_list(positive_int), default="72,256", help="Comma-separated B values.")
     ap.add_argument("--horizons", type=comma_list(nonneg_int), default="0,20,80", help="Comma-separated H values.")
     ap.add_argument("--pool-tails", type=comma_list(nonneg_float), default="0",
-                    help="Comma-separated bfio pool_tail values (the online default is 0.02): with a tail, "
-                         "pool calls project over the immediate rule's 200 steps.")
+                    help="Comma-separated bfio pool_tail values (the online default is 0.002): with a tail, "
+                         "pool calls also project a request's whole life (2000 steps) at 16 steps past H.")
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
     ap.add_argument("--seed", type=int, default=0)
