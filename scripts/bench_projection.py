@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sglang_ext.argtypes import nonneg_int, positive_int, run_main
+from sglang_ext.policies.bfio import step_grid
 from sglang_ext.triton_kernels import project_cost, project_cost_reference, project_cost_triton
 
 
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     ]
     steps = None
     if args.steps:
-        steps = np.unique(np.round(np.geomspace(1, H + 1, args.steps)).astype(np.int64) - 1)
+        steps = step_grid(0, H, args.steps)
         sparse = project_cost_reference(rank, kv, rem, G, steps, **w)
         same_sparse = torch.equal(sparse, ref[torch.from_numpy(steps)])
         t_sp = median_us(lambda: project_cost_reference(rank, kv, rem, G, steps, **w), args.repeats)

@@ -10,14 +10,14 @@ h = 0..H is
     S(h, g) = sum_{i : r_i == g and m_i > h} (kv_i + h)           growth=True
             = sum_{i : r_i == g and m_i > h}  kv_i                growth=False
 
-`horizon` may also be the steps themselves, an increasing sequence h_0 < h_1 <
-... of non-negative ints: then row k is step h_k (a long lookahead scored at a
-few points costs O(points), not O(H)).
-
 i.e. the cost model of `sglang_ext.cost.CostModel` (t = a + b*n + c*kv) applied
 to the load each rank will still carry h steps from now. `a` is added even on a
 rank with no request. The paper's projection is growth=False, (a, b, c) = (0, 0, 1):
 the KV tokens each rank still holds h steps ahead.
+
+`horizon` may also be the steps themselves, an increasing sequence h_0 < h_1 <
+... of non-negative ints: then row k is step h_k (a long lookahead evaluated at
+a few steps costs O(steps), not O(H)).
 
 Both implementations accumulate n and S in int64 (exact for KV lengths near 2**31
 and many requests) and convert to float64 only in the final combination, which
@@ -377,8 +377,9 @@ def project_cost(
     (predicted remaining decode steps). Returns `Projection(cost, backend)`, where
     cost[h, g] = a + b*n(h, g) + c*S(h, g) (float64, shape (horizon+1, num_ranks));
     see the module docstring. `horizon` may instead be an increasing sequence of
-    steps: then row k is step horizon[k] (shape (len(horizon), num_ranks)). backend: "auto" (Triton for CUDA tensors, else the
-    torch reference), "torch", or "triton" (CUDA, or CPU with TRITON_INTERPRET=1).
+    steps: then row k is step horizon[k] (shape (len(horizon), num_ranks)).
+    backend: "auto" (Triton for CUDA tensors, else the torch reference), "torch",
+    or "triton" (CUDA, or CPU with TRITON_INTERPRET=1).
     Raises ValueError for a rank outside [0, num_ranks) or an unknown backend.
     """
     if backend not in _BACKENDS:

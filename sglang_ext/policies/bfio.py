@@ -69,6 +69,12 @@ ONLINE_POOL_TAIL = 0.002
 _NEG = -1e13
 
 
+def step_grid(first: int, last: int, points: int) -> np.ndarray:
+    """About `points` distinct steps from `first` to `last` (both included),
+    spaced geometrically from first + 1: dense near `first`, sparse far out."""
+    return np.unique(np.round(np.geomspace(first + 1, last + 1, points)).astype(np.int64) - 1)
+
+
 @dataclass(frozen=True)
 class _Horizon:
     """Lookahead of one kind of decision: the steps it looks at and their weights.
@@ -95,20 +101,13 @@ class _Horizon:
         w[0] *= now_weight  # the next step is certain, the rest predicted
         return cls._with_points(H, w, points)
 
-    @staticmethod
-    def _grid(H: int, points: int) -> np.ndarray:
-        """About `points` steps of 0..H, dense near h=0 and sparse far out."""
-        if H + 1 <= points:
-            return np.arange(H + 1)
-        return np.unique(np.round(np.geomspace(1, H + 1, points)).astype(np.int64) - 1)
-
     @classmethod
     def _with_points(cls, H: int, w: np.ndarray, points: int) -> "_Horizon":
         # Scoring every one of H+1 steps for every (candidate, rank) pair is the
         # hot loop; the projection changes slowly in h, so evaluate it on a
         # grid that is dense near h=0 and sparse far out, each point carrying
         # the weight of the steps up to the next one.
-        pts = cls._grid(H, points)
+        pts = np.arange(H + 1) if H + 1 <= points else step_grid(0, H, points)
         wpts = np.add.reduceat(w, pts)
         return cls(H, w, 1e-3 * float(w[w > 0].min()), pts, wpts.astype(np.float32))
 
@@ -125,8 +124,7 @@ class _Horizon:
         w[:far.H + 1] += weight * far.w
         if far_points <= 0 or far.H <= near.H:
             return cls._with_points(H, w, points)
-        tail = np.round(np.geomspace(near.H + 1, H + 1, far_points)).astype(np.int64) - 1
-        steps = np.union1d(near.steps[near.pts] if near.steps is not None else near.pts, tail)
+        steps = np.union1d(near.pts if near.steps is None else near.steps[near.pts], step_grid(near.H, H, far_points))
         wrows = np.add.reduceat(w, steps)
         return cls(H, wrows, 1e-3 * float(wrows[wrows > 0].min()), np.arange(steps.size),
                    wrows.astype(np.float32), steps)
