@@ -137,10 +137,10 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         metavar="W",
         type=nonneg_float,
         default=None,
-        help="bfio, pool binding: weight of the long lookahead (the immediate rule's 200 "
-        "steps) added to the pool's 20-step one, so a rank whose requests leave soon is "
-        "refilled with long requests before it runs empty (default: 0.02; 0 = the pool "
-        "horizon alone).",
+        help="bfio, pool binding: weight of the long lookahead (over a request's whole life, "
+        "see --balancer-pool-tail-horizon) added to the pool's 20-step one, so a rank whose "
+        "requests leave soon is refilled with long requests before it runs empty "
+        "(default: 0.002; 0 = the pool horizon alone).",
     )
     group.add_argument(
         "--balancer-pool-tail-horizon",
