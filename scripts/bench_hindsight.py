@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, nonneg_int, positive_float,
-                                 positive_int, run_main)
+from sglang_ext.argtypes import (add_deep_queue, add_online_grid, add_online_model, comma_list, nonneg_int,
+                                 positive_float, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.policies import Policy
 from sglang_ext.sim.hindsight import drain, rank_loads, replace
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
-from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,10 +65,7 @@ def main():
     add_online_grid(ap, TRACES)
     ap.add_argument("--loads", type=comma_list(positive_float), default="1.3",
                     help="Comma list of loads: arrival rate / capacity.")
-    ap.add_argument("--requests-per-rank", type=positive_int, default=1000, help="N = min(trace, this * G).")
-    ap.add_argument("--max-pool-wait", type=positive_float, default=600.0, help="Pool binding deadline, seconds.")
-    ap.add_argument("--runs", default="total_tokens@immediate,jsq@pool,bfio@pool",
-                    help="Comma list of POLICY[:key=val...]@BINDING.")
+    add_deep_queue(ap)
     ap.add_argument("--swaps", type=nonneg_int, default=20000,
                     help="Swaps tried by the hindsight re-placement after its greedy start.")
     add_online_model(ap, power=False)
@@ -77,10 +73,7 @@ def main():
     args = ap.parse_args()
     if args.estimator != "oracle":
         ap.error("--estimator: hindsight needs the exact lengths (oracle)")
-    try:
-        runs = parse_runs(args.runs)
-    except ValueError as exc:
-        ap.error(f"--runs: {exc}")
+    runs = args.runs
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset("h100")
     rows = []

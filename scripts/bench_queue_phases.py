@@ -18,11 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import add_online_grid, add_online_model, positive_float, positive_int, run_main
+from sglang_ext.argtypes import add_deep_queue, add_online_grid, add_online_model, positive_float, run_main
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
-from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,17 +32,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_online_grid(ap, TRACES)
     ap.add_argument("--load", type=positive_float, default=1.3, help="Arrival rate / capacity.")
-    ap.add_argument("--requests-per-rank", type=positive_int, default=1000, help="N = min(trace, this * G).")
-    ap.add_argument("--max-pool-wait", type=positive_float, default=600.0, help="Pool binding deadline, seconds.")
-    ap.add_argument("--runs", default="total_tokens@immediate,jsq@pool,bfio@pool",
-                    help="Comma list of POLICY[:key=val...]@BINDING.")
+    add_deep_queue(ap)
     add_online_model(ap, power=False)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    try:
-        runs = parse_runs(args.runs)
-    except ValueError as exc:
-        ap.error(f"--runs: {exc}")
+    runs = args.runs
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset("h100")
     cells = [(path, G) for path in args.traces for G in args.ranks]

@@ -114,6 +114,24 @@ def add_online_grid(ap: argparse.ArgumentParser, trace_dir: Path) -> None:
     ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
 
 
+def run_specs(text: str):
+    """argparse type: a comma list of POLICY[:key=val...]@BINDING (sim/runs.py)."""
+    from .sim.runs import parse_runs  # the policies load only when a script parses its flags
+
+    try:
+        return parse_runs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_deep_queue(ap: argparse.ArgumentParser, runs: str = "total_tokens@immediate,jsq@pool,bfio@pool") -> None:
+    """--requests-per-rank, --max-pool-wait, --runs: the deep-queue setup of the
+    saturated runs (a long replay, a pool deadline above any queueing delay)."""
+    ap.add_argument("--requests-per-rank", type=positive_int, default=1000, help="N = min(trace, this * G).")
+    ap.add_argument("--max-pool-wait", type=positive_float, default=600.0, help="Pool binding deadline, seconds.")
+    ap.add_argument("--runs", type=run_specs, default=runs, help="Comma list of POLICY[:key=val...]@BINDING.")
+
+
 def add_online_model(ap: argparse.ArgumentParser, power: bool = True) -> None:
     """--estimator, --cost-preset, --power-preset, --max-prompt-len: what an online run assumes."""
     ap.add_argument("--estimator", type=estimator_spec, default="oracle",
