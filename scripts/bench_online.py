@@ -15,11 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, existing_file, positive_float,
-                                 positive_int, run_main)
+                                 positive_int, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
-from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,17 +37,15 @@ def main():
     ap.add_argument("--max-pool-wait", type=positive_float, default=5.0,
                     help="Seconds a request may wait in the pool before the immediate rule binds it "
                          "(under a queue deeper than this, the pool turns into delayed immediate binding).")
-    ap.add_argument("--runs", default=None, help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
+    ap.add_argument("--runs", type=run_specs, default=RUNS,
+                    help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary-from", type=existing_file, default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
     if args.summary_from:
         print(summarize(json.loads(args.summary_from.read_text())))
         return
-    try:
-        runs = parse_runs(args.runs or RUNS)
-    except ValueError as exc:
-        ap.error(f"--runs: {exc}")
+    runs = args.runs
     power = power_preset(args.power_preset)
     cost = cost_preset(args.cost_preset, args.batch)
     print(f"cost preset {cost.name} (a={cost.a*1e3:.3f} ms, b={cost.b*1e3:.4f} ms, c={cost.c*1e6:.4f} us/token, "

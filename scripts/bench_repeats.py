@@ -20,11 +20,10 @@ from scipy import stats
 from tqdm import tqdm
 
 from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, existing_file, nonneg_int,
-                                 positive_float, positive_int, run_main)
+                                 positive_float, positive_int, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
-from sglang_ext.sim.runs import parse_runs
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +40,7 @@ def main():
     add_online_grid(ap, TRACES)
     ap.add_argument("--loads", type=comma_list(positive_float), default="0.6,0.7,0.8",
                     help="Comma list of loads: arrival rate / capacity (moderate: 0.5 to 0.8).")
-    ap.add_argument("--runs", default="total_tokens@immediate,bfio@immediate",
+    ap.add_argument("--runs", type=run_specs, default="total_tokens@immediate,bfio@immediate",
                     help="Comma list of POLICY[:key=val...]@BINDING: the first is the baseline (and the "
                          "control's policy), each run is compared with it, and the last also with every other.")
     ap.add_argument("--metrics", default="idle_fraction,tpot_ms_p99",
@@ -72,10 +71,7 @@ def main():
         if args.plot:
             plot(rows, saved, metrics, args.plot)
         return
-    try:
-        specs = parse_runs(args.runs)
-    except ValueError as exc:
-        ap.error(f"--runs: {exc}")
+    specs = args.runs
     runs = [s.text for s in specs]
     if len(runs) < 2 or len(set(runs)) != len(runs):
         ap.error("--runs: give at least two distinct runs (baseline first, the policy under test last)")

@@ -261,8 +261,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         needing = [
             f"--{k.replace('_', '-')}"
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
-                      "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait", "balancer_device",
-                      "balancer_estimator", "balancer_report_addr", "balancer_seed")
+                      "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait",
+                      "balancer_device", "balancer_estimator", "balancer_report_addr", "balancer_seed")
             if getattr(args, k, None) is not None
         ]
         if needing:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cost import CostModel
+from ..triton_kernels import project_cost
 
 
 @dataclass
@@ -33,18 +34,15 @@ class Drain:
 def rank_loads(rank: np.ndarray, kv: np.ndarray, steps_left: np.ndarray, ranks: int, cost: CostModel) -> np.ndarray:
     """(steps, G) each rank's local step time above `a` at each drain step:
     b * running + c * KV tokens, a request with s steps left running at steps
-    0..s-1 with KV kv + h. Built from per-step change arrays, O(n + steps * G)."""
-    rank, kv, left = (np.asarray(x, dtype=np.int64) for x in (rank, kv, steps_left))
+    0..s-1 with KV kv + h: the projection kernel's cost (its torch reference)
+    over the whole drain."""
+    left = np.asarray(steps_left, dtype=np.int64)
     H = int(left.max()) if left.size else 0
-    count = np.zeros((H + 1, ranks))
-    kv0 = np.zeros((H + 1, ranks))
-    np.add.at(count, (np.zeros_like(rank), rank), 1.0)
-    np.add.at(count, (left, rank), -1.0)
-    np.add.at(kv0, (np.zeros_like(rank), rank), kv)
-    np.add.at(kv0, (left, rank), -kv)
-    count, kv0 = np.cumsum(count, axis=0)[:H], np.cumsum(kv0, axis=0)[:H]
-    h = np.arange(H, dtype=np.float64)[:, None]
-    return cost.b * count + cost.c * (kv0 + h * count)
+    if H == 0:
+        return np.zeros((0, ranks))
+    proj = project_cost(np.asarray(rank, dtype=np.int64), np.asarray(kv, dtype=np.int64), left, ranks, H - 1,
+                        a=0.0, b=cost.b, c=cost.c, growth=True, backend="torch")
+    return proj.cost.numpy()
 
 
 def drain(loads: np.ndarray, cost: CostModel) -> Drain:
@@ -56,12 +54,6 @@ def drain(loads: np.ndarray, cost: CostModel) -> Drain:
     top = loads.max(axis=1)
     wait = float((loads.shape[1] * top - loads.sum(axis=1)).sum())
     return Drain(wait, float((cost.a + top + cost.sync).sum()), loads.shape[0])
-
-
-def _profiles(kv: np.ndarray, left: np.ndarray, H: int, cost: CostModel) -> np.ndarray:
-    """(n, H) each request's own load at each drain step."""
-    h = np.arange(H, dtype=np.float64)[None, :]
-    return (cost.b + cost.c * (kv.astype(np.float64)[:, None] + h)) * (h < left[:, None])
 
 
 def replace(kv: np.ndarray, steps_left: np.ndarray, ranks: int, slots: int, cost: CostModel,
@@ -76,23 +68,24 @@ def replace(kv: np.ndarray, steps_left: np.ndarray, ranks: int, slots: int, cost
     n = kv.size
     if n > ranks * slots:
         raise ValueError(f"{n} requests do not fit {ranks} ranks x {slots} slots")
-    H = int(left.max()) if n else 0
-    X = _profiles(kv, left, H, cost)
+    # Each request's own load at each drain step, (n, H): the rank loads of n
+    # one-request ranks.
+    X = rank_loads(np.arange(n), kv, left, n, cost).T
+    H = X.shape[1]
     L = np.zeros((H, ranks))
     held = np.zeros(ranks, np.int64)
     out = np.zeros(n, np.int64)
-    for j in np.argsort(-X.sum(axis=1), kind="stable"):
+    largest = np.argsort(-X.sum(axis=1), kind="stable")
+    for j in largest:
         live = np.flatnonzero(held < slots)
         g = int(live[np.argmin(X[j] @ L[:, live])])
         out[j] = g
         L[:, g] += X[j]
         held[g] += 1
     if start is not None:
-        start = np.asarray(start, dtype=np.int64)
-        S = np.zeros((H, ranks))
-        np.add.at(S.T, start, X)
+        S = rank_loads(start, kv, left, ranks, cost)
         if drain(S, cost).wait_s < drain(L, cost).wait_s:
-            out, L = start.copy(), S
+            out, L = np.asarray(start, dtype=np.int64).copy(), S
     # Swaps: only steps before the longer of the two requests' ends change, and
     # a swap keeps each step's total, so the wait changes by G * (new max - old max).
     if n < 2 or ranks < 2:
@@ -100,7 +93,7 @@ def replace(kv: np.ndarray, steps_left: np.ndarray, ranks: int, slots: int, cost
     rng = np.random.default_rng(seed)
     # One of each pair from the longer half (the short ones alone hardly move
     # the maxima), the other from all.
-    longer = np.argsort(-X.sum(axis=1), kind="stable")[:max(1, n // 2)]
+    longer = largest[:max(1, n // 2)]
     for i, j in zip(rng.choice(longer, swaps), rng.integers(0, n, swaps)):
         gi, gj = out[i], out[j]
         if gi == gj:
