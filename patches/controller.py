@@ -54,13 +54,15 @@ def _max_new_tokens(req) -> int:
     return int(value) if value is not None else 128  # SGLang's SamplingParams default
 
 
-def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios: int = 0) -> np.ndarray:
+def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios: int = 0,
+                    prompt: np.ndarray | None = None) -> np.ndarray:
     """Predicted decode steps left, never beyond the max_new_tokens cap: (n,), or
-    (scenarios, n) equally likely ones when asked and the estimator spreads them."""
+    (scenarios, n) equally likely ones when asked and the estimator spreads them.
+    `prompt`: the requests' prompt lengths (an estimator may condition on them)."""
     generated = np.asarray(generated, dtype=np.int64)
     cap = np.asarray(cap, dtype=np.int64)
-    total = estimator.initial(np.zeros_like(cap), None, cap)
-    rem = estimator.steps_left(generated, total, scenarios)
+    total = estimator.initial(np.zeros_like(cap) if prompt is None else prompt, None, cap)
+    rem = estimator.steps_left(generated, total, scenarios, prompt)
     return np.clip(rem, 1, np.maximum(cap - generated, 1))
 
 
@@ -157,7 +159,9 @@ class BalancedDispatch:
                 self.inflight[g].popleft()
             self.acked[g] = max(self.acked[g], rep.received)
             if rep.finished_lengths.size:
-                self.estimator.observe(rep.finished_lengths)
+                prompts = rep.finished_prompts
+                self.estimator.observe(rep.finished_lengths,
+                                       prompts if prompts.shape == rep.finished_lengths.shape else None)
             self.stats["reports"] += 1
 
     def _active_mask(self) -> np.ndarray:
@@ -178,8 +182,11 @@ class BalancedDispatch:
         pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
         if need_reqs:
             # what runs now bounds the lengths from below (right-censored lengths)
-            gens = [r.run_generated for r in self.reports if r is not None]
-            self.estimator.observe_running(np.concatenate(gens) if gens else np.zeros(0, np.int64))
+            # (a running request's KV is its prompt plus what it generated)
+            reps = [r for r in self.reports if r is not None]
+            gens = np.concatenate([r.run_generated for r in reps]) if reps else np.zeros(0, np.int64)
+            kvs = np.concatenate([r.run_kv for r in reps]) if reps else np.zeros(0, np.int64)
+            self.estimator.observe_running(gens, np.maximum(kvs - gens, 0))
         for g in range(G):
             rep = self.reports[g]
             fl = self.inflight[g]
@@ -197,13 +204,15 @@ class BalancedDispatch:
             if need_reqs:
                 parts_kv, parts_rem = [fl_prompt], [
                     remaining_steps(self.estimator, np.zeros(len(fl), np.int64),
-                                    np.fromiter((c for _, c in fl), np.int64, len(fl)), k_scen)
+                                    np.fromiter((c for _, c in fl), np.int64, len(fl)), k_scen, fl_prompt)
                 ]
                 if rep is not None:
                     parts_kv += [rep.run_kv, rep.wait_prompt]
                     parts_rem += [
-                        remaining_steps(self.estimator, rep.run_generated, rep.run_cap, k_scen),
-                        remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap, k_scen),
+                        remaining_steps(self.estimator, rep.run_generated, rep.run_cap, k_scen,
+                                        np.maximum(rep.run_kv - rep.run_generated, 0)),
+                        remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap, k_scen,
+                                        rep.wait_prompt),
                     ]
                 k = np.concatenate(parts_kv).astype(np.int64)
                 rk.append(k)
@@ -242,7 +251,7 @@ class BalancedDispatch:
 
         prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
         cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
-        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios)
+        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt)
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
     def _place(self, reqs, must_place: bool) -> np.ndarray:

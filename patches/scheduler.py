@@ -46,7 +46,7 @@ class _RankState:
         self.last_step_t = time.perf_counter()
         self.last_idle_report = 0.0
         self.last_key = None
-        self.finished_pending: list[int] = []
+        self.finished_pending: list[tuple[int, int]] = []  # (output length, prompt length)
         dp_rank, leader = _rank_info()
         self.dp_rank = dp_rank
         self.leader = leader
@@ -112,7 +112,8 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
         run_cap=np.fromiter((_cap(r) for r in running), np.int64, len(running)),
         wait_prompt=np.fromiter((len(r.origin_input_ids) for r in waiting), np.int64, len(waiting)),
         wait_cap=np.fromiter((_cap(r) for r in waiting), np.int64, len(waiting)),
-        finished_lengths=np.asarray(st.finished_pending, dtype=np.int64),
+        finished_lengths=np.asarray([o for o, _ in st.finished_pending], dtype=np.int64),
+        finished_prompts=np.asarray([p for _, p in st.finished_pending], dtype=np.int64),
         slot_limit=cap_running,
     )
 
@@ -138,7 +139,7 @@ def after_process_batch_result(result, self, batch, *args, **kwargs):
         for r in getattr(batch, "reqs", []) or []:
             if r.finished() and not getattr(r, "_sglang_ext_counted", False):
                 r._sglang_ext_counted = True
-                st.finished_pending.append(len(r.output_ids))
+                st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids)))
         report = _build_report(self, st, batch)
         st.finished_pending = []
         if st.sender is not None:

@@ -30,7 +30,7 @@ def main():
                     help="Comma list of length traces (names under data/traces, or paths).")
     ap.add_argument("--policies", type=comma_list(policy_spec), default=",".join(POLICIES),
                     help="Comma list of POLICY[:key=val...] specs.")
-    ap.add_argument("--estimator", type=estimator_spec, default="oracle", help="oracle, noisy:<delta>, empirical")
+    ap.add_argument("--estimator", type=estimator_spec, default="oracle", help="oracle, noisy:<delta>, empirical, empirical-prompt")
     ap.add_argument("--estimator-seed", type=nonneg_int, default=42, help="Seed of the noisy estimator's draws.")
     ap.add_argument("--max-prompt-len", type=positive_int, default=131072, help="Context limit for clipping (longbench).")
     ap.add_argument("--json", default=None, help="Write every run's metrics here.")

@@ -75,7 +75,7 @@ def _valid(text: str, check) -> str:
 
 
 def estimator_spec(text: str) -> str:
-    """argparse type: oracle, noisy:<delta>, cap or empirical."""
+    """argparse type: oracle, noisy:<delta>, cap, empirical or empirical-prompt."""
     from .estimators import make_estimator
 
     return _valid(text, lambda t: make_estimator(t, seed=0))
@@ -135,7 +135,8 @@ def add_deep_queue(ap: argparse.ArgumentParser, runs: str = "total_tokens@immedi
 def add_online_model(ap: argparse.ArgumentParser, power: bool = True) -> None:
     """--estimator, --cost-preset, --power-preset, --max-prompt-len: what an online run assumes."""
     ap.add_argument("--estimator", type=estimator_spec, default="oracle",
-                    help="Output-length estimator: oracle, noisy:<delta>, cap or empirical.")
+                    help="Output-length estimator: oracle, noisy:<delta>, cap, empirical or empirical-prompt "
+                         "(empirical learned per prompt-length bucket).")
     ap.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help="Step-time model.")
     if power:
         ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")

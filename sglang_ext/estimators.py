@@ -21,34 +21,37 @@ class Estimator:
         """Predicted total output length of newly seen requests."""
         raise NotImplementedError
 
-    def remaining(self, generated: np.ndarray, predicted_total: np.ndarray) -> np.ndarray:
-        """Predicted decode steps left for running requests (at least 1)."""
+    def remaining(self, generated: np.ndarray, predicted_total: np.ndarray, prompt_len=None) -> np.ndarray:
+        """Predicted decode steps left for running requests (at least 1).
+        Every method that takes `prompt_len` (optional) reads only the prompt
+        lengths of the same requests, known at arrival."""
         return np.maximum(np.asarray(predicted_total) - np.asarray(generated), 1)
 
-    def scenarios(self, generated: np.ndarray, predicted_total: np.ndarray, k: int) -> np.ndarray:
+    def scenarios(self, generated: np.ndarray, predicted_total: np.ndarray, k: int, prompt_len=None) -> np.ndarray:
         """(k, n) decode steps left in k equally likely scenarios: the residual
         life at quantile levels (i + 0.5) / k. A point estimator repeats its
         one guess; estimators that know their uncertainty spread them."""
-        r = self.remaining(generated, predicted_total)
+        r = self.remaining(generated, predicted_total, prompt_len)
         return np.broadcast_to(r, (int(k), r.shape[0])).copy()
 
-    def steps_left(self, generated: np.ndarray, predicted_total: np.ndarray, k: int = 0) -> np.ndarray:
+    def steps_left(self, generated: np.ndarray, predicted_total: np.ndarray, k: int = 0,
+                   prompt_len=None) -> np.ndarray:
         """`remaining` (n,), or (k, n) `scenarios` when k > 1 and this estimator spreads them."""
         if k > 1 and self.spread:
-            return self.scenarios(generated, predicted_total, k)
-        return self.remaining(generated, predicted_total)
+            return self.scenarios(generated, predicted_total, k, prompt_len)
+        return self.remaining(generated, predicted_total, prompt_len)
 
-    def new_lengths(self, predicted_total: np.ndarray, k: int = 0) -> np.ndarray:
+    def new_lengths(self, predicted_total: np.ndarray, k: int = 0, prompt_len=None) -> np.ndarray:
         """Lengths of requests that have not started: the predicted totals (n,),
         or (n, k) `scenarios` when k > 1 and this estimator spreads them."""
         if k > 1 and self.spread:
-            return self.scenarios(np.zeros(len(predicted_total), np.int64), predicted_total, k).T
+            return self.scenarios(np.zeros(len(predicted_total), np.int64), predicted_total, k, prompt_len).T
         return predicted_total
 
-    def observe(self, finished_out_len: np.ndarray) -> None:
+    def observe(self, finished_out_len: np.ndarray, prompt_len=None) -> None:
         """Learn from the true lengths of requests that just finished."""
 
-    def observe_running(self, generated: np.ndarray) -> None:
+    def observe_running(self, generated: np.ndarray, prompt_len=None) -> None:
         """The requests running now, by tokens generated so far: each is known
         to be longer than that (a right-censored length)."""
 
@@ -79,7 +82,7 @@ class NoisyEstimator(Estimator):
         noisy = o * self._rng.uniform(1 - self.delta, 1 + self.delta, size=o.shape)
         return np.maximum(np.rint(noisy), 1).astype(np.int64)
 
-    def remaining(self, generated, predicted_total):
+    def remaining(self, generated, predicted_total, prompt_len=None):
         """Knowing the noise model, the true length lies in [est/(1+d), est/(1-d)];
         given that the request is still running after g tokens, expect the
         middle of what is left of that interval. (Plain est - g would call every
@@ -90,7 +93,7 @@ class NoisyEstimator(Estimator):
         hi = np.maximum(est / (1 - self.delta), g + 1)
         return np.maximum(np.rint((lo + hi) / 2 - g), 1).astype(np.int64)
 
-    def scenarios(self, generated, predicted_total, k):
+    def scenarios(self, generated, predicted_total, k, prompt_len=None):
         """Quantiles of the true length given the estimate and that it outlived g:
         o = est / u with u uniform, so the length's density is proportional to
         1/o on [lo, hi] and its q-quantile is lo * (hi / lo) ** q."""
@@ -126,81 +129,143 @@ class EmpiricalEstimator(Estimator):
     O - g given O > g; past the longest length seen, assume it runs as long
     again as it has (a Lindy guess). Before anything finished, `prior` is the
     guess.
+
+    `by_prompt`: one survival function per prompt-length bucket
+    (`bins_per_octave` buckets per doubling), since one deployment serves
+    several applications whose prompts and answers differ in size together (in
+    the Azure 2023 conversation trace, prompts of 700 to 1300 tokens get
+    answers of about 400 tokens, the rest about 100). A bucket's hazard at each
+    length is shrunk towards the pooled one by `shrink` pseudo-requests, so a
+    bucket with little data follows the pooled estimate; only the prompt,
+    known at arrival, is read.
     """
 
-    name = "empirical"
     spread = True
 
-    def __init__(self, prior: int = 256, window: int = 4096):
+    def __init__(self, prior: int = 256, window: int = 4096, by_prompt: bool = False,
+                 bins_per_octave: int = 4, shrink: float = 4.0):
+        if prior < 1 or window < 1 or bins_per_octave < 1 or shrink < 0:
+            raise ValueError(f"empirical estimator: prior, window and bins_per_octave must be >= 1 and "
+                             f"shrink >= 0, got {prior}, {window}, {bins_per_octave} and {shrink}")
         self.prior = prior
         self.window = window
+        self.by_prompt = bool(by_prompt)
+        self.bins_per_octave = int(bins_per_octave)
+        self.shrink = float(shrink)
+        self.name = "empirical-prompt" if self.by_prompt else "empirical"
         self._seen = np.zeros(0, dtype=np.int64)
+        self._seen_bin = np.zeros(0, dtype=np.int64)
         self._sorted = np.zeros(0, dtype=np.int64)
         self._suffix = np.zeros(1, dtype=np.float64)
         self._running = np.zeros(0, dtype=np.int64)
-        self._km = None  # (S, tail_sum) once fitted with censored lengths
+        self._running_bin = np.zeros(0, dtype=np.int64)
+        self._km = None  # the fitted survival functions (see _survival)
 
-    def observe(self, finished_out_len):
-        finished = np.asarray(finished_out_len, dtype=np.int64)
+    def prompt_bin(self, prompt_len, n: int) -> np.ndarray:
+        """Each request's prompt-length bucket (0 for every request unless
+        by_prompt; 0 also where the prompt is not given)."""
+        if not self.by_prompt or prompt_len is None:
+            return np.zeros(n, dtype=np.int64)
+        p = np.maximum(np.asarray(prompt_len, dtype=np.float64), 1.0)
+        return 1 + np.floor(self.bins_per_octave * np.log2(p)).astype(np.int64)
+
+    def observe(self, finished_out_len, prompt_len=None):
+        finished = np.asarray(finished_out_len, dtype=np.int64).ravel()
         if finished.size == 0:
             return
         self._seen = np.concatenate([self._seen, finished])[-self.window:]
+        self._seen_bin = np.concatenate([self._seen_bin, self.prompt_bin(prompt_len, finished.size)])[-self.window:]
         self._sorted = np.sort(self._seen)
         # suffix[i] = sum of sorted[i:], so the mean above an index is one division
         self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]]).astype(np.float64)
         self._km = None
 
-    def observe_running(self, generated):
+    def observe_running(self, generated, prompt_len=None):
         running = np.asarray(generated, dtype=np.int64).ravel()
+        bins = self.prompt_bin(prompt_len, running.size)
         # Callers report before every decision (one per arrival under immediate
         # binding) while the running set changes once a step: refit only then.
-        if not np.array_equal(running, self._running):
-            self._running = running
+        if not (np.array_equal(running, self._running) and np.array_equal(bins, self._running_bin)):
+            self._running, self._running_bin = running, bins
             self._km = None
 
     def _survival(self):
-        """Kaplan-Meier (S, tail): S[t] = P(O > t) for t < T, and tail[t] =
-        sum of S over t..T-1 plus the Lindy mass past T - 1; None while no
-        request runs (then the finished lengths are the whole sample)."""
-        if self._running.size == 0 or self._sorted.size == 0:
+        """The Kaplan-Meier fit (S, tail, bins, key), or None while no request
+        runs (then the finished lengths are the whole sample; with by_prompt,
+        None only before anything finished). Row 0 is pooled over every
+        request, row 1 + i the bucket bins[i]: S[r, t] = P(O > t) for t < T;
+        tail[r, t] = the sum of S[r] over t..T-1 plus the Lindy mass past
+        T - 1; key: -S offset by 2 per row, one sorted array for quantiles."""
+        if self._sorted.size == 0 or (self._running.size == 0 and not self.by_prompt):
             return None
         if self._km is None:
-            ev, ce = self._seen, self._running[self._running > 0]
+            keep = self._running > 0
+            ev, ce = self._seen, self._running[keep]
             T = int(max(ev.max(), ce.max() if ce.size else 0)) + 2
-            d = np.bincount(ev, minlength=T)[:T]
+            bins = np.unique(np.concatenate([self._seen_bin, self._running_bin[keep]])) if self.by_prompt \
+                else np.zeros(0, np.int64)
+            R = 1 + bins.size
+
+            def counts(lengths, b):
+                c = np.zeros((R, T))
+                c[0] = np.bincount(lengths, minlength=T)[:T]
+                if R > 1:
+                    row = np.searchsorted(bins, b)
+                    c[1:] = np.bincount(row * T + lengths, minlength=(R - 1) * T).reshape(R - 1, T)
+                return c
+
+            d = counts(ev, self._seen_bin)
             # at risk at t: lengths >= t, and running requests already past t
-            at_risk = np.cumsum(d[::-1])[::-1] + np.cumsum(np.bincount(ce, minlength=T)[:T][::-1])[::-1]
-            hazard = np.divide(d, at_risk, out=np.zeros(T), where=at_risk > 0)
-            S = np.cumprod(1.0 - hazard)
+            at_risk = np.cumsum(d[:, ::-1], axis=1)[:, ::-1] + \
+                np.cumsum(counts(ce, self._running_bin[keep])[:, ::-1], axis=1)[:, ::-1]
+            hazard = np.divide(d, at_risk, out=np.zeros((R, T)), where=at_risk > 0)
+            if R > 1:  # a bucket's hazard, shrunk towards the pooled one (the pooled one past its data)
+                pooled = np.broadcast_to(hazard[0], (R - 1, T))
+                np.divide(d[1:] + self.shrink * pooled, at_risk[1:] + self.shrink, out=hazard[1:],
+                          where=at_risk[1:] + self.shrink > 0)
+                hazard[1:] = np.where(at_risk[1:] + self.shrink > 0, hazard[1:], pooled)
+            S = np.cumprod(1.0 - hazard, axis=1)
             # mass left past T - 1 (the longest requests are still running):
             # expected to run as long again
-            tail = np.cumsum(S[::-1])[::-1] + S[-1] * (T - 1)
-            self._km = (S, tail)
+            tail = np.cumsum(S[:, ::-1], axis=1)[:, ::-1] + S[:, -1:] * (T - 1)
+            key = (2.0 * np.arange(R)[:, None] - S).ravel()
+            self._km = (S, tail, bins, key)
         return self._km
+
+    def _rows(self, km, prompt_len, n: int) -> np.ndarray:
+        """Row of each request in the fit: its bucket's, else the pooled row."""
+        bins = km[2]
+        if bins.size == 0:
+            return np.zeros(n, dtype=np.int64)
+        b = self.prompt_bin(prompt_len, n)
+        i = np.minimum(np.searchsorted(bins, b), bins.size - 1)
+        return np.where(bins[i] == b, 1 + i, 0)
 
     def initial(self, prompt_len, true_out, cap):
         n = np.asarray(prompt_len).shape[0]
         km = self._survival()
         if km is not None:
-            guess = float(km[1][0])  # E[O] = sum_t P(O > t)
+            guess = km[1][self._rows(km, prompt_len, n), 0]  # E[O] = sum_t P(O > t)
         else:
-            guess = float(self._sorted.mean()) if self._sorted.size else float(self.prior)
-        out = np.full(n, max(int(round(guess)), 1), dtype=np.int64)
+            guess = np.full(n, float(self._sorted.mean()) if self._sorted.size else float(self.prior))
+        out = np.maximum(np.rint(guess), 1).astype(np.int64)
         if cap is not None:
             out = np.minimum(out, np.asarray(cap, dtype=np.int64))
         return out
 
-    def remaining(self, generated, predicted_total):
+    def remaining(self, generated, predicted_total, prompt_len=None):
         g = np.asarray(generated, dtype=np.int64)
         if self._sorted.size == 0:
             return np.maximum(np.asarray(predicted_total) - g, np.maximum(g, 1))
         km = self._survival()
         if km is not None:
-            S, tail = km
-            gi = np.minimum(g, S.size - 1)
-            alive = S[gi]
-            rem = np.where((g < S.size - 1) & (alive > 0),
-                           np.divide(tail[gi], alive, out=np.zeros(g.shape), where=alive > 0), np.maximum(g, 1))
+            S, tail = km[0], km[1]
+            r = self._rows(km, prompt_len, g.shape[0])
+            T = S.shape[1]
+            gi = np.minimum(g, T - 1)
+            alive = S[r, gi]
+            rem = np.where((g < T - 1) & (alive > 0),
+                           np.divide(tail[r, gi], alive, out=np.zeros(g.shape), where=alive > 0), np.maximum(g, 1))
             return np.maximum(np.rint(rem), 1).astype(np.int64)
         idx = np.searchsorted(self._sorted, g, side="right")
         count = self._sorted.size - idx
@@ -208,7 +273,7 @@ class EmpiricalEstimator(Estimator):
         rem = np.where(count > 0, mean_above - g, np.maximum(g, 1))
         return np.maximum(np.rint(rem), 1).astype(np.int64)
 
-    def scenarios(self, generated, predicted_total, k):
+    def scenarios(self, generated, predicted_total, k, prompt_len=None):
         """Quantiles of O - g given O > g (past the longest seen, the Lindy
         guess in every scenario)."""
         g = np.asarray(generated, dtype=np.int64)
@@ -217,14 +282,17 @@ class EmpiricalEstimator(Estimator):
         q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
         km = self._survival()
         if km is not None:
-            S = km[0]
-            gi = np.minimum(g, S.size - 1)
-            # the q-quantile of O given O > g: the first t with S(t) < (1 - q) S(g)
-            level = (1.0 - q) * S[gi]
-            t = np.searchsorted(-S, -level, side="right")  # S is non-increasing
+            S, key = km[0], km[3]
+            r = self._rows(km, prompt_len, g.shape[0])
+            T = S.shape[1]
+            gi = np.minimum(g, T - 1)
+            # the q-quantile of O given O > g: the first t with S(t) < (1 - q) S(g),
+            # found in every request's row at once (-S rises along a row; rows are 2 apart)
+            level = (1.0 - q) * S[r, gi]
+            t = np.searchsorted(key, 2.0 * r - level, side="right") - r * T
             # a quantile in the mass past the data: reach T - 1 and run as long again
-            t = np.where(t < S.size, t, 2 * (S.size - 1))
-            rem = np.where((g < S.size - 1) & (S[gi] > 0), t - g, np.maximum(g, 1))
+            t = np.where(t < T, t, 2 * (T - 1))
+            rem = np.where((g < T - 1) & (S[r, gi] > 0), t - g, np.maximum(g, 1))
             return np.maximum(rem, 1).astype(np.int64)
         idx = np.searchsorted(self._sorted, g, side="right")
         count = self._sorted.size - idx
@@ -233,11 +301,11 @@ class EmpiricalEstimator(Estimator):
         return np.maximum(rem, 1).astype(np.int64)
 
 
-ESTIMATORS = ("oracle", "noisy:<delta>", "cap", "empirical")
+ESTIMATORS = ("oracle", "noisy:<delta>", "cap", "empirical", "empirical-prompt")
 
 
 def make_estimator(spec: str, seed: int = 0) -> Estimator:
-    """'oracle' | 'noisy:0.5' | 'cap' | 'empirical'."""
+    """'oracle' | 'noisy:0.5' | 'cap' | 'empirical[:prior]' | 'empirical-prompt[:prior]'."""
     name, _, arg = spec.partition(":")
     if name == "oracle" and not arg:
         return OracleEstimator()
@@ -249,6 +317,11 @@ def make_estimator(spec: str, seed: int = 0) -> Estimator:
                              f"--estimator {spec!r}: give a delta, e.g. noisy:0.5") from None
     if name == "cap" and not arg:
         return CapEstimator()
-    if name == "empirical":
-        return EmpiricalEstimator(prior=int(arg)) if arg else EmpiricalEstimator()
+    if name in ("empirical", "empirical-prompt"):
+        by_prompt = name == "empirical-prompt"
+        if not arg:
+            return EmpiricalEstimator(by_prompt=by_prompt)
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"--estimator {spec!r}: the prior must be a whole number of tokens >= 1")
+        return EmpiricalEstimator(prior=int(arg), by_prompt=by_prompt)
     raise ValueError(f"unknown estimator {spec!r}; choose from {', '.join(ESTIMATORS)}")

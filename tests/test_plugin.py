@@ -217,7 +217,7 @@ def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     assert (rep.dp_rank, rep.step, rep.received, rep.free_slots) == (2, 1, 2, 8 - 2 - 1)
     assert rep.run_kv.tolist() == [110, 55] and rep.run_generated.tolist() == [10, 5]
     assert rep.run_cap.tolist() == [64, 32] and rep.wait_prompt.tolist() == [30]
-    assert rep.finished_lengths.tolist() == [8]
+    assert rep.finished_lengths.tolist() == [8] and rep.finished_prompts.tolist() == [32]
     pull.close(linger=0)
 
 
@@ -295,3 +295,52 @@ def test_full_wait_sends_a_request_where_a_slot_frees_first(fake_controller):
         bal.on_reports(reports())
         bal.dispatch(_req(100))
         assert (sent[-1][0] == 2) == want_rank_2
+
+
+def test_prompt_estimator_learns_from_reported_prompts(fake_controller):
+    bal, sent = fake_controller("bfio", estimator="empirical-prompt")
+    # short prompts got short answers, long prompts long ones
+    short = dict(finished_lengths=np.full(40, 10), finished_prompts=np.full(40, 100))
+    long_ = dict(finished_lengths=np.full(40, 400), finished_prompts=np.full(40, 3000))
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                               **(short if g % 2 else long_)) for g in range(4)])
+    # a running request's prompt is its KV less what it generated
+    bal.on_reports([RankReport(dp_rank=0, step=2, received=0, free_slots=69, slot_limit=72,
+                               run_kv=np.array([3005]), run_generated=np.array([5]), run_cap=np.array([4096]))])
+    view = bal.build_view()
+    assert bal.estimator._running_bin.tolist() == bal.estimator.prompt_bin(np.array([3000]), 1).tolist()
+    # its bucket's residual life (400 - 5), a little shrunk towards the pooled fit;
+    # the pooled fit alone would say about 200
+    assert 370 <= view.req_remaining[0] <= 395
+    cands = bal._candidates([_req(100, max_new=4096), _req(3000, max_new=4096)])
+    assert cands.output_est[0] <= 20 and cands.output_est[1] >= 370
+    bal.dispatch(_req(100))
+    assert len(sent) == 1
+
+
+def test_report_sender_carries_finished_lengths_and_prompts_past_a_dropped_report(tmp_path):
+    from sglang_ext.plugin.protocol import ReportSender
+
+    addr = f"ipc://{tmp_path}/late"
+    sender = ReportSender(addr, dp_rank=0)  # nobody listens yet: reports queue up to the high-water mark
+    for step in range(100000):
+        if not sender.send(RankReport(dp_rank=0, step=step, received=0, free_slots=1)):
+            break
+    assert sender.dropped == 1
+    first = RankReport(dp_rank=0, step=-1, received=0, free_slots=1,
+                       finished_lengths=np.array([7, 9]), finished_prompts=np.array([70, 90]))
+    assert not sender.send(first)  # still full: dropped, its finished requests kept
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(addr)
+    deadline, carried = time.monotonic() + 10, []
+    while not carried and time.monotonic() < deadline:
+        sender.send(RankReport(dp_rank=0, step=-2, received=0, free_slots=1,
+                               finished_lengths=np.array([3]), finished_prompts=np.array([30])))
+        time.sleep(0.01)
+        carried = [r for r in recv_reports(pull) if r.finished_lengths.size]
+    rep = carried[0]
+    # the dropped report's lengths come first, each still beside its prompt
+    assert rep.finished_lengths.tolist()[:2] == [7, 9]
+    assert rep.finished_prompts.tolist() == (10 * rep.finished_lengths).tolist()
+    sender.close()
+    pull.close(linger=0)

@@ -151,3 +151,102 @@ def test_empirical_without_running_requests_is_the_finished_sample():
     np.testing.assert_array_equal(a.remaining(g, None), b.remaining(g, None))
     np.testing.assert_array_equal(a.scenarios(g, None, 8), b.scenarios(g, None, 8))
     assert a.initial(np.zeros(2), None, None).tolist() == b.initial(np.zeros(2), None, None).tolist()
+
+
+def _two_applications(n=4000, seed=3):
+    """Short prompts get short answers (1..100 tokens), long prompts long ones (301..500)."""
+    rng = np.random.default_rng(seed)
+    long_app = rng.random(n) < 0.5
+    prompt = np.where(long_app, rng.integers(900, 1100, n), rng.integers(60, 120, n))
+    out = np.where(long_app, rng.integers(301, 501, n), rng.integers(1, 101, n))
+    return prompt, out
+
+
+def test_empirical_by_prompt_learns_each_prompt_bucket():
+    prompt, out = _two_applications()
+    pooled, by = EmpiricalEstimator(window=len(out)), make_estimator("empirical-prompt")
+    by.window = len(out)
+    for est in (pooled, by):
+        est.observe(out, prompt)
+        est.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    short, long_ = np.array([100]), np.array([1000])
+    # pooled: one guess for every request; by prompt: each application's mean
+    assert pooled.initial(short, None, None)[0] == pooled.initial(long_, None, None)[0]
+    assert abs(by.initial(short, None, None)[0] - 50.5) < 4 and abs(by.initial(long_, None, None)[0] - 400.5) < 8
+    # residual life at age 20: (21 + 100) / 2 - 20 for the short, 400.5 - 20 for the long
+    np.testing.assert_allclose(by.remaining(np.array([20, 20]), None, np.array([100, 1000])), [40.5, 380.5], atol=8)
+    # quantiles of the residual life stay inside each application's range
+    s = by.scenarios(np.array([20, 20]), None, 4, np.array([100, 1000]))
+    assert s.shape == (4, 2) and s[:, 0].max() <= 80 and s[:, 1].min() >= 280 - 20
+    # a prompt bucket never seen falls back to the pooled estimate
+    far = np.array([100000])
+    assert by.initial(far, None, None)[0] == pooled.initial(far, None, None)[0]
+    assert by.remaining(np.array([20]), None, far)[0] == pooled.remaining(np.array([20]), None, far)[0]
+
+
+def test_empirical_by_prompt_matches_the_pooled_fit_within_one_bucket():
+    finished, running = _censored_sample()
+    pooled, by = EmpiricalEstimator(window=len(finished)), EmpiricalEstimator(window=len(finished), by_prompt=True)
+    for est in (pooled, by):
+        est.observe(finished, np.full(finished.size, 500))
+        est.observe_running(running, np.full(running.size, 510))
+    g, p = np.array([0, 100, 300, 600]), np.full(4, 505)
+    # one bucket holds every request: shrinking its hazard towards the pooled one changes nothing
+    np.testing.assert_array_equal(by.remaining(g, None, p), pooled.remaining(g, None, p))
+    np.testing.assert_array_equal(by.scenarios(g, None, 8, p), pooled.scenarios(g, None, 8, p))
+
+
+def test_empirical_by_prompt_shrinks_a_thin_bucket_towards_the_pooled_fit():
+    prompt, out = _two_applications()
+    est = EmpiricalEstimator(window=len(out) + 2, by_prompt=True, shrink=64)
+    est.observe(out, prompt)
+    est.observe(np.array([2000, 2000]), np.array([30000, 30000]))  # two very long answers, one bucket
+    est.observe_running(np.array([1]), np.array([100]))
+    thin = est.initial(np.array([30000]), None, None)[0]
+    pooled = EmpiricalEstimator(window=len(out) + 2)
+    pooled.observe(np.concatenate([out, [2000, 2000]]))
+    pooled.observe_running(np.array([1]))
+    # two requests are little evidence: the bucket's guess sits between them and the pooled mean
+    assert pooled.initial(np.array([1]), None, None)[0] < thin < 2000
+
+
+def test_empirical_by_prompt_quantiles_equal_a_row_by_row_search():
+    prompt, out = _two_applications(n=600, seed=5)
+    est = EmpiricalEstimator(by_prompt=True, bins_per_octave=4)
+    est.observe(out, prompt)
+    rng = np.random.default_rng(0)
+    g = rng.integers(0, 520, 50)
+    p = rng.choice(prompt, 50)
+    est.observe_running(g[:10], p[:10])
+    s = est.scenarios(g, None, 6, p)
+    S, _, bins, _ = est._survival()
+    rows = est._rows(est._survival(), p, 50)
+    T = S.shape[1]
+    q = (np.arange(6) + 0.5) / 6
+    for j in range(50):
+        row, age = S[rows[j]], min(g[j], T - 1)
+        for i in range(6):
+            if g[j] >= T - 1 or row[age] <= 0:
+                want = max(g[j], 1)
+            else:
+                t = int(np.searchsorted(-row, -(1 - q[i]) * row[age], side="right"))
+                want = max((t if t < T else 2 * (T - 1)) - g[j], 1)
+            assert s[i, j] == want
+
+
+@pytest.mark.parametrize("spec,needle", [("empirical:abc", "prior"), ("empirical-prompt:0", "prior"),
+                                         ("empirical-prompts", "unknown estimator")])
+def test_empirical_specs_reject_bad_values(spec, needle):
+    with pytest.raises(ValueError, match=needle):
+        make_estimator(spec)
+    assert make_estimator("empirical-prompt:64").prior == 64 and make_estimator("empirical-prompt").by_prompt
+
+
+def test_online_replay_with_the_prompt_estimator_serves_every_request():
+    from sglang_ext.sim.online import OnlineConfig, simulate_online
+    prompt, out = _two_applications(n=300)
+    tr = Trace("apps", prompt, out, np.sort(np.random.default_rng(1).uniform(0, 3.0, 300)))
+    for k in (0, 4):
+        r = simulate_online(tr, make_policy("bfio", horizon=8, scenarios=k), OnlineConfig(ranks=4, batch=16),
+                            make_estimator("empirical-prompt"))
+        assert r.requests_finished == 300 and 0 <= r.idle_fraction < 1

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 BALANCER_CHOICES = ("round_robin", "total_requests", "total_tokens", "power_of_two", "bfio")
 BINDINGS = ("immediate", "pool")
 DEVICES = ("auto", "cpu", "cuda")
-ESTIMATORS = ("cap", "empirical")
+ESTIMATORS = ("cap", "empirical", "empirical-prompt")
 #: offset from --dist-init-addr's port for the report socket on multi-node runs;
 #: SGLang uses +1..+6+dp (ZMQ ports), +13 (DP-attention handshake) and +233.
 REPORT_PORT_DELTA = 197
@@ -182,7 +182,8 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         default=None,
         choices=ESTIMATORS,
         help="Output-length estimate used for projection: cap = max_new_tokens; "
-        "empirical = residual life from the lengths of finished requests (default: cap).",
+        "empirical = residual life from the lengths of finished and running requests; "
+        "empirical-prompt = the same, learned per prompt-length bucket (default: cap).",
     )
     group.add_argument(
         "--balancer-log",

@@ -36,8 +36,10 @@ class RankReport:
     # Waiting (received, not yet admitted): prompt length and max_new_tokens.
     wait_prompt: np.ndarray = field(default_factory=lambda: _EMPTY)
     wait_cap: np.ndarray = field(default_factory=lambda: _EMPTY)
-    # Output lengths of requests that finished since the last report (estimator input).
+    # Output lengths of requests that finished since the last report (estimator input),
+    # and their prompt lengths in the same order (empty from a sender that omits them).
     finished_lengths: np.ndarray = field(default_factory=lambda: _EMPTY)
+    finished_prompts: np.ndarray = field(default_factory=lambda: _EMPTY)
     time: float = field(default_factory=time.time)
     slot_limit: int = 0  # running requests the rank can hold (max_running_requests; 0: unknown)
 
@@ -66,12 +68,14 @@ class ReportSender:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(addr)
         self.dropped = 0
-        # Finished lengths of a dropped report are carried to the next one.
-        self._pending_finished: list[np.ndarray] = []
+        # Finished lengths (and prompts) of a dropped report are carried to the next one.
+        self._pending_finished: list[tuple[np.ndarray, np.ndarray]] = []
 
     def send(self, report: RankReport) -> bool:
         if self._pending_finished:
-            report.finished_lengths = np.concatenate(self._pending_finished + [report.finished_lengths])
+            lengths, prompts = zip(*self._pending_finished)
+            report.finished_lengths = np.concatenate(lengths + (report.finished_lengths,))
+            report.finished_prompts = np.concatenate(prompts + (report.finished_prompts,))
             self._pending_finished = []
         try:
             self._sock.send(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL), flags=zmq.NOBLOCK)
@@ -79,7 +83,7 @@ class ReportSender:
         except zmq.Again:
             self.dropped += 1
             if report.finished_lengths.size:
-                self._pending_finished.append(report.finished_lengths)
+                self._pending_finished.append((report.finished_lengths, report.finished_prompts))
             return False
 
     def close(self) -> None:

@@ -125,6 +125,7 @@ class StandinScheduler:
         self.received = 0
         self.step = 0
         self.finished_lengths: list[int] = []
+        self.finished_prompts: list[int] = []
         self.sender = ReportSender(cfg.report_addr, dp_rank) if cfg.reporting else None
         self.telemetry = open_telemetry(cfg, dp_rank, source="standin")
         self._last_report = 0.0
@@ -249,6 +250,7 @@ class StandinScheduler:
                 r.sent = r.generated
                 if not r.health:
                     self.finished_lengths.append(r.generated)
+                    self.finished_prompts.append(r.prompt_len)
             else:
                 if r.stream:
                     self._outbox.append((r, r.tokens[r.sent:], None))
@@ -314,9 +316,10 @@ class StandinScheduler:
             wait_prompt=np.fromiter((r.prompt_len for r in wait), np.int64, len(wait)),
             wait_cap=np.fromiter((r.max_new for r in wait), np.int64, len(wait)),
             finished_lengths=np.asarray(self.finished_lengths, dtype=np.int64),
+            finished_prompts=np.asarray(self.finished_prompts, dtype=np.int64),
             slot_limit=self.max_running,
         ))
-        self.finished_lengths = []
+        self.finished_lengths, self.finished_prompts = [], []
 
     def run(self) -> None:
         import torch

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pool-wait", type=positive_float, default=5.0, help="Online pool: seconds before a pooled request is bound immediately.")
     p.add_argument("--kv-capacity", type=positive_int, default=None, help="Online: KV tokens per rank.")
     p.add_argument("--max-prompt-len", type=positive_int, default=None, help="Clip prompts to this context limit (e.g. longbench).")
-    p.add_argument("--estimator", default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical.")
+    p.add_argument("--estimator", default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical, empirical-prompt.")
     p.add_argument("--cost-preset", default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
     p.add_argument("--power-preset", default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
     p.add_argument("--skip-bad-rows", action="store_true", help="Skip malformed trace rows (counted) instead of failing.")

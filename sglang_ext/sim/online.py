@@ -116,7 +116,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
 
     def lengths(ids: np.ndarray) -> np.ndarray:
         """Candidates' predicted lengths: (n,), or (n, k) scenarios."""
-        return estimator.new_lengths(est_total[ids], k_scen)
+        return estimator.new_lengths(est_total[ids], k_scen, prompt[ids])
 
     def view_of() -> ClusterView:
         held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
@@ -128,8 +128,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             # Queued requests count as if running from now: they will be soon.
             view.req_rank = np.concatenate([r_rank, q_rank])
             view.req_kv = np.concatenate([r_kv, prompt[q_id]])
-            estimator.observe_running(r_gen)  # lower bounds on the running lengths
-            running = estimator.steps_left(r_gen, est_total[r_id], k_scen)
+            estimator.observe_running(r_gen, prompt[r_id])  # lower bounds on the running lengths
+            running = estimator.steps_left(r_gen, est_total[r_id], k_scen, prompt[r_id])
             view.req_remaining = np.concatenate([running, lengths(q_id).T], axis=-1)
         return view
 
@@ -269,7 +269,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         if done.any():
             ids = r_id[done]
             finish[ids] = clock
-            estimator.observe(out_len[ids])
+            estimator.observe(out_len[ids], prompt[ids])
             keep = ~done
             r_id, r_rank, r_kv, r_gen = r_id[keep], r_rank[keep], r_kv[keep], r_gen[keep]
             done_count += ids.size

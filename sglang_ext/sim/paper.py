@@ -70,9 +70,10 @@ def simulate_paper(trace: Trace, policy: Policy, cfg: PaperConfig, estimator: Es
         view = ClusterView(free_slots=free, kv_tokens=kv, num_requests=B - free)
         if policy.needs_requests:
             view.req_rank, view.req_kv = r_rank, r_kv
-            estimator.observe_running(r_gen)  # lower bounds on the running lengths
-            view.req_remaining = estimator.steps_left(r_gen, out_est[r_id], k_scen)
-        cands = Candidates(prompt_len=prompt[vis], output_est=estimator.new_lengths(out_est[vis], k_scen))
+            estimator.observe_running(r_gen, prompt[r_id])  # lower bounds on the running lengths
+            view.req_remaining = estimator.steps_left(r_gen, out_est[r_id], k_scen, prompt[r_id])
+        cands = Candidates(prompt_len=prompt[vis],
+                           output_est=estimator.new_lengths(out_est[vis], k_scen, prompt[vis]))
         t0 = time.perf_counter()
         ranks = policy.assign(view, cands, must_place=False)
         timer.add(time.perf_counter() - t0)
@@ -102,7 +103,7 @@ def simulate_paper(trace: Trace, policy: Policy, cfg: PaperConfig, estimator: Es
         done = r_gen >= out_len[r_id]
         if done.any():
             finish[r_id[done]] = clock
-            estimator.observe(out_len[r_id[done]])
+            estimator.observe(out_len[r_id[done]], prompt[r_id[done]])
             bar.update(int(done.sum()))
             keep = ~done
             r_id, r_rank, r_kv, r_gen = r_id[keep], r_rank[keep], r_kv[keep], r_gen[keep]
