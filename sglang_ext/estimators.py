@@ -137,13 +137,16 @@ class EmpiricalEstimator(Estimator):
     answers of about 400 tokens, the rest about 100). A bucket's hazard at each
     length is shrunk towards the pooled one by `shrink` pseudo-requests, so a
     bucket with little data follows the pooled estimate; only the prompt,
-    known at arrival, is read.
+    known at arrival, is read. A fit per bucket costs tens of times a pooled
+    one, so with by_prompt it is redone only after the running set moved on
+    `refit_every` times (about once per step) or the finished lengths grew by
+    an eighth since the fit; the pooled fit follows every change.
     """
 
     spread = True
 
     def __init__(self, prior: int = 256, window: int = 4096, by_prompt: bool = False,
-                 bins_per_octave: int = 4, shrink: float = 4.0):
+                 bins_per_octave: int = 4, shrink: float = 4.0, refit_every: int = 8):
         if prior < 1 or window < 1 or bins_per_octave < 1 or shrink < 0:
             raise ValueError(f"empirical estimator: prior, window and bins_per_octave must be >= 1 and "
                              f"shrink >= 0, got {prior}, {window}, {bins_per_octave} and {shrink}")
@@ -152,6 +155,9 @@ class EmpiricalEstimator(Estimator):
         self.by_prompt = bool(by_prompt)
         self.bins_per_octave = int(bins_per_octave)
         self.shrink = float(shrink)
+        self.refit_every = max(1, int(refit_every))
+        self._moves = self._new = 0  # since the last fit: running-set changes, finished lengths
+        self._fit_seen = 0  # finished lengths the last fit saw
         self.name = "empirical-prompt" if self.by_prompt else "empirical"
         self._seen = np.zeros(0, dtype=np.int64)
         self._seen_bin = np.zeros(0, dtype=np.int64)
@@ -178,7 +184,7 @@ class EmpiricalEstimator(Estimator):
         self._sorted = np.sort(self._seen)
         # suffix[i] = sum of sorted[i:], so the mean above an index is one division
         self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]]).astype(np.float64)
-        self._km = None
+        self._new += finished.size
 
     def observe_running(self, generated, prompt_len=None):
         running = np.asarray(generated, dtype=np.int64).ravel()
@@ -187,7 +193,7 @@ class EmpiricalEstimator(Estimator):
         # binding) while the running set changes once a step: refit only then.
         if not (np.array_equal(running, self._running) and np.array_equal(bins, self._running_bin)):
             self._running, self._running_bin = running, bins
-            self._km = None
+            self._moves += 1
 
     def _survival(self):
         """The Kaplan-Meier fit (S, tail, bins, key), or None while no request
@@ -198,7 +204,8 @@ class EmpiricalEstimator(Estimator):
         T - 1; key: -S offset by 2 per row, one sorted array for quantiles."""
         if self._sorted.size == 0 or (self._running.size == 0 and not self.by_prompt):
             return None
-        if self._km is None:
+        if self._refit_due():
+            self._moves, self._new, self._fit_seen = 0, 0, self._seen.size
             keep = self._running > 0
             ev, ce = self._seen, self._running[keep]
             T = int(max(ev.max(), ce.max() if ce.size else 0)) + 2
@@ -231,6 +238,13 @@ class EmpiricalEstimator(Estimator):
             key = (2.0 * np.arange(R)[:, None] - S).ravel()
             self._km = (S, tail, bins, key)
         return self._km
+
+    def _refit_due(self) -> bool:
+        if self._km is None:
+            return True
+        if not self.by_prompt:
+            return self._moves > 0 or self._new > 0
+        return self._moves >= self.refit_every or 8 * self._new > self._fit_seen
 
     def _rows(self, km, prompt_len, n: int) -> np.ndarray:
         """Row of each request in the fit: its bucket's, else the pooled row."""
