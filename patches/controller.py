@@ -159,9 +159,10 @@ class BalancedDispatch:
                 self.inflight[g].popleft()
             self.acked[g] = max(self.acked[g], rep.received)
             if rep.finished_lengths.size:
-                prompts = rep.finished_prompts
-                self.estimator.observe(rep.finished_lengths,
-                                       prompts if prompts.shape == rep.finished_lengths.shape else None)
+                # (a report without prompts, or with a mismatched count, teaches the pooled fit only)
+                prompts = getattr(rep, "finished_prompts", None)
+                ok = prompts is not None and np.shape(prompts) == rep.finished_lengths.shape
+                self.estimator.observe(rep.finished_lengths, prompts if ok else None)
             self.stats["reports"] += 1
 
     def _active_mask(self) -> np.ndarray:
