@@ -183,11 +183,10 @@ class BalancedDispatch:
         pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
         if need_reqs:
             # what runs now bounds the lengths from below (right-censored lengths)
-            # (a running request's KV is its prompt plus what it generated)
             reps = [r for r in self.reports if r is not None]
-            gens = np.concatenate([r.run_generated for r in reps]) if reps else np.zeros(0, np.int64)
-            kvs = np.concatenate([r.run_kv for r in reps]) if reps else np.zeros(0, np.int64)
-            self.estimator.observe_running(gens, np.maximum(kvs - gens, 0))
+            empty = np.zeros(0, np.int64)
+            self.estimator.observe_running(np.concatenate([r.run_generated for r in reps]) if reps else empty,
+                                           np.concatenate([r.run_prompt for r in reps]) if reps else empty)
         for g in range(G):
             rep = self.reports[g]
             fl = self.inflight[g]
@@ -211,7 +210,7 @@ class BalancedDispatch:
                     parts_kv += [rep.run_kv, rep.wait_prompt]
                     parts_rem += [
                         remaining_steps(self.estimator, rep.run_generated, rep.run_cap, k_scen,
-                                        np.maximum(rep.run_kv - rep.run_generated, 0)),
+                                        rep.run_prompt),
                         remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap, k_scen,
                                         rep.wait_prompt),
                     ]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sglang_ext.argtypes import comma_list, estimator_spec, nonneg_int, positive_int, run_main, trace_file
-from sglang_ext.argtypes import ONLINE_TRACES
+from sglang_ext.argtypes import (ONLINE_TRACES, comma_list, estimator_spec, nonneg_int, positive_int, run_main,
+                                 trace_file)
 from sglang_ext.errors import UsageError
 from sglang_ext.estimators import make_estimator
 from sglang_ext.traces import load_trace

@@ -181,9 +181,10 @@ class EmpiricalEstimator(Estimator):
             return
         self._seen = np.concatenate([self._seen, finished])[-self.window:]
         self._seen_bin = np.concatenate([self._seen_bin, self.prompt_bin(prompt_len, finished.size)])[-self.window:]
-        self._sorted = np.sort(self._seen)
-        # suffix[i] = sum of sorted[i:], so the mean above an index is one division
-        self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]]).astype(np.float64)
+        if not self.by_prompt:  # by prompt, every answer comes from a fit (_survival)
+            self._sorted = np.sort(self._seen)
+            # suffix[i] = sum of sorted[i:], so the mean above an index is one division
+            self._suffix = np.concatenate([np.cumsum(self._sorted[::-1])[::-1], [0.0]]).astype(np.float64)
         self._new += finished.size
 
     def observe_running(self, generated, prompt_len=None):
@@ -202,7 +203,7 @@ class EmpiricalEstimator(Estimator):
         request, row 1 + i the bucket bins[i]: S[r, t] = P(O > t) for t < T;
         tail[r, t] = the sum of S[r] over t..T-1 plus the Lindy mass past
         T - 1; key: -S offset by 2 per row, one sorted array for quantiles."""
-        if self._sorted.size == 0 or (self._running.size == 0 and not self.by_prompt):
+        if self._seen.size == 0 or (self._running.size == 0 and not self.by_prompt):
             return None
         if self._refit_due():
             self._moves, self._new, self._fit_seen = 0, 0, self._seen.size
@@ -227,10 +228,9 @@ class EmpiricalEstimator(Estimator):
                 np.cumsum(counts(ce, self._running_bin[keep])[:, ::-1], axis=1)[:, ::-1]
             hazard = np.divide(d, at_risk, out=np.zeros((R, T)), where=at_risk > 0)
             if R > 1:  # a bucket's hazard, shrunk towards the pooled one (the pooled one past its data)
-                pooled = np.broadcast_to(hazard[0], (R - 1, T))
-                np.divide(d[1:] + self.shrink * pooled, at_risk[1:] + self.shrink, out=hazard[1:],
-                          where=at_risk[1:] + self.shrink > 0)
-                hazard[1:] = np.where(at_risk[1:] + self.shrink > 0, hazard[1:], pooled)
+                denom = at_risk[1:] + self.shrink
+                hazard[1:] = np.where(denom > 0, (d[1:] + self.shrink * hazard[0]) / np.maximum(denom, 1e-300),
+                                      hazard[0])
             S = np.cumprod(1.0 - hazard, axis=1)
             # mass left past T - 1 (the longest requests are still running):
             # expected to run as long again
@@ -261,7 +261,7 @@ class EmpiricalEstimator(Estimator):
         if km is not None:
             guess = km[1][self._rows(km, prompt_len, n), 0]  # E[O] = sum_t P(O > t)
         else:
-            guess = np.full(n, float(self._sorted.mean()) if self._sorted.size else float(self.prior))
+            guess = np.full(n, float(self._seen.mean()) if self._seen.size else float(self.prior))
         out = np.maximum(np.rint(guess), 1).astype(np.int64)
         if cap is not None:
             out = np.minimum(out, np.asarray(cap, dtype=np.int64))
@@ -269,7 +269,7 @@ class EmpiricalEstimator(Estimator):
 
     def remaining(self, generated, predicted_total, prompt_len=None):
         g = np.asarray(generated, dtype=np.int64)
-        if self._sorted.size == 0:
+        if self._seen.size == 0:
             return np.maximum(np.asarray(predicted_total) - g, np.maximum(g, 1))
         km = self._survival()
         if km is not None:
@@ -291,7 +291,7 @@ class EmpiricalEstimator(Estimator):
         """Quantiles of O - g given O > g (past the longest seen, the Lindy
         guess in every scenario)."""
         g = np.asarray(generated, dtype=np.int64)
-        if self._sorted.size == 0:
+        if self._seen.size == 0:
             return super().scenarios(generated, predicted_total, k)
         q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
         km = self._survival()

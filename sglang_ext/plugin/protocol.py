@@ -44,6 +44,11 @@ class RankReport:
     slot_limit: int = 0  # running requests the rank can hold (max_running_requests; 0: unknown)
 
     @property
+    def run_prompt(self) -> np.ndarray:
+        """Prompt lengths of the running requests: a KV length is prompt plus generated."""
+        return np.maximum(self.run_kv - self.run_generated, 0)
+
+    @property
     def kv_tokens(self) -> int:
         return int(self.run_kv.sum() + self.wait_prompt.sum())
 

@@ -128,8 +128,9 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             # Queued requests count as if running from now: they will be soon.
             view.req_rank = np.concatenate([r_rank, q_rank])
             view.req_kv = np.concatenate([r_kv, prompt[q_id]])
-            estimator.observe_running(r_gen, prompt[r_id])  # lower bounds on the running lengths
-            running = estimator.steps_left(r_gen, est_total[r_id], k_scen, prompt[r_id])
+            r_prompt = prompt[r_id]
+            estimator.observe_running(r_gen, r_prompt)  # lower bounds on the running lengths
+            running = estimator.steps_left(r_gen, est_total[r_id], k_scen, r_prompt)
             view.req_remaining = np.concatenate([running, lengths(q_id).T], axis=-1)
         return view
 
