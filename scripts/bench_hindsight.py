@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_deep_queue, add_online_grid, add_online_model, comma_list, nonneg_int,
+from sglang_ext.argtypes import (add_deep_queue, add_online_grid, add_online_model,
+                                 check_online_model, comma_list, nonneg_int,
                                  positive_float, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
@@ -71,6 +72,7 @@ def main():
     add_online_model(ap, power=False)
     ap.add_argument("--json", default=None, help="Write the rows here.")
     args = ap.parse_args()
+    check_online_model(ap, args)
     if args.estimator != "oracle":
         ap.error("--estimator: hindsight needs the exact lengths (oracle)")
     runs = args.runs
@@ -79,10 +81,11 @@ def main():
     rows = []
     for path, G, load in tqdm([(p, G, x) for p in args.traces for G in args.ranks for x in args.loads], desc="cells"):
         trace = load_trace(path).head(args.requests_per_rank * G)
-        scale = load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len) / native_rate(trace)
+        scale = load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens) / native_rate(trace)
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
-                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
+                              max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                              max_pool_wait_s=args.max_pool_wait)
             policy = LastPlacement(spec.make_policy(cost))
             r = simulate_online(trace, policy, cfg, make_estimator("oracle", seed=0))
             rank, kv, left = policy.held

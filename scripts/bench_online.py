@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, existing_file, positive_float,
+from sglang_ext.argtypes import (add_online_grid, add_online_model,
+                                 check_online_model, comma_list, existing_file, positive_float,
                                  positive_int, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
@@ -42,6 +43,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary-from", type=existing_file, default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
+    check_online_model(ap, args)
     if args.summary_from:
         print(summarize(json.loads(args.summary_from.read_text())))
         return
@@ -56,12 +58,13 @@ def main():
     for path, G, load in tqdm(cells, desc="cells"):
         tname = path.name
         trace = load_trace(path).head(args.requests_per_rank * G)
-        cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len)
+        cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens)
         scale = load * cap / native_rate(trace)
         rows = []
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
-                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
+                              max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                              max_pool_wait_s=args.max_pool_wait)
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
             row = dict(trace=tname, G=G, load=load, policy=spec.policy, binding=spec.binding,
                        **r.to_dict(), **r.extra)

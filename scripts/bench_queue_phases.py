@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import add_deep_queue, add_online_grid, add_online_model, positive_float, run_main
+from sglang_ext.argtypes import (add_deep_queue, add_online_grid, add_online_model, check_online_model,
+                                 positive_float, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -36,6 +37,7 @@ def main():
     add_online_model(ap, power=False)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_online_model(ap, args)
     runs = args.runs
     cost = cost_preset(args.cost_preset, args.batch)
     power = power_preset("h100")
@@ -43,10 +45,11 @@ def main():
     rows = []
     for path, G in tqdm(cells, desc="cells"):
         tname, trace = path.name, load_trace(path).head(args.requests_per_rank * G)
-        scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len) / native_rate(trace)
+        scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens) / native_rate(trace)
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
-                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait)
+                              max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                              max_pool_wait_s=args.max_pool_wait)
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
             rows.append(dict(trace=tname, G=G, N=len(trace), load=args.load, run=spec.text, **r.to_dict(), **r.extra))
     print(f"\nload {args.load}, N = min(trace, {args.requests_per_rank} x G), pool max wait {args.max_pool_wait:g} s, "

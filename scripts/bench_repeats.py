@@ -19,7 +19,8 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_online_grid, add_online_model, comma_list, existing_file, nonneg_int,
+from sglang_ext.argtypes import (add_online_grid, add_online_model,
+                                 check_online_model, comma_list, existing_file, nonneg_int,
                                  positive_float, positive_int, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
@@ -60,6 +61,7 @@ def main():
     ap.add_argument("--plot", default=None,
                     help="Write a PNG: each run's ratio to the baseline with its 95%% interval, per cell and metric.")
     args = ap.parse_args()
+    check_online_model(ap, args)
     loads = args.loads
     metrics = args.metrics.split(",")
     if unknown := [m for m in metrics if m not in LABELS]:
@@ -91,11 +93,12 @@ def main():
     rows, capacity = [], {}
     for tname, G, w, trace, load in tqdm(jobs, desc="runs"):
         if (tname, G, w) not in capacity:
-            capacity[tname, G, w] = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len)
+            capacity[tname, G, w] = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens)
         scale = load * capacity[tname, G, w] / native_rate(trace)
         for label, spec, jitter in plan:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale * jitter, cost=cost, power=power,
-                              max_prompt_len=args.max_prompt_len, max_pool_wait_s=args.max_pool_wait,
+                              max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                              max_pool_wait_s=args.max_pool_wait,
                               pool_window=args.pool_window or None)
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
             rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), load=load, run=label,

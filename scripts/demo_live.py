@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Live demo: the real SGLang server on the GPU-free stand-in backend, one policy after another.
 
-For each policy (default round_robin, then bfio) it starts
+For each policy (default round_robin, then bfio; `POLICY:key=value` adds
+`--balancer-key value`, e.g. `bfio:estimator=empirical-prompt`) it starts
 
     <python> -m sglang.launch_server --model-path <tmp>/model --dp-size 4 --skip-tokenizer-init
         --device cpu --port P --balancer POLICY --balancer-sim-backend paper-dsv3
@@ -82,6 +83,36 @@ class DemoConfig:
     request_timeout_s: float = 120.0
     model_path: str | None = None
     server_args: list[str] | None = None
+    max_new_tokens: int | None = None  # hide the lengths: replay --max-new-tokens
+
+
+class _Refuse(argparse.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)
+
+
+def balancer_flags(spec: str) -> list[str]:
+    """'bfio:estimator=empirical-prompt' -> the server's --balancer flags, checked
+    against the plugin's own flag parser (ValueError naming what is wrong)."""
+    from sglang_ext.plugin.config import add_cli_args
+
+    name, *params = spec.split(":")
+    flags = ["--balancer", name]
+    for param in params:
+        key, eq, value = param.partition("=")
+        if not eq or not key or not value:
+            raise ValueError(f"{spec!r}: {param!r} is not key=value")
+        flags.append("--balancer-" + key.replace("_", "-"))
+        if value != "true":  # key=true: a switch (e.g. full_wait=true)
+            flags.append(value)
+    parser = _Refuse(add_help=False)
+    add_cli_args(None, parser)
+    parser.parse_args(flags)
+    return flags
+
+
+def rundir_name(spec: str) -> str:
+    return spec.replace(":", "_").replace("=", "-")
 
 
 def free_port() -> int:
@@ -176,7 +207,7 @@ class Server:
             self.cfg.python, "-m", "sglang.launch_server",
             "--model-path", model, "--dp-size", str(self.cfg.dp_size), "--skip-tokenizer-init",
             "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port),
-            "--balancer", self.policy, "--balancer-sim-backend", self.cfg.sim_backend,
+            *balancer_flags(self.policy), "--balancer-sim-backend", self.cfg.sim_backend,
             "--balancer-sim-time-scale", str(self.cfg.sim_time_scale),
             "--balancer-log", str(self.rundir / "telemetry"),
             *(self.cfg.server_args or []),
@@ -253,7 +284,7 @@ class Server:
 
 
 def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
-    rundir = cfg.out / policy
+    rundir = cfg.out / rundir_name(policy)
     if rundir.exists():
         shutil.rmtree(rundir)  # stale telemetry would be appended to
     server = Server(cfg, policy, rundir)
@@ -264,7 +295,7 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         summary = replay(ReplayConfig(
             url=server.url, trace=cfg.trace, out=str(rundir), time_scale=time_scale,
             max_requests=cfg.requests, max_prompt_len=cfg.max_prompt_len, max_output_len=cfg.max_output_len,
-            retries=2, timeout=cfg.request_timeout_s, rid_prefix=f"demo-{policy}",
+            max_new_tokens=cfg.max_new_tokens, retries=2, timeout=cfg.request_timeout_s, rid_prefix=f"demo-{policy}",
         ))
         print(f"[{policy}] ok {summary['ok']}/{summary['sent']}, failed {summary['failed']} "
               f"{summary['failure_reasons'] or ''}, wall {summary['wall_time_s']:.1f} s", flush=True)
@@ -284,7 +315,9 @@ def parse_args(argv=None) -> DemoConfig:
                     help="scale arrival times so the slice's arrivals span this many seconds")
     ap.add_argument("--time-scale", type=float, default=None,
                     help="multiply arrival times by this instead (overrides --arrival-span)")
-    ap.add_argument("--policies", default="round_robin,bfio", help="comma-separated --balancer policies, in order")
+    ap.add_argument("--policies", default="round_robin,bfio",
+                    help="comma-separated --balancer policies, in order; POLICY:key=value also passes "
+                         "--balancer-key value (e.g. bfio:estimator=empirical-prompt)")
     ap.add_argument("--dp-size", type=int, default=4, help="DP ranks of the server")
     ap.add_argument("--sim-backend", default="paper-dsv3", help="stand-in cost preset (--balancer-sim-backend)")
     ap.add_argument("--sim-time-scale", type=float, default=1.0,
@@ -292,6 +325,9 @@ def parse_args(argv=None) -> DemoConfig:
     ap.add_argument("--max-prompt-len", type=int, default=8192, help="clip prompts to this many tokens")
     ap.add_argument("--max-output-len", type=int, default=512,
                     help="clip outputs to this many tokens (bounds the run's tail); 0 = no clipping")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="hide the output lengths from the server: every request asks for up to this many tokens "
+                         "and the stand-in model ends it with EOS at its recorded length (replay --max-new-tokens)")
     ap.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for /health")
     ap.add_argument("--request-timeout", type=float, default=120.0,
                     help="replay: longest silence between stream chunks before a retry")
@@ -300,14 +336,27 @@ def parse_args(argv=None) -> DemoConfig:
     ap.add_argument("--out", default=None, help="output directory (default runs/demo-<time>)")
     ap.add_argument("--log-level", default="info", help="logging level")
     a = ap.parse_args(argv)
+    policies = [p for p in a.policies.split(",") if p]
+    if not policies:
+        ap.error("--policies: give at least one policy")
+    for spec in policies:
+        try:
+            balancer_flags(spec)
+        except ValueError as exc:
+            ap.error(f"--policies {spec}: {exc}")
+    if len({rundir_name(p) for p in policies}) != len(policies):
+        ap.error("--policies: each policy at most once")
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(a.out or REPO / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     return DemoConfig(
-        python=a.python, trace=a.trace, out=out, policies=[p for p in a.policies.split(",") if p],
+        python=a.python, trace=a.trace, out=out, policies=policies,
         requests=a.requests, arrival_span_s=a.arrival_span, time_scale=a.time_scale, sim_backend=a.sim_backend,
         sim_time_scale=a.sim_time_scale, dp_size=a.dp_size, max_prompt_len=a.max_prompt_len,
         max_output_len=a.max_output_len or None, health_timeout_s=a.health_timeout,
         request_timeout_s=a.request_timeout, model_path=a.model_path, server_args=shlex.split(a.server_args),
+        max_new_tokens=a.max_new_tokens,
     )
 
 

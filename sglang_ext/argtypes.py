@@ -141,6 +141,15 @@ def add_online_model(ap: argparse.ArgumentParser, power: bool = True) -> None:
     if power:
         ap.add_argument("--power-preset", type=power_preset_name, default="h100", help="Power model for J/token.")
     ap.add_argument("--max-prompt-len", type=positive_int, default=32768, help="Clip prompts to this context limit.")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None,
+                    help="Every request's max_new_tokens, as a server or its clients set it: longer outputs stop "
+                         "there, and the cap estimator reads it (needed with --estimator cap). Default: no cap.")
+
+
+def check_online_model(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The checks across the flags of `add_online_model` (argparse's exit 2 naming them)."""
+    if args.estimator == "cap" and args.max_new_tokens is None:
+        ap.error("--estimator cap: give --max-new-tokens (traces carry no max_new_tokens of their own)")
 
 
 def run_main(main, prog: str | None = None) -> None:

@@ -12,6 +12,12 @@ recorded prompt length; `max_new_tokens` = recorded output length,
 All three are measured on the attempt that succeeded; `total_s` adds the
 failed attempts and back-off before it (what a user would have waited).
 
+With `--max-new-tokens N` the server is not told the lengths: every request
+asks for up to N tokens and may end by EOS; the recorded length goes in
+`custom_params` for the stand-in backend, whose model ends the answer there (a
+real model ignores it), so a balancer has to estimate lengths, as under real
+traffic.
+
 Server errors (HTTP 5xx/429, connection errors, stream errors, incomplete
 streams) and timeouts are retried with exponential back-off up to `--retries`
 times; then the request counts as failed with its last reason. The replay
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
+from .plugin.protocol import ANSWER_LEN_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class ReplayConfig:
     backoff_max: float = 10.0
     max_prompt_len: int = 8192
     max_output_len: int | None = None
+    max_new_tokens: int | None = None  # send this cap and hide the recorded lengths (see the module doc)
     vocab: int = 1000  # token ids drawn from [1, vocab): valid for any model's vocabulary
     seed: int = 0
     skip_bad: bool = False
@@ -76,6 +84,11 @@ class RequestSpec:
     arrival_s: float  # scaled, from the replay start
     prompt_len: int
     max_new_tokens: int
+    answer_len: int | None = None  # the recorded length, for the stand-in's EOS (None: forced by ignore_eos)
+
+    @property
+    def expected_tokens(self) -> int:
+        return self.max_new_tokens if self.answer_len is None else min(self.answer_len, self.max_new_tokens)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class RequestResult:
     rid: int
     prompt_len: int
     max_new_tokens: int
+    expected_tokens: int | None = None  # a complete answer's length (default: max_new_tokens)
     tokens_received: int = 0
     ttft_s: float | None = None
     tpot_s: float | None = None
@@ -106,6 +120,10 @@ class RequestResult:
     total_s: float | None = None  # first attempt start to the end, retries and back-off included
     send_lag_s: float = 0.0  # how late the first attempt left vs. its schedule (client overload)
     retry_reasons: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.expected_tokens is None:
+            self.expected_tokens = self.max_new_tokens
 
 
 # -- trace -> plan ---------------------------------------------------------------------------
@@ -121,6 +139,8 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
         raise UsageError(f"--max-prompt-len must be >= 1 (got {cfg.max_prompt_len})")
     if cfg.max_output_len is not None and cfg.max_output_len < 1:
         raise UsageError(f"--max-output-len must be >= 1 (got {cfg.max_output_len})")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     if cfg.retries < 0:
         raise UsageError(f"--retries must be >= 0 (got {cfg.retries})")
     if cfg.timeout <= 0:
@@ -135,9 +155,10 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
     clipped = int(np.sum(trace.prompt_len > cfg.max_prompt_len))
     if clipped:
         logger.info("clipped %d prompts to %d tokens", clipped, cfg.max_prompt_len)
-    return [
-        RequestSpec(int(i), float(arrival[i]), int(prompt[i]), int(output[i])) for i in np.flatnonzero(keep)
-    ]
+    if cfg.max_new_tokens is None:
+        return [RequestSpec(int(i), float(arrival[i]), int(prompt[i]), int(output[i])) for i in np.flatnonzero(keep)]
+    return [RequestSpec(int(i), float(arrival[i]), int(prompt[i]), cfg.max_new_tokens, int(output[i]))
+            for i in np.flatnonzero(keep)]
 
 
 def prompt_ids(spec: RequestSpec, cfg: ReplayConfig) -> list[int]:
@@ -243,15 +264,20 @@ async def _request(session, spec: RequestSpec, cfg: ReplayConfig, t0: float, url
     delay = t0 + spec.arrival_s - loop.time()
     if delay > 0:
         await asyncio.sleep(delay)
-    res = RequestResult(spec.index, spec.prompt_len, spec.max_new_tokens)
+    res = RequestResult(spec.index, spec.prompt_len, spec.max_new_tokens, spec.expected_tokens)
     res.send_lag_s = max(0.0, loop.time() - (t0 + spec.arrival_s))
     ids = prompt_ids(spec, cfg)
+    sampling = {"max_new_tokens": spec.max_new_tokens, "temperature": 0}
+    if spec.answer_len is None:
+        sampling["ignore_eos"] = True
+    else:
+        sampling["custom_params"] = {ANSWER_LEN_KEY: spec.answer_len}
     first_start = time.perf_counter()
     for attempt in range(1, cfg.retries + 2):
         body = json.dumps({
             "rid": f"{cfg.rid_prefix}-{spec.index}-a{attempt}",  # unique per attempt: a timed-out one may live on
             "input_ids": ids,
-            "sampling_params": {"max_new_tokens": spec.max_new_tokens, "temperature": 0, "ignore_eos": True},
+            "sampling_params": sampling,
             "stream": True,
         }).encode()
         res.attempts = attempt
@@ -299,7 +325,7 @@ def summarize(results: list[RequestResult], wall_s: float, cfg: ReplayConfig | N
         "attempts": int(sum(r.attempts for r in results)),
         "retries": int(sum(r.attempts - 1 for r in results)),
         "retry_reasons": dict(Counter(x for r in results for x in r.retry_reasons)),
-        "short_outputs": sum(1 for r in ok if r.tokens_received < r.max_new_tokens),
+        "short_outputs": sum(1 for r in ok if r.tokens_received < r.expected_tokens),
         "input_tokens": int(sum(r.prompt_len for r in ok)),
         "output_tokens": out_tokens,
         "throughput_tok_s": out_tokens / wall_s if wall_s > 0 else None,
@@ -392,6 +418,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds; doubles per retry")
     p.add_argument("--max-prompt-len", type=int, default=8192, help="clip prompts to this many tokens")
     p.add_argument("--max-output-len", type=int, default=None, help="clip outputs to this many tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="send every request with this max_new_tokens, without ignore_eos, so the server does not "
+                        "know the output lengths; the recorded length goes in custom_params, where the stand-in "
+                        "backend's model ends the answer with EOS (default: max_new_tokens = the recorded length)")
     p.add_argument("--vocab", type=int, default=1000, help="prompt token ids are drawn from [1, VOCAB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed trace rows instead of failing")
@@ -404,7 +434,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         url=args.url, trace=args.trace, out=out, time_scale=args.time_scale, max_requests=args.max_requests,
         duration=args.duration, retries=args.retries, timeout=args.timeout, total_timeout=args.total_timeout,
         backoff=args.backoff, max_prompt_len=args.max_prompt_len, max_output_len=args.max_output_len,
-        vocab=args.vocab, seed=args.seed, skip_bad=args.skip_bad, progress=not args.no_progress,
+        max_new_tokens=args.max_new_tokens, vocab=args.vocab, seed=args.seed, skip_bad=args.skip_bad, progress=not args.no_progress,
     )
 
 

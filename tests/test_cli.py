@@ -45,6 +45,9 @@ def test_simulate_online_runs(tmp_path, traces_dir):
     (["--cost-preset", "tpu"], "unknown cost preset"),
     (["--trace", "/nonexistent.csv"], "no such trace file"),
     (["--mode", "online"], "online mode needs a timed trace"),
+    (["--estimator", "cap"], "--estimator cap: give --max-new-tokens"),
+    (["--max-new-tokens", "64"], "--max-new-tokens: online mode only"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):
     base = ["simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--requests", "50"]

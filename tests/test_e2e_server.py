@@ -9,7 +9,8 @@ with DP attention):
 - round_robin, same flags: the same 200 requests, for the KV-spread comparison;
 - bfio, pool binding, --enable-dp-attention (--tp-size 4 --dp-size 4), with a
   small --max-running-requests so the pool actually holds requests and its
-  deadline path is exercised.
+  deadline path is exercised, and lengths learned per prompt size
+  (--balancer-estimator empirical-prompt) from answers that end by EOS.
 
 Every server is run from a temporary cwd (the repository's top-level
 triton_kernels/ would shadow the real package) with a private TMPDIR, and its
@@ -20,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import psutil
 import pytest
 import requests
@@ -116,6 +119,41 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _check_eos_answers(server, n: int = 60, cap: int = 64):
+    """Answers that end by EOS: the stand-in model's answer length rides in
+    custom_params (what `sglang-ext replay --max-new-tokens` sends), hidden from
+    the balancer, which sees max_new_tokens only. Each comes back once, at that
+    length with reason stop (EOS last, left out of the text), or at the cap with
+    reason length; a malformed length is refused with a 4xx."""
+    from sglang_ext.plugin.protocol import ANSWER_LEN_KEY
+
+    rng = np.random.default_rng(3)
+    answers = rng.integers(1, 2 * cap, n)
+    prompts = np.where(rng.random(n) < 0.3, rng.integers(600, 2000, n), rng.integers(8, 100, n))
+
+    def one(i):
+        r = requests.post(server.url + "/generate", timeout=120, json={
+            "input_ids": [(i * 11 + k) % 30000 + 10 for k in range(int(prompts[i]))],
+            "sampling_params": {"max_new_tokens": cap, "temperature": 0,
+                                "custom_params": {ANSWER_LEN_KEY: int(answers[i])}}})
+        r.raise_for_status()
+        return r.json()
+
+    with ThreadPoolExecutor(24) as pool:
+        bodies = list(pool.map(one, range(n)))
+    for a, body in zip(answers, bodies):
+        meta, ids = body["meta_info"], body["output_ids"]
+        if a <= cap:
+            assert len(ids) == a and meta["finish_reason"] == {"type": "stop", "matched": 2}, (a, meta)
+            assert ids[-1] == 2 and "t2" not in body["text"].split()
+        else:
+            assert len(ids) == cap and meta["finish_reason"]["type"] == "length", (a, meta)
+    bad = requests.post(server.url + "/generate", timeout=60, json={
+        "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "custom_params": {ANSWER_LEN_KEY: "x"}}})
+    assert 400 <= bad.status_code < 500, (bad.status_code, bad.text[:300])
+    assert "falling back" not in server.log_path.read_text(errors="replace"), "the policy failed on the way"
+
+
 def _check_shutdown(server):
     own_ipc = [p for p in os.listdir(server.tmpdir) if p.startswith("sglang_ext_")]
     assert own_ipc, "the controller's report socket should exist while serving"
@@ -203,10 +241,14 @@ class TestDpAttentionPool:
         yield from _server(tmp_path_factory, "dp_attention", SIM + [
             "--tp-size", str(DP), "--enable-dp-attention", "--balancer", "bfio", "--balancer-binding", "pool",
             "--balancer-pool-max-wait", "0.3", "--max-running-requests", "24",
+            "--balancer-estimator", "empirical-prompt",
         ])
 
     def test_workload_completes_exactly_once(self, server):
         _check_workload(server, "dp_attention_pool")
+
+    def test_answers_end_by_eos_at_their_hidden_length(self, server):
+        _check_eos_answers(server)
 
     def test_pinned_rank_is_honoured(self, server):
         _check_pinned(server)

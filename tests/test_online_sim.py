@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sglang_ext.cost import CostModel, cost_preset
-from sglang_ext.estimators import EmpiricalEstimator, make_estimator
+from sglang_ext.estimators import EmpiricalEstimator, Estimator, make_estimator
 from sglang_ext.policies import make_policy
 from sglang_ext.sim.online import OnlineConfig, capacity_rps, native_rate, simulate_online
 from sglang_ext.traces import Trace, load_trace
@@ -159,3 +159,39 @@ def test_idle_floor_lies_below_every_runs_idle(policy, binding):
     two = Trace("two", np.array([10, 10]), np.array([5, 30]), np.array([0.0, 0.0]))
     r2 = simulate_online(two, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16))
     assert r2.extra["idle_floor"] == pytest.approx(r2.idle_fraction, rel=1e-9)
+
+
+def test_max_new_tokens_cuts_outputs_and_bounds_every_guess():
+    """A cap on every request (a server's or its clients' max_new_tokens): outputs
+    longer stop there, exactly as if the trace had been clipped, and no request is
+    projected past it, whatever the estimator guesses (as the live controller clips)."""
+    tr = small_trace()
+    capped = simulate_online(tr, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16, max_new_tokens=50))
+    clipped = Trace(tr.name, tr.prompt_len, np.minimum(tr.output_len, 50), tr.arrival_s)
+    plain = simulate_online(clipped, make_policy("total_tokens"), OnlineConfig(ranks=4, batch=16))
+    for key in ("idle_fraction", "throughput_tok_s", "steps", "requests_finished", "tpot_ms_p99"):
+        assert getattr(capped, key) == getattr(plain, key), key
+
+    class Huge(Estimator):  # guesses far past any cap
+        def initial(self, prompt_len, true_out, cap):
+            return np.full(len(prompt_len), 10 ** 6, np.int64)
+
+        def remaining(self, generated, predicted_total, prompt_len=None):
+            return np.full(len(generated), 10 ** 6, np.int64)
+
+    policy = make_policy("bfio", horizon=8)
+    longest, assign = [], policy.assign
+
+    def spy(view, cands, must_place):
+        longest.append(max(int(np.max(view.req_remaining, initial=0)), int(np.max(cands.output_est))))
+        return assign(view, cands, must_place)
+
+    policy.assign = spy
+    r = simulate_online(tr, policy, OnlineConfig(ranks=4, batch=16, max_new_tokens=50), Huge())
+    assert r.requests_finished == len(tr) and longest and max(longest) <= 50
+    # the cap estimator reads the cap
+    cap_run = simulate_online(tr, make_policy("bfio", horizon=8), OnlineConfig(ranks=4, batch=16, max_new_tokens=50),
+                              make_estimator("cap"))
+    assert cap_run.requests_finished == len(tr)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        simulate_online(tr, make_policy("bfio", horizon=8), OnlineConfig(ranks=4, batch=16), make_estimator("cap"))

@@ -344,3 +344,46 @@ def test_report_sender_carries_finished_lengths_and_prompts_past_a_dropped_repor
     assert rep.finished_prompts.tolist() == (10 * rep.finished_lengths).tolist()
     sender.close()
     pull.close(linger=0)
+
+
+# ---- stand-in model: answers that end by EOS ---------------------------------------------
+
+
+def test_standin_ends_answers_by_eos_at_their_hidden_length():
+    """The stand-in's model ends an answer with EOS at the length a replay put in
+    custom_params (hidden from the balancer), or at max_new_tokens if that comes
+    first; under ignore_eos, or without the key, it runs to max_new_tokens. The
+    finished lengths it reports (to the controller's estimator) are the true ones."""
+    from sglang_ext.plugin.protocol import ANSWER_LEN_KEY
+    from sglang_ext.plugin.standin import EOS_TOKEN_ID, SimReq, StandinScheduler, answer_len
+
+    def sp(max_new, answer=None, ignore_eos=False):
+        custom = None if answer is None else {ANSWER_LEN_KEY: answer}
+        return SimpleNamespace(max_new_tokens=max_new, custom_params=custom, ignore_eos=ignore_eos)
+
+    assert answer_len(sp(8, 3)) == 3 and answer_len(sp(8)) is None and answer_len(sp(8, 3, ignore_eos=True)) is None
+    assert answer_len(SimpleNamespace(max_new_tokens=8)) is None  # no custom_params at all
+    for bad in (0, -2, "5", 2.5, True):
+        with pytest.raises(ValueError, match=ANSWER_LEN_KEY):
+            answer_len(sp(8, bad))
+
+    rank = object.__new__(StandinScheduler)  # the step logic only: no sockets
+    rank.vocab, rank._outbox, rank.finished_lengths, rank.finished_prompts = 32000, [], [], []
+    reqs = {"eos": SimReq("eos", 10, max_new=8, stream=True, http_worker_ipc=None, answer_len=3),
+            "cut": SimReq("cut", 20, max_new=4, stream=False, http_worker_ipc=None, answer_len=9),
+            "forced": SimReq("forced", 30, max_new=5, stream=False, http_worker_ipc=None)}
+    rank.running = list(reqs.values())
+    finished = {}
+    for _ in range(6):
+        rank._advance()
+        for r, toks, fin in rank._outbox:
+            if fin is not None:
+                finished[r.rid] = (r.generated, fin, list(r.tokens))
+        rank._outbox = []
+    assert not rank.running
+    assert finished["eos"][:2] == (3, {"type": "stop", "matched": EOS_TOKEN_ID})
+    assert finished["eos"][2][-1] == EOS_TOKEN_ID and EOS_TOKEN_ID not in finished["eos"][2][:-1]
+    assert finished["cut"][:2] == (4, {"type": "length", "length": 4})
+    assert finished["forced"][:2] == (5, {"type": "length", "length": 5})
+    assert EOS_TOKEN_ID not in finished["cut"][2] + finished["forced"][2]
+    assert sorted(zip(rank.finished_prompts, rank.finished_lengths)) == [(10, 3), (20, 4), (30, 5)]

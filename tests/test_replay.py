@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 
 from sglang_ext import cli
+from sglang_ext.plugin.protocol import ANSWER_LEN_KEY
 from sglang_ext.replay import ReplayConfig, plan_requests, replay
 
 # Behaviour per trace index (attempt numbers from the rid "replay-<i>-a<k>").
@@ -48,6 +49,9 @@ class FakeServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         n = body["sampling_params"]["max_new_tokens"]
+        answer = (body["sampling_params"].get("custom_params") or {}).get(ANSWER_LEN_KEY)
+        if answer is not None:  # a model that ends its answer by EOS there (the stand-in's)
+            n = min(n, answer)
         try:
             for k in range(1, n + 1):
                 await asyncio.sleep(0.005)
@@ -176,6 +180,35 @@ def test_plan_scaling_clipping_duration(tmp_path, trace):
     assert all(s.max_new_tokens == 4 for s in specs)
     cfg.duration, cfg.max_requests = 0.035, 8
     assert [s.index for s in plan_requests(cfg)] == [0, 1, 2, 3]
+
+
+def test_hidden_lengths_send_the_cap_and_the_answer_length_apart(tmp_path):
+    """--max-new-tokens: the server is asked for up to N tokens without ignore_eos,
+    and the recorded length rides in custom_params for the stand-in model; a
+    complete answer is the recorded length (clipped to N), not N."""
+    trace = write_trace(tmp_path / "t.csv", n=4, output=6)
+    with FakeServer() as srv:
+        for cap in (16, 4):
+            out = tmp_path / f"cap{cap}"
+            cfg = ReplayConfig(url=srv.url, trace=str(trace), out=str(out), retries=0, timeout=5,
+                               max_new_tokens=cap, progress=False, rid_prefix=f"replay{cap}")
+            specs = plan_requests(cfg)
+            for spec in specs:
+                spec.index += 100  # past the indices the fake server fails on purpose
+            summary = replay(cfg, specs)
+            sent = srv.bodies[-4:]
+            assert all(b["sampling_params"]["max_new_tokens"] == cap for b in sent)
+            assert all(b["sampling_params"]["custom_params"] == {ANSWER_LEN_KEY: 6} for b in sent)
+            assert not any("ignore_eos" in b["sampling_params"] for b in sent)
+            assert summary["ok"] == 4 and summary["short_outputs"] == 0
+            assert summary["output_tokens"] == 4 * min(6, cap)
+            lines = [json.loads(x) for x in (out / "requests.jsonl").read_text().splitlines()]
+            assert {(x["max_new_tokens"], x["expected_tokens"]) for x in lines} == {(cap, min(6, cap))}
+    with pytest.raises(Exception, match="--max-new-tokens"):
+        plan_requests(ReplayConfig(url="http://x", trace=str(trace), out="", max_new_tokens=0))
+    rc = cli.main(["replay", "--url", "http://127.0.0.1:1", "--trace", str(trace), "--max-new-tokens", "0",
+                   "--no-progress"])
+    assert rc == 2
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):

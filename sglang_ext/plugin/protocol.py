@@ -20,6 +20,12 @@ logger = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
+#: `custom_params` key of a request's answer length for the stand-in backend: its
+#: stand-in model ends the answer with EOS after that many tokens, as a real model
+#: ends where its text ends (`sglang-ext replay --max-new-tokens` sets it; a real
+#: model ignores it). The balancer never reads it: it sees max_new_tokens only.
+ANSWER_LEN_KEY = "sglang_ext_answer_len"
+
 
 @dataclass
 class RankReport:

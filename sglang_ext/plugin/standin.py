@@ -14,7 +14,10 @@ launcher, tokenizer manager, HTTP server and DP controller run unchanged:
 - synchronises all DP ranks every step with a real collective, a gloo
   all-reduce (MAX) of the model step times; each rank's barrier idle follows
   as max - own (logged as idle_source "predicted");
-- streams one token per step per request and finishes each at max_new_tokens;
+- streams one token per step per request and finishes each at max_new_tokens,
+  or earlier with EOS at the answer length a replay passes in custom_params
+  (`ANSWER_LEN_KEY`), unless ignore_eos: the balancer then knows only the cap,
+  as with a real model;
 - reports per step through the same `ReportSender` as the scheduler patch.
 
 Simplifications (why: only placement and barrier timing matter here): prefill and
@@ -35,7 +38,7 @@ import numpy as np
 import zmq
 
 from sglang_ext.plugin.config import BalancerConfig, get_config
-from sglang_ext.plugin.protocol import RankReport, ReportSender, is_health_check_rid
+from sglang_ext.plugin.protocol import ANSWER_LEN_KEY, RankReport, ReportSender, is_health_check_rid
 from sglang_ext.plugin.telemetry_bridge import open_telemetry
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ IDLE_POLL_MS = 20
 IDLE_REPORT_INTERVAL_S = 0.25
 DEFAULT_CONTEXT_LEN = 4096
 DEFAULT_VOCAB = 32000
+EOS_TOKEN_ID = 2  # the stand-in model's end of answer (Llama's id; left out of the text, as special tokens are)
 
 
 @dataclass
@@ -58,11 +62,34 @@ class SimReq:
     generated: int = 0
     sent: int = 0  # tokens already streamed
     health: bool = False
+    answer_len: int | None = None  # the stand-in model emits EOS as this token (None: it runs to max_new)
     tokens: list[int] = field(default_factory=list)
 
     @property
     def kv(self) -> int:
         return self.prompt_len + self.generated
+
+    @property
+    def end(self) -> int:
+        """Tokens this request generates: its answer, cut at max_new_tokens."""
+        return self.max_new if self.answer_len is None else min(self.answer_len, self.max_new)
+
+    def finish_reason(self) -> dict:
+        if self.answer_len is not None and self.answer_len <= self.max_new:
+            return {"type": "stop", "matched": EOS_TOKEN_ID}
+        return {"type": "length", "length": self.max_new}
+
+
+def answer_len(sampling_params) -> int | None:
+    """The answer length a replay asks the stand-in model for (custom_params
+    `ANSWER_LEN_KEY`), None if absent or under ignore_eos. ValueError if malformed."""
+    custom = getattr(sampling_params, "custom_params", None)
+    if not isinstance(custom, dict) or ANSWER_LEN_KEY not in custom:
+        return None
+    value = custom[ANSWER_LEN_KEY]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"custom_params.{ANSWER_LEN_KEY} must be a whole number >= 1, got {value!r}")
+    return None if getattr(sampling_params, "ignore_eos", False) else value
 
 
 def around_launch_scheduler_processes(original, cls, server_args, port_args, run_scheduler_process_func, *args,
@@ -190,8 +217,13 @@ class StandinScheduler:
             self._finish_now(msg, f"The input ({prompt_len} tokens) must be between 1 and "
                                   f"{self.max_req_input_len} tokens (sim backend).")
             return
+        try:
+            answer = answer_len(sp)
+        except ValueError as exc:
+            self._finish_now(msg, f"{exc} (sim backend)")
+            return
         req = SimReq(rid=msg.rid, prompt_len=prompt_len, max_new=max(max_new, 0), stream=bool(msg.stream),
-                     http_worker_ipc=msg.http_worker_ipc, health=health)
+                     http_worker_ipc=msg.http_worker_ipc, health=health, answer_len=answer)
         self.waiting.append(req)
 
     def _finish_now(self, msg, message: str) -> None:
@@ -239,14 +271,17 @@ class StandinScheduler:
         return t
 
     def _advance(self) -> None:
-        """Every running request gets one token; those at max_new_tokens finish."""
+        """Every running request gets one token; those at the end of their answer
+        (EOS) or at max_new_tokens finish."""
         still = []
         for r in self.running:
-            if r.generated < r.max_new:
-                r.tokens.append(100 + (r.prompt_len + r.generated) % max(self.vocab - 100, 1))
+            end = r.end
+            if r.generated < end:
+                eos = r.generated + 1 == r.answer_len
+                r.tokens.append(EOS_TOKEN_ID if eos else 100 + (r.prompt_len + r.generated) % max(self.vocab - 100, 1))
                 r.generated += 1
-            if r.generated >= r.max_new:
-                self._outbox.append((r, r.tokens[r.sent:], {"type": "length", "length": r.max_new}))
+            if r.generated >= end:
+                self._outbox.append((r, r.tokens[r.sent:], r.finish_reason()))
                 r.sent = r.generated
                 if not r.health:
                     self.finished_lengths.append(r.generated)
@@ -275,7 +310,7 @@ class StandinScheduler:
             rids=[r.rid for r, _, _ in items],
             http_worker_ipcs=[r.http_worker_ipc for r, _, _ in items],
             finished_reasons=[fin for _, _, fin in items],
-            output_strs=["".join(f" t{t}" for t in toks) for _, toks, _ in items],
+            output_strs=["".join(f" t{t}" for t in toks if t != EOS_TOKEN_ID) for _, toks, _ in items],
             output_ids=[list(toks) for _, toks, _ in items],
             prompt_tokens=[r.prompt_len for r, _, _ in items],
             completion_tokens=[r.generated for r, _, _ in items],

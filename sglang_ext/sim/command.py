@@ -2,7 +2,7 @@
 
     sglang-ext simulate --trace PATH --mode {paper,online} --ranks G --batch B
         --policies p1,p2,... [--horizon H] [--seed S] [--requests N]
-        [--rate-scale X] [--estimator NAME] [--cost-preset NAME]
+        [--rate-scale X] [--estimator NAME] [--max-new-tokens N] [--cost-preset NAME]
         [--json OUT.json] [--plot OUT.png]
 
 Prints one row per policy and writes the JSON contract
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pool-wait", type=positive_float, default=5.0, help="Online pool: seconds before a pooled request is bound immediately.")
     p.add_argument("--kv-capacity", type=positive_int, default=None, help="Online: KV tokens per rank.")
     p.add_argument("--max-prompt-len", type=positive_int, default=None, help="Clip prompts to this context limit (e.g. longbench).")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="Online: every request's max_new_tokens (longer outputs stop there; the cap estimator reads it).")
     p.add_argument("--estimator", default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical, empirical-prompt.")
     p.add_argument("--cost-preset", default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
     p.add_argument("--power-preset", default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
@@ -82,9 +84,11 @@ def run(args) -> dict:
     except ValueError as exc:
         raise UsageError(f"--cost-preset/--power-preset: {exc}") from None
     trace = load_trace(args.trace, skip_bad=args.skip_bad_rows)
-    if args.mode == "online" and args.estimator == "cap":
-        raise UsageError("--estimator cap: traces carry no max_new_tokens; use it on a live server "
-                         "(--balancer-estimator cap), or oracle/noisy/empirical here")
+    if args.max_new_tokens and args.mode != "online":
+        raise UsageError("--max-new-tokens: online mode only (paper mode replays the lengths as they are)")
+    if args.estimator == "cap" and not args.max_new_tokens:
+        raise UsageError("--estimator cap: give --max-new-tokens in online mode (traces carry no max_new_tokens "
+                         "of their own)")
     config = {
         "trace": str(args.trace), "mode": args.mode, "ranks": args.ranks, "batch": args.batch,
         "policies": [s for s, _, _ in policies], "horizon": args.horizon, "seed": args.seed,
@@ -101,7 +105,7 @@ def run(args) -> dict:
         if trace.arrival_s is None:
             raise UsageError(f"--trace {args.trace}: online mode needs a timed trace (.csv or .jsonl)")
         trace = trace.head(args.requests)
-        cap = capacity_rps(trace, cost, args.ranks, args.batch, args.max_prompt_len)
+        cap = capacity_rps(trace, cost, args.ranks, args.batch, args.max_prompt_len, args.max_new_tokens)
         rate = native_rate(trace)
         if args.load is not None:
             args.rate_scale = args.load * cap / rate
@@ -109,7 +113,8 @@ def run(args) -> dict:
                       arrival_rps=rate * args.rate_scale, load=rate * args.rate_scale / cap,
                       power_model={"name": power.name, "busy_w": power.busy_w, "wait_w": power.wait_w,
                                    "idle_w": power.idle_w},
-                      kv_capacity=args.kv_capacity, max_prompt_len=args.max_prompt_len)
+                      kv_capacity=args.kv_capacity, max_prompt_len=args.max_prompt_len,
+                      max_new_tokens=args.max_new_tokens)
     results = {}
     for spec, name, params in policies:
         kw = {"horizon": args.horizon, "seed": args.seed}
@@ -128,7 +133,7 @@ def run(args) -> dict:
             ocfg = OnlineConfig(ranks=args.ranks, batch=args.batch, binding=args.binding,
                                 rate_scale=args.rate_scale, cost=cost, power=power,
                                 max_pool_wait_s=args.max_pool_wait, max_prompt_len=args.max_prompt_len,
-                                progress=args.progress)
+                                max_new_tokens=args.max_new_tokens, progress=args.progress)
             if args.kv_capacity:
                 ocfg.kv_capacity = args.kv_capacity
             res = simulate_online(trace, policy, ocfg, estimator)

@@ -42,10 +42,14 @@ class OnlineConfig:
     cost: CostModel | None = None
     power: PowerModel | None = None
     max_prompt_len: int | None = None  # clip prompts to a context limit
+    # Every request's max_new_tokens (a server's or its clients' cap): longer
+    # outputs stop there, and the `cap` estimator reads it. None: no cap.
+    max_new_tokens: int | None = None
     progress: bool = False
 
 
-def capacity_rps(trace: Trace, cost: CostModel, ranks: int, batch: int, max_prompt_len: int | None = None) -> float:
+def capacity_rps(trace: Trace, cost: CostModel, ranks: int, batch: int, max_prompt_len: int | None = None,
+                 max_new_tokens: int | None = None) -> float:
     """Requests/s the ranks serve when saturated, measured: the same requests
     all arriving at once, placed by SGLang's total_tokens rule, through this
     simulator (decode slots busy, prefill steps stalling every rank). The rate
@@ -54,7 +58,8 @@ def capacity_rps(trace: Trace, cost: CostModel, ranks: int, batch: int, max_prom
     from ..policies import make_policy
 
     burst = Trace(trace.name, trace.prompt_len, trace.output_len, np.zeros(len(trace)))
-    cfg = OnlineConfig(ranks=ranks, batch=batch, cost=cost, max_prompt_len=max_prompt_len)
+    cfg = OnlineConfig(ranks=ranks, batch=batch, cost=cost, max_prompt_len=max_prompt_len,
+                       max_new_tokens=max_new_tokens)
     r = simulate_online(burst, make_policy("total_tokens"), cfg)
     lo, hi = np.percentile(r.finish_s, [10, 90])
     done = np.count_nonzero((r.finish_s > lo) & (r.finish_s <= hi))
@@ -82,6 +87,10 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     if cfg.max_prompt_len:
         prompt = np.minimum(prompt, cfg.max_prompt_len)
     out_len = trace.output_len.astype(np.int64)
+    cap = None
+    if cfg.max_new_tokens:
+        out_len = np.minimum(out_len, cfg.max_new_tokens)
+        cap = np.full(n, cfg.max_new_tokens, np.int64)
     est_total = np.zeros(n, np.int64)
     window = cfg.pool_window or 4 * G
     timer = DecisionTimer()
@@ -131,6 +140,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             r_prompt = prompt[r_id]
             estimator.observe_running(r_gen, r_prompt)  # lower bounds on the running lengths
             running = estimator.steps_left(r_gen, est_total[r_id], k_scen, r_prompt)
+            if cap is not None:  # nothing runs past its max_new_tokens (as the live controller clips)
+                running = np.clip(running, 1, np.maximum(cap[r_id] - r_gen, 1))
             view.req_remaining = np.concatenate([running, lengths(q_id).T], axis=-1)
         return view
 
@@ -175,7 +186,10 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         hi = int(np.searchsorted(arrival, clock, side="right"))
         if hi > nxt:
             new = np.arange(nxt, hi)
-            est_total[new] = estimator.initial(prompt[new], out_len[new], None)
+            if cap is None:
+                est_total[new] = estimator.initial(prompt[new], out_len[new], None)
+            else:  # no guess past the cap (the live controller clips the same way)
+                est_total[new] = np.minimum(estimator.initial(prompt[new], out_len[new], cap[new]), cap[new])
             nxt = hi
             if cfg.binding == "immediate":
                 bind_now(new)
