@@ -55,15 +55,25 @@ def _max_new_tokens(req) -> int:
 
 
 def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios: int = 0,
-                    prompt: np.ndarray | None = None) -> np.ndarray:
+                    prompt: np.ndarray | None = None, exact: np.ndarray | None = None) -> np.ndarray:
     """Predicted decode steps left, never beyond the max_new_tokens cap: (n,), or
     (scenarios, n) equally likely ones when asked and the estimator spreads them.
-    `prompt`: the requests' prompt lengths (an estimator may condition on them)."""
+    `prompt`: the requests' prompt lengths (an estimator may condition on them).
+    `exact`: requests under ignore_eos, which run exactly to their cap whatever
+    the estimator would guess (benchmark clients force lengths this way)."""
     generated = np.asarray(generated, dtype=np.int64)
     cap = np.asarray(cap, dtype=np.int64)
     total = estimator.initial(np.zeros_like(cap) if prompt is None else prompt, None, cap)
     rem = estimator.steps_left(generated, total, scenarios, prompt)
-    return np.clip(rem, 1, np.maximum(cap - generated, 1))
+    left = np.maximum(cap - generated, 1)
+    rem = np.clip(rem, 1, left)
+    if exact is not None and np.any(exact):
+        rem = np.where(exact, left, rem)
+    return rem
+
+
+def _ignore_eos(req) -> bool:
+    return bool(getattr(getattr(req, "sampling_params", None), "ignore_eos", False))
 
 
 def _prompt_len(req) -> int:
@@ -86,8 +96,8 @@ class BalancedDispatch:
         self.reports: list[RankReport | None] = [None] * G
         self.acked = np.zeros(G, dtype=np.int64)  # cumulative requests each rank said it received
         self.sent = np.zeros(G, dtype=np.int64)  # cumulative requests sent to each rank
-        # (prompt_len, max_new_tokens) of requests sent but not yet acknowledged, oldest first
-        self.inflight: list[deque[tuple[int, int]]] = [deque() for _ in range(G)]
+        # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
+        self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
         self.pool: deque[tuple[object, float]] = deque()
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0}
 
@@ -159,10 +169,14 @@ class BalancedDispatch:
                 self.inflight[g].popleft()
             self.acked[g] = max(self.acked[g], rep.received)
             if rep.finished_lengths.size:
-                # (a report without prompts, or with a mismatched count, teaches the pooled fit only)
+                # Only answers that ended by themselves teach the estimator (a forced,
+                # ignore_eos length says nothing of them). A report without prompts, or
+                # with a mismatched count, teaches the pooled fit only.
+                natural = ~rep.exact("finished")
                 prompts = getattr(rep, "finished_prompts", None)
                 ok = prompts is not None and np.shape(prompts) == rep.finished_lengths.shape
-                self.estimator.observe(rep.finished_lengths, prompts if ok else None)
+                if natural.any():
+                    self.estimator.observe(rep.finished_lengths[natural], prompts[natural] if ok else None)
             self.stats["reports"] += 1
 
     def _active_mask(self) -> np.ndarray:
@@ -183,14 +197,17 @@ class BalancedDispatch:
         pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
         if need_reqs:
             # what runs now bounds the lengths from below (right-censored lengths)
+            # (those under ignore_eos excepted: their lengths are forced)
             reps = [r for r in self.reports if r is not None]
+            natural = [~r.exact("run") for r in reps]
             empty = np.zeros(0, np.int64)
-            self.estimator.observe_running(np.concatenate([r.run_generated for r in reps]) if reps else empty,
-                                           np.concatenate([r.run_prompt for r in reps]) if reps else empty)
+            self.estimator.observe_running(
+                np.concatenate([r.run_generated[m] for r, m in zip(reps, natural)]) if reps else empty,
+                np.concatenate([r.run_prompt[m] for r, m in zip(reps, natural)]) if reps else empty)
         for g in range(G):
             rep = self.reports[g]
             fl = self.inflight[g]
-            fl_prompt = np.fromiter((p for p, _ in fl), np.int64, len(fl))
+            fl_prompt = np.fromiter((p for p, _, _ in fl), np.int64, len(fl))
             if rep is None:
                 free[g] = DEFAULT_CAPACITY - len(fl)
                 kv[g] = fl_prompt.sum()
@@ -204,15 +221,16 @@ class BalancedDispatch:
             if need_reqs:
                 parts_kv, parts_rem = [fl_prompt], [
                     remaining_steps(self.estimator, np.zeros(len(fl), np.int64),
-                                    np.fromiter((c for _, c in fl), np.int64, len(fl)), k_scen, fl_prompt)
+                                    np.fromiter((c for _, c, _ in fl), np.int64, len(fl)), k_scen, fl_prompt,
+                                    np.fromiter((e for _, _, e in fl), bool, len(fl)))
                 ]
                 if rep is not None:
                     parts_kv += [rep.run_kv, rep.wait_prompt]
                     parts_rem += [
                         remaining_steps(self.estimator, rep.run_generated, rep.run_cap, k_scen,
-                                        rep.run_prompt),
+                                        rep.run_prompt, rep.exact("run")),
                         remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap, k_scen,
-                                        rep.wait_prompt),
+                                        rep.wait_prompt, rep.exact("wait")),
                     ]
                 k = np.concatenate(parts_kv).astype(np.int64)
                 rk.append(k)
@@ -251,7 +269,8 @@ class BalancedDispatch:
 
         prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
         cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
-        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt)
+        exact = np.fromiter((_ignore_eos(r) for r in reqs), bool, len(reqs))
+        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt, exact)
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
     def _place(self, reqs, must_place: bool) -> np.ndarray:
@@ -282,7 +301,7 @@ class BalancedDispatch:
 
     def _record_sent(self, g: int, req) -> None:
         self.sent[g] += 1
-        self.inflight[g].append((_prompt_len(req), _max_new_tokens(req)))
+        self.inflight[g].append((_prompt_len(req), _max_new_tokens(req), _ignore_eos(req)))
         self.stats["dispatched"] += 1
 
     def dispatch(self, req) -> None:

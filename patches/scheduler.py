@@ -46,7 +46,7 @@ class _RankState:
         self.last_step_t = time.perf_counter()
         self.last_idle_report = 0.0
         self.last_key = None
-        self.finished_pending: list[tuple[int, int]] = []  # (output length, prompt length)
+        self.finished_pending: list[tuple[int, int, bool]] = []  # (output length, prompt length, ignore_eos)
         dp_rank, leader = _rank_info()
         self.dp_rank = dp_rank
         self.leader = leader
@@ -93,6 +93,11 @@ def _cap(req) -> int:
     return int(value) if value is not None else 128
 
 
+def _exact(req) -> bool:
+    """Under ignore_eos a request runs to its cap: its length is known."""
+    return bool(getattr(getattr(req, "sampling_params", None), "ignore_eos", False))
+
+
 def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     running = list(getattr(scheduler.running_batch, "reqs", []) or [])
     seen = {id(r) for r in running}
@@ -112,8 +117,11 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
         run_cap=np.fromiter((_cap(r) for r in running), np.int64, len(running)),
         wait_prompt=np.fromiter((len(r.origin_input_ids) for r in waiting), np.int64, len(waiting)),
         wait_cap=np.fromiter((_cap(r) for r in waiting), np.int64, len(waiting)),
-        finished_lengths=np.asarray([o for o, _ in st.finished_pending], dtype=np.int64),
-        finished_prompts=np.asarray([p for _, p in st.finished_pending], dtype=np.int64),
+        finished_lengths=np.asarray([o for o, _, _ in st.finished_pending], dtype=np.int64),
+        finished_prompts=np.asarray([p for _, p, _ in st.finished_pending], dtype=np.int64),
+        run_exact=np.fromiter((_exact(r) for r in running), bool, len(running)),
+        wait_exact=np.fromiter((_exact(r) for r in waiting), bool, len(waiting)),
+        finished_exact=np.asarray([e for _, _, e in st.finished_pending], dtype=bool),
         slot_limit=cap_running,
     )
 
@@ -139,7 +147,7 @@ def after_process_batch_result(result, self, batch, *args, **kwargs):
         for r in getattr(batch, "reqs", []) or []:
             if r.finished() and not getattr(r, "_sglang_ext_counted", False):
                 r._sglang_ext_counted = True
-                st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids)))
+                st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids), _exact(r)))
         report = _build_report(self, st, batch)
         st.finished_pending = []
         if st.sender is not None:

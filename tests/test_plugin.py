@@ -35,7 +35,7 @@ def _parse(argv):
 
 def test_cli_defaults_and_values():
     cfg = _parse(["--dp-size", "4", "--balancer", "bfio"])
-    assert (cfg.policy, cfg.horizon, cfg.binding, cfg.device, cfg.estimator) == ("bfio", 20, "immediate", "auto", "cap")
+    assert (cfg.policy, cfg.horizon, cfg.binding, cfg.device, cfg.estimator) == ("bfio", 20, "immediate", "auto", "empirical-prompt")
     assert cfg.report_addr.startswith("ipc://")
     cfg = _parse(["--dp-size", "4", "--balancer", "power_of_two", "--balancer-horizon", "0",
                   "--balancer-binding", "pool", "--balancer-estimator", "empirical"])
@@ -113,9 +113,9 @@ def fake_controller(monkeypatch, tmp_path):
     yield make
 
 
-def _req(prompt, max_new=16, pin=None, rid="r"):
+def _req(prompt, max_new=16, pin=None, rid="r", ignore_eos=False):
     return SimpleNamespace(rid=rid, input_ids=[1] * prompt, routed_dp_rank=pin,
-                           sampling_params=SimpleNamespace(max_new_tokens=max_new))
+                           sampling_params=SimpleNamespace(max_new_tokens=max_new, ignore_eos=ignore_eos))
 
 
 def test_burst_is_spread_by_in_flight_accounting(fake_controller):
@@ -181,11 +181,11 @@ def test_policy_failure_falls_back_instead_of_losing_the_request(fake_controller
 
 
 class _FakeReq:
-    def __init__(self, seqlen, generated, cap, done=False, prompt=None):
+    def __init__(self, seqlen, generated, cap, done=False, prompt=None, ignore_eos=False):
         self.seqlen = seqlen
         self.output_ids = [7] * generated
         self.origin_input_ids = [1] * (prompt if prompt is not None else seqlen - generated)
-        self.sampling_params = SimpleNamespace(max_new_tokens=cap)
+        self.sampling_params = SimpleNamespace(max_new_tokens=cap, ignore_eos=ignore_eos)
         self._done = done
 
     def finished(self):
@@ -200,8 +200,8 @@ def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     pull.bind(addr)
     monkeypatch.setattr(patch, "_rank_info", lambda: (2, True))
     cfg = config.BalancerConfig(policy="bfio", report_addr=addr)
-    running = [_FakeReq(110, 10, 64), _FakeReq(55, 5, 32)]
-    done = _FakeReq(40, 8, 8, done=True)
+    running = [_FakeReq(110, 10, 64), _FakeReq(55, 5, 32, ignore_eos=True)]
+    done = _FakeReq(40, 8, 8, done=True, ignore_eos=True)
     sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg), max_running_requests=8,
                             running_batch=SimpleNamespace(reqs=running + [done]),
                             waiting_queue=[_FakeReq(30, 0, 16, prompt=30)])
@@ -218,6 +218,8 @@ def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     assert rep.run_kv.tolist() == [110, 55] and rep.run_generated.tolist() == [10, 5]
     assert rep.run_cap.tolist() == [64, 32] and rep.wait_prompt.tolist() == [30]
     assert rep.finished_lengths.tolist() == [8] and rep.finished_prompts.tolist() == [32]
+    assert rep.run_exact.tolist() == [False, True] and rep.wait_exact.tolist() == [False]
+    assert rep.finished_exact.tolist() == [True]
     pull.close(linger=0)
 
 
@@ -327,7 +329,7 @@ def test_report_sender_carries_finished_lengths_and_prompts_past_a_dropped_repor
         if not sender.send(RankReport(dp_rank=0, step=step, received=0, free_slots=1)):
             break
     assert sender.dropped == 1
-    first = RankReport(dp_rank=0, step=-1, received=0, free_slots=1,
+    first = RankReport(dp_rank=0, step=-1, received=0, free_slots=1, finished_exact=np.array([True, False]),
                        finished_lengths=np.array([7, 9]), finished_prompts=np.array([70, 90]))
     assert not sender.send(first)  # still full: dropped, its finished requests kept
     pull = zmq.Context.instance().socket(zmq.PULL)
@@ -342,6 +344,7 @@ def test_report_sender_carries_finished_lengths_and_prompts_past_a_dropped_repor
     # the dropped report's lengths come first, each still beside its prompt
     assert rep.finished_lengths.tolist()[:2] == [7, 9]
     assert rep.finished_prompts.tolist() == (10 * rep.finished_lengths).tolist()
+    assert rep.finished_exact.tolist()[:2] == [True, False] and not rep.finished_exact[2:].any()
     sender.close()
     pull.close(linger=0)
 
@@ -368,10 +371,11 @@ def test_standin_ends_answers_by_eos_at_their_hidden_length():
             answer_len(sp(8, bad))
 
     rank = object.__new__(StandinScheduler)  # the step logic only: no sockets
-    rank.vocab, rank._outbox, rank.finished_lengths, rank.finished_prompts = 32000, [], [], []
+    rank.vocab, rank._outbox = 32000, []
+    rank.finished_lengths, rank.finished_prompts, rank.finished_exact = [], [], []
     reqs = {"eos": SimReq("eos", 10, max_new=8, stream=True, http_worker_ipc=None, answer_len=3),
             "cut": SimReq("cut", 20, max_new=4, stream=False, http_worker_ipc=None, answer_len=9),
-            "forced": SimReq("forced", 30, max_new=5, stream=False, http_worker_ipc=None)}
+            "forced": SimReq("forced", 30, max_new=5, stream=False, http_worker_ipc=None, ignore_eos=True)}
     rank.running = list(reqs.values())
     finished = {}
     for _ in range(6):
@@ -386,4 +390,35 @@ def test_standin_ends_answers_by_eos_at_their_hidden_length():
     assert finished["cut"][:2] == (4, {"type": "length", "length": 4})
     assert finished["forced"][:2] == (5, {"type": "length", "length": 5})
     assert EOS_TOKEN_ID not in finished["cut"][2] + finished["forced"][2]
-    assert sorted(zip(rank.finished_prompts, rank.finished_lengths)) == [(10, 3), (20, 4), (30, 5)]
+    assert sorted(zip(rank.finished_prompts, rank.finished_lengths, rank.finished_exact)) == \
+        [(10, 3, False), (20, 4, False), (30, 5, True)]
+
+
+def test_ignore_eos_requests_run_to_their_cap_and_teach_the_estimator_nothing(fake_controller):
+    """Under ignore_eos a request's length is its max_new_tokens (how benchmark
+    clients force lengths): it is projected so whatever the estimator guesses, and
+    its forced length is kept out of what the estimator learns of natural answers."""
+    bal, _ = fake_controller("bfio")  # the default estimator: empirical-prompt
+    assert bal.estimator.name == "empirical-prompt"
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                               finished_lengths=np.array([10] * 20 + [900] * 20),
+                               finished_prompts=np.full(40, 100),
+                               finished_exact=np.array([False] * 20 + [True] * 20)) for g in range(4)])
+    assert bal.estimator._seen.tolist() == [10] * 80
+    cands = bal._candidates([_req(100, max_new=500, ignore_eos=True), _req(100, max_new=500)])
+    assert cands.output_est.tolist()[0] == 500 and cands.output_est[1] <= 20
+    bal.on_reports([RankReport(dp_rank=0, step=2, received=0, free_slots=68, slot_limit=72,
+                               run_kv=np.array([105, 105]), run_generated=np.array([5, 5]),
+                               run_cap=np.array([300, 300]), run_exact=np.array([True, False]))])
+    view = bal.build_view()
+    assert view.req_remaining.tolist()[0] == 295 and view.req_remaining[1] <= 20
+    # the forced request is no lower bound on natural lengths either
+    assert bal.estimator._running.tolist() == [5]
+    # in flight: its flag travels with it until the rank acknowledges it
+    bal.dispatch(_req(100, max_new=400, ignore_eos=True))
+    assert max(int(v) for v in bal.build_view().req_remaining) == 400
+    # a report from a sender without the flags reads as "none forced"
+    old = RankReport(dp_rank=1, step=3, received=0, free_slots=70, run_kv=np.array([50]),
+                     run_generated=np.array([2]), run_cap=np.array([64]))
+    old.run_exact = np.zeros(0, bool)
+    assert old.exact("run").tolist() == [False]

@@ -46,7 +46,7 @@ class BalancerConfig:
     binding: str = "immediate"
     pool_max_wait_s: float = 0.5
     device: str = "auto"
-    estimator: str = "cap"
+    estimator: str = "empirical-prompt"
     log_dir: str | None = None
     report_addr: str | None = None  # PULL socket the controller binds, ranks PUSH to
     seed: int = 0
@@ -183,7 +183,9 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         choices=ESTIMATORS,
         help="Output-length estimate used for projection: cap = max_new_tokens; "
         "empirical = residual life from the lengths of finished and running requests; "
-        "empirical-prompt = the same, learned per prompt-length bucket (default: cap).",
+        "empirical-prompt = the same, learned per prompt-length bucket (default: empirical-prompt). "
+        "Whatever the estimate, a request under ignore_eos runs exactly to its max_new_tokens and is "
+        "projected so; only answers that end by themselves teach the learned estimates.",
     )
     group.add_argument(
         "--balancer-log",

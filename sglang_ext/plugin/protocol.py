@@ -19,6 +19,14 @@ import zmq
 logger = logging.getLogger(__name__)
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+_NONE = np.zeros(0, dtype=bool)
+
+
+def exact_mask(flags, n: int) -> np.ndarray:
+    """A report's ignore_eos flags for its n requests; all False where the sender
+    left them out (or their count does not match)."""
+    flags = np.asarray(flags if flags is not None else _NONE, dtype=bool)
+    return flags if flags.shape == (n,) else np.zeros(n, dtype=bool)
 
 #: `custom_params` key of a request's answer length for the stand-in backend: its
 #: stand-in model ends the answer with EOS after that many tokens, as a real model
@@ -46,6 +54,11 @@ class RankReport:
     # and their prompt lengths in the same order (empty from a sender that omits them).
     finished_lengths: np.ndarray = field(default_factory=lambda: _EMPTY)
     finished_prompts: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # Which of them run under ignore_eos, so exactly to their cap (running, waiting,
+    # finished: a forced length says nothing of natural answers). Empty: none.
+    run_exact: np.ndarray = field(default_factory=lambda: _NONE)
+    wait_exact: np.ndarray = field(default_factory=lambda: _NONE)
+    finished_exact: np.ndarray = field(default_factory=lambda: _NONE)
     time: float = field(default_factory=time.time)
     slot_limit: int = 0  # running requests the rank can hold (max_running_requests; 0: unknown)
 
@@ -53,6 +66,11 @@ class RankReport:
     def run_prompt(self) -> np.ndarray:
         """Prompt lengths of the running requests: a KV length is prompt plus generated."""
         return np.maximum(self.run_kv - self.run_generated, 0)
+
+    def exact(self, which: str) -> np.ndarray:
+        """ignore_eos flags of the 'run', 'wait' or 'finished' requests (all False if not sent)."""
+        n = {"run": self.run_kv, "wait": self.wait_prompt, "finished": self.finished_lengths}[which].shape[0]
+        return exact_mask(getattr(self, f"{which}_exact", None), n)
 
     @property
     def kv_tokens(self) -> int:
@@ -79,14 +97,17 @@ class ReportSender:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(addr)
         self.dropped = 0
-        # Finished lengths (and prompts) of a dropped report are carried to the next one.
-        self._pending_finished: list[tuple[np.ndarray, np.ndarray]] = []
+        # Finished lengths (with their prompts and ignore_eos flags) of a dropped
+        # report are carried to the next one.
+        self._pending_finished: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def send(self, report: RankReport) -> bool:
         if self._pending_finished:
-            lengths, prompts = zip(*self._pending_finished)
+            lengths, prompts, exact = zip(*self._pending_finished)
+            own_exact = report.exact("finished")  # (read before the lengths grow)
             report.finished_lengths = np.concatenate(lengths + (report.finished_lengths,))
             report.finished_prompts = np.concatenate(prompts + (report.finished_prompts,))
+            report.finished_exact = np.concatenate(exact + (own_exact,))
             self._pending_finished = []
         try:
             self._sock.send(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL), flags=zmq.NOBLOCK)
@@ -94,7 +115,8 @@ class ReportSender:
         except zmq.Again:
             self.dropped += 1
             if report.finished_lengths.size:
-                self._pending_finished.append((report.finished_lengths, report.finished_prompts))
+                self._pending_finished.append((report.finished_lengths, report.finished_prompts,
+                                               report.exact("finished")))
             return False
 
     def close(self) -> None:

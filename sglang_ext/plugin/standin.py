@@ -63,6 +63,7 @@ class SimReq:
     sent: int = 0  # tokens already streamed
     health: bool = False
     answer_len: int | None = None  # the stand-in model emits EOS as this token (None: it runs to max_new)
+    ignore_eos: bool = False  # as the request asked (the balancer then knows its length: max_new)
     tokens: list[int] = field(default_factory=list)
 
     @property
@@ -153,6 +154,7 @@ class StandinScheduler:
         self.step = 0
         self.finished_lengths: list[int] = []
         self.finished_prompts: list[int] = []
+        self.finished_exact: list[bool] = []
         self.sender = ReportSender(cfg.report_addr, dp_rank) if cfg.reporting else None
         self.telemetry = open_telemetry(cfg, dp_rank, source="standin")
         self._last_report = 0.0
@@ -223,7 +225,8 @@ class StandinScheduler:
             self._finish_now(msg, f"{exc} (sim backend)")
             return
         req = SimReq(rid=msg.rid, prompt_len=prompt_len, max_new=max(max_new, 0), stream=bool(msg.stream),
-                     http_worker_ipc=msg.http_worker_ipc, health=health, answer_len=answer)
+                     http_worker_ipc=msg.http_worker_ipc, health=health, answer_len=answer,
+                     ignore_eos=bool(getattr(sp, "ignore_eos", False)))
         self.waiting.append(req)
 
     def _finish_now(self, msg, message: str) -> None:
@@ -286,6 +289,7 @@ class StandinScheduler:
                 if not r.health:
                     self.finished_lengths.append(r.generated)
                     self.finished_prompts.append(r.prompt_len)
+                    self.finished_exact.append(r.ignore_eos)
             else:
                 if r.stream:
                     self._outbox.append((r, r.tokens[r.sent:], None))
@@ -352,9 +356,12 @@ class StandinScheduler:
             wait_cap=np.fromiter((r.max_new for r in wait), np.int64, len(wait)),
             finished_lengths=np.asarray(self.finished_lengths, dtype=np.int64),
             finished_prompts=np.asarray(self.finished_prompts, dtype=np.int64),
+            run_exact=np.fromiter((r.ignore_eos for r in run), bool, len(run)),
+            wait_exact=np.fromiter((r.ignore_eos for r in wait), bool, len(wait)),
+            finished_exact=np.asarray(self.finished_exact, dtype=bool),
             slot_limit=self.max_running,
         ))
-        self.finished_lengths, self.finished_prompts = [], []
+        self.finished_lengths, self.finished_prompts, self.finished_exact = [], [], []
 
     def run(self) -> None:
         import torch
