@@ -25,7 +25,7 @@ import zmq
 
 from sglang_ext.plugin.config import BalancerConfig, get_config
 from sglang_ext.estimators import make_estimator
-from sglang_ext.plugin.protocol import RankReport, recv_reports
+from sglang_ext.plugin.protocol import RankReport, recv_reports, runs_to_cap
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,6 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
     if exact is not None and np.any(exact):
         rem = np.where(exact, left, rem)
     return rem
-
-
-def _ignore_eos(req) -> bool:
-    return bool(getattr(getattr(req, "sampling_params", None), "ignore_eos", False))
 
 
 def _prompt_len(req) -> int:
@@ -176,7 +172,7 @@ class BalancedDispatch:
                 prompts = getattr(rep, "finished_prompts", None)
                 ok = prompts is not None and np.shape(prompts) == rep.finished_lengths.shape
                 if natural.any():
-                    self.estimator.observe(rep.finished_lengths[natural], prompts[natural] if ok else None)
+                    self.estimator.observe(rep.finished_lengths[natural], np.asarray(prompts)[natural] if ok else None)
             self.stats["reports"] += 1
 
     def _active_mask(self) -> np.ndarray:
@@ -269,7 +265,7 @@ class BalancedDispatch:
 
         prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
         cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
-        exact = np.fromiter((_ignore_eos(r) for r in reqs), bool, len(reqs))
+        exact = np.fromiter((runs_to_cap(r) for r in reqs), bool, len(reqs))
         est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt, exact)
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
@@ -301,7 +297,7 @@ class BalancedDispatch:
 
     def _record_sent(self, g: int, req) -> None:
         self.sent[g] += 1
-        self.inflight[g].append((_prompt_len(req), _max_new_tokens(req), _ignore_eos(req)))
+        self.inflight[g].append((_prompt_len(req), _max_new_tokens(req), runs_to_cap(req)))
         self.stats["dispatched"] += 1
 
     def dispatch(self, req) -> None:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from sglang_ext.plugin.config import get_config
-from sglang_ext.plugin.protocol import RankReport, ReportSender, is_health_check_rid
+from sglang_ext.plugin.protocol import RankReport, ReportSender, is_health_check_rid, runs_to_cap
 from sglang_ext.plugin.telemetry_bridge import open_telemetry
 
 logger = logging.getLogger(__name__)
@@ -93,11 +93,6 @@ def _cap(req) -> int:
     return int(value) if value is not None else 128
 
 
-def _exact(req) -> bool:
-    """Under ignore_eos a request runs to its cap: its length is known."""
-    return bool(getattr(getattr(req, "sampling_params", None), "ignore_eos", False))
-
-
 def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     running = list(getattr(scheduler.running_batch, "reqs", []) or [])
     seen = {id(r) for r in running}
@@ -119,8 +114,8 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
         wait_cap=np.fromiter((_cap(r) for r in waiting), np.int64, len(waiting)),
         finished_lengths=np.asarray([o for o, _, _ in st.finished_pending], dtype=np.int64),
         finished_prompts=np.asarray([p for _, p, _ in st.finished_pending], dtype=np.int64),
-        run_exact=np.fromiter((_exact(r) for r in running), bool, len(running)),
-        wait_exact=np.fromiter((_exact(r) for r in waiting), bool, len(waiting)),
+        run_exact=np.fromiter((runs_to_cap(r) for r in running), bool, len(running)),
+        wait_exact=np.fromiter((runs_to_cap(r) for r in waiting), bool, len(waiting)),
         finished_exact=np.asarray([e for _, _, e in st.finished_pending], dtype=bool),
         slot_limit=cap_running,
     )
@@ -147,7 +142,7 @@ def after_process_batch_result(result, self, batch, *args, **kwargs):
         for r in getattr(batch, "reqs", []) or []:
             if r.finished() and not getattr(r, "_sglang_ext_counted", False):
                 r._sglang_ext_counted = True
-                st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids), _exact(r)))
+                st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids), runs_to_cap(r)))
         report = _build_report(self, st, batch)
         st.finished_pending = []
         if st.sender is not None:

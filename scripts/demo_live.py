@@ -112,7 +112,7 @@ def balancer_flags(spec: str) -> list[str]:
 
 
 def rundir_name(spec: str) -> str:
-    return spec.replace(":", "_").replace("=", "-")
+    return spec.replace(":", "_").replace("=", "-")  # no colon: SGLang refuses one in a model path
 
 
 def free_port() -> int:
@@ -191,7 +191,7 @@ class Server:
         self.cfg, self.policy, self.rundir = cfg, policy, rundir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.work = Path(tempfile.mkdtemp(prefix=f"sglang-demo-{policy}-"))
+        self.work = Path(tempfile.mkdtemp(prefix=f"sglang-demo-{rundir_name(policy)}-"))
         self.log = rundir / "server.log"
         self.proc: subprocess.Popen | None = None
         self.shm_before: set[str] = set()

@@ -22,6 +22,11 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 _NONE = np.zeros(0, dtype=bool)
 
 
+def runs_to_cap(req) -> bool:
+    """A request under ignore_eos runs exactly to its max_new_tokens: its length is known."""
+    return bool(getattr(getattr(req, "sampling_params", None), "ignore_eos", False))
+
+
 def exact_mask(flags, n: int) -> np.ndarray:
     """A report's ignore_eos flags for its n requests; all False where the sender
     left them out (or their count does not match)."""
