@@ -155,10 +155,9 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
     clipped = int(np.sum(trace.prompt_len > cfg.max_prompt_len))
     if clipped:
         logger.info("clipped %d prompts to %d tokens", clipped, cfg.max_prompt_len)
-    if cfg.max_new_tokens is None:
-        return [RequestSpec(int(i), float(arrival[i]), int(prompt[i]), int(output[i])) for i in np.flatnonzero(keep)]
-    return [RequestSpec(int(i), float(arrival[i]), int(prompt[i]), cfg.max_new_tokens, int(output[i]))
-            for i in np.flatnonzero(keep)]
+    hidden = cfg.max_new_tokens is not None  # send the cap; the length rides along for the stand-in's EOS
+    return [RequestSpec(int(i), float(arrival[i]), int(prompt[i]), cfg.max_new_tokens if hidden else int(output[i]),
+                        int(output[i]) if hidden else None) for i in np.flatnonzero(keep)]
 
 
 def prompt_ids(spec: RequestSpec, cfg: ReplayConfig) -> list[int]:

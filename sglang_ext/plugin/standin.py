@@ -38,7 +38,7 @@ import numpy as np
 import zmq
 
 from sglang_ext.plugin.config import BalancerConfig, get_config
-from sglang_ext.plugin.protocol import ANSWER_LEN_KEY, RankReport, ReportSender, is_health_check_rid
+from sglang_ext.plugin.protocol import ANSWER_LEN_KEY, RankReport, ReportSender, is_health_check_rid, runs_to_cap
 from sglang_ext.plugin.telemetry_bridge import open_telemetry
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class StandinScheduler:
             return
         req = SimReq(rid=msg.rid, prompt_len=prompt_len, max_new=max(max_new, 0), stream=bool(msg.stream),
                      http_worker_ipc=msg.http_worker_ipc, health=health, answer_len=answer,
-                     ignore_eos=bool(getattr(sp, "ignore_eos", False)))
+                     ignore_eos=runs_to_cap(msg))
         self.waiting.append(req)
 
     def _finish_now(self, msg, message: str) -> None:
