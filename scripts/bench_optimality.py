@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     for i in tqdm(range(args.instances), desc="instances", unit="inst"):
         meta, view, cands = make_instance(rng, prompt, output)
         L, X, free = instance_from_view(view, cands, meta["H"])
-        opt_a, milp_v, info = solve_exact(L, X, free, time_limit=args.time_limit, return_info=True)
+        _, milp_v, info = solve_exact(L, X, free, time_limit=args.time_limit, return_info=True)
         meta.update(milp_s=info["seconds"], milp_value=milp_v, proven=info["optimal"], bound=info["bound"])
         not_optimal += not info["optimal"]
         values, seconds = {}, {}

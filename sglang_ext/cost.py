@@ -32,12 +32,6 @@ class CostModel:
             kv_tokens, dtype=np.float64
         )
 
-    def barrier_step(self, num_running: np.ndarray, kv_tokens: np.ndarray) -> tuple[float, np.ndarray]:
-        """(step time T, per-rank barrier wait) for one synchronized decode step."""
-        local = self.step_time(num_running, kv_tokens)
-        slowest = float(local.max()) if local.size else 0.0
-        return slowest + self.sync, slowest - local
-
     def wait_floor(self, kv: np.ndarray, ranks: int) -> float:
         """A lower bound on one decode step's summed barrier wait over `ranks`
         ranks, whatever the placement of the running requests (KV lengths

@@ -12,8 +12,6 @@ import numpy as np
 
 class Estimator:
     name = "base"
-    #: whether predictions read the true output length (simulation only)
-    needs_truth = False
     #: whether `scenarios` spreads its guesses (else it repeats one point estimate)
     spread = False
 
@@ -58,7 +56,6 @@ class Estimator:
 
 class OracleEstimator(Estimator):
     name = "oracle"
-    needs_truth = True
 
     def initial(self, prompt_len, true_out, cap):
         return np.asarray(true_out, dtype=np.int64).copy()
@@ -67,7 +64,6 @@ class OracleEstimator(Estimator):
 class NoisyEstimator(Estimator):
     """The paper's noisy oracle: o * U[1 - delta, 1 + delta] (at least 1)."""
 
-    needs_truth = True
     spread = True
 
     def __init__(self, delta: float, seed: int = 0):

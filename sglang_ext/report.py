@@ -50,7 +50,6 @@ class RunData:
     telemetry: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # rank -> column -> array
     energy_sources: set = field(default_factory=set)
     idle_sources: dict = field(default_factory=dict)
-    telemetry_dir: Path | None = None
     requests: list[dict] | None = None
     summary: dict | None = None
     window: tuple[float, float] | None = None  # unix seconds of the replay, when known
@@ -112,7 +111,7 @@ def _load_telemetry(run: RunData) -> None:
             if cols is not None:
                 loaded[g] = cols
         if loaded:
-            run.telemetry, run.telemetry_dir = loaded, cand
+            run.telemetry = loaded
             return
 
 
