@@ -4,6 +4,7 @@ with a fake scheduler. The real thing runs in test_e2e_server.py (slow)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from types import SimpleNamespace
 
@@ -320,15 +321,17 @@ def test_prompt_estimator_learns_from_reported_prompts(fake_controller):
     assert len(sent) == 1
 
 
-def test_report_sender_carries_finished_lengths_and_prompts_past_a_dropped_report(tmp_path):
+def test_report_sender_carries_finished_lengths_and_prompts_past_a_dropped_report(tmp_path, caplog):
     from sglang_ext.plugin.protocol import ReportSender
 
     addr = f"ipc://{tmp_path}/late"
     sender = ReportSender(addr, dp_rank=0)  # nobody listens yet: reports queue up to the high-water mark
-    for step in range(100000):
-        if not sender.send(RankReport(dp_rank=0, step=step, received=0, free_slots=1)):
-            break
+    with caplog.at_level(logging.WARNING, logger="sglang_ext.plugin.protocol"):
+        for step in range(100000):
+            if not sender.send(RankReport(dp_rank=0, step=step, received=0, free_slots=1)):
+                break
     assert sender.dropped == 1
+    assert [r.getMessage() for r in caplog.records if "report dropped (1 so far)" in r.getMessage()]
     first = RankReport(dp_rank=0, step=-1, received=0, free_slots=1, finished_exact=np.array([True, False]),
                        finished_lengths=np.array([7, 9]), finished_prompts=np.array([70, 90]))
     assert not sender.send(first)  # still full: dropped, its finished requests kept

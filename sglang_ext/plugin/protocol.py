@@ -119,6 +119,10 @@ class ReportSender:
             return True
         except zmq.Again:
             self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...: seen, not flooded
+                logger.warning("dp rank %d: balancer report dropped (%d so far): the DP controller is not "
+                               "reading them as fast as this rank sends; it places on older loads meanwhile",
+                               self.dp_rank, self.dropped)
             if report.finished_lengths.size:
                 self._pending_finished.append((report.finished_lengths, report.finished_prompts,
                                                report.exact("finished")))
