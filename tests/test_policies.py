@@ -234,3 +234,53 @@ def test_bfio_immediate_near_weighs_the_next_steps():
         make_policy("bfio", immediate_near=-1)
     # horizon 0 stays total_tokens whatever the weight
     assert make_policy("bfio", horizon=0, immediate_near=5)._imm.H == 0
+
+
+def test_weighted_sums_equal_the_matrix_products():
+    """bfio's CPU-independent weighted sums (einsum, not BLAS) are the products they replace."""
+    from sglang_ext.policies.bfio import _weighted_rows, _weighted_sum
+
+    rng = np.random.default_rng(3)
+    w = rng.random(21)
+    rows = rng.normal(size=(21, 7, 5))
+    np.testing.assert_allclose(_weighted_sum(w, rows), np.tensordot(w, rows, axes=1), rtol=1e-12)
+    M = rng.normal(size=(9, 21))
+    np.testing.assert_allclose(_weighted_rows(M, w), M @ w, rtol=1e-12)
+    w32, g32 = w.astype(np.float32), rows.reshape(21, -1).astype(np.float32)
+    np.testing.assert_allclose(_weighted_sum(w32, g32), w32 @ g32, rtol=1e-5)
+
+
+def _avx2_openblas() -> bool:
+    import platform
+
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return platform.machine() == "x86_64" and " avx2" in flags and "openblas" in str(np.show_config(mode="dicts")).lower()
+
+
+@pytest.mark.skipif(not _avx2_openblas(), reason="needs x86-64 with AVX2 and numpy on OpenBLAS (to force its kernels)")
+def test_bfio_run_is_the_same_whatever_blas_kernel_the_cpu_gets(tmp_path):
+    """A paper-mode run is chaotic: one flipped near-tie moves its idle by a few
+    percent. bfio's scores must not depend on the BLAS kernel the machine
+    picks (they once did: idle 0.0796 under OpenBLAS's Haswell kernels, 0.0807
+    under Sandybridge's, 0.0814 under SkylakeX's), so the same run on two
+    kernels gives the same placements to the last digit."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    trace = Path(__file__).resolve().parents[1] / "data" / "traces" / "burstgpt_lengths_8000.json"
+    results = []
+    for core in ("Haswell", "Sandybridge"):
+        out = tmp_path / f"{core}.json"
+        env = {**os.environ, "OPENBLAS_CORETYPE": core}
+        subprocess.run([sys.executable, "-m", "sglang_ext.cli", "simulate", "--trace", str(trace), "--mode", "paper",
+                        "--ranks", "32", "--batch", "72", "--policies", "bfio", "--horizon", "20", "--json", str(out)],
+                       env=env, check=True, capture_output=True, timeout=600)
+        res = json.loads(out.read_text())["results"]["bfio"]
+        results.append({k: res[k] for k in ("idle_fraction", "throughput_tok_s", "imbalance", "steps")})
+    assert results[0] == results[1]
