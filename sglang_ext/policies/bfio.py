@@ -53,6 +53,7 @@ from scipy.optimize import linear_sum_assignment
 from ..triton_kernels import project_cost
 from .base import Candidates, ClusterView, Policy
 from .search import improve
+from .sums import weighted_rows, weighted_sum
 
 
 #: pool_tail for pool decisions on a server (online simulator, plugin): where
@@ -128,23 +129,6 @@ class _Horizon:
         wrows = np.add.reduceat(w, steps)
         return cls(H, wrows, 1e-3 * float(wrows[wrows > 0].min()), np.arange(steps.size),
                    wrows.astype(np.float32), steps)
-
-
-def _weighted_sum(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """sum_h w[h] * rows[h] over the first axis (rows: (len(w), ...)).
-
-    Every weighted sum of the scores goes through numpy's einsum (here, in
-    `_weighted_rows`, and the tie-break of `_lsap_round`), not a BLAS product:
-    BLAS picks its kernel by CPU, and their last bits differ (in float32 above
-    all), enough to flip near-tied placements and move a whole run on another
-    machine (paper mode, burstgpt: idle 0.0796 or 0.0814 by the kernel).
-    einsum's own loops sum in the same order on every CPU."""
-    return np.einsum("h,h...->...", w, rows)
-
-
-def _weighted_rows(M: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """M @ w (the weights along M's last axis), CPU-independent as `_weighted_sum`."""
-    return np.einsum("...h,h->...", M, w)
 
 
 class BFIO(Policy):
@@ -323,7 +307,7 @@ class BFIO(Policy):
         candidates (k = open ranks / round_split) matched to distinct ranks
         at least total growth (one assignment problem per round); past
         `bulk_after` placements, the smallest go in bulk rounds."""
-        xw = _weighted_rows(X, hz.w)  # each candidate's weighted load over the horizon
+        xw = weighted_rows(X, hz.w)  # each candidate's weighted load over the horizon
         order = np.argsort(-xw, kind="stable")
         if order.size <= self.sequential_limit:
             return self._place_each(hz, L, X, free, out, order.tolist())
@@ -333,7 +317,7 @@ class BFIO(Policy):
         # weighted totals, and the envelope.
         LT = np.ascontiguousarray(L.T)  # (G, H+1)
         Lp = np.ascontiguousarray(L[pts], dtype=np.float32)  # (points, G)
-        wL = _weighted_rows(LT, hz.w)  # (G,)
+        wL = weighted_rows(LT, hz.w)  # (G,)
         E = L.max(axis=1)
         k = 0
         while k < order.size:
@@ -352,7 +336,7 @@ class BFIO(Policy):
                 rows = LT[gs] + X[js]
                 LT[gs] = rows
                 Lp[:, gs] = rows[:, pts].T
-                wL[gs] = _weighted_rows(rows, hz.w)
+                wL[gs] = weighted_rows(rows, hz.w)
                 np.maximum(E, rows.max(axis=0), out=E)
             out[js] = gs
             free[gs] -= 1
@@ -371,8 +355,8 @@ class BFIO(Policy):
             live = live[np.argpartition(wL[live], m - 1)[:m]]
         gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[:, live][:, None, :]
         np.maximum(gap, 0.0, out=gap)
-        rise = _weighted_sum(w32, gap).reshape(C.size, live.size)
-        shared = np.einsum("ch,gh->cg", X[C] * hz.w, LT[live])  # not BLAS: see _weighted_sum
+        rise = weighted_sum(w32, gap).reshape(C.size, live.size)
+        shared = np.einsum("ch,gh->cg", X[C] * hz.w, LT[live])  # not BLAS: see sums.py
         cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         ci, ri = linear_sum_assignment(cost)
         return C[ci], live[ri]  # distinct ranks: plain indexed updates
@@ -412,8 +396,8 @@ class BFIO(Policy):
         live = np.flatnonzero(ok)
         # Envelope over all ranks: a full rank still sets the barrier.
         grow = np.maximum(L[:, live] + (x - L.max(axis=1))[:, None], 0.0)
-        primary = _weighted_sum(hz.w, grow)
-        shared = _weighted_sum(hz.w * x, L[:, live])
+        primary = weighted_sum(hz.w, grow)
+        shared = weighted_sum(hz.w * x, L[:, live])
         key = primary + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         return int(live[np.argmin(key)])
 
@@ -446,7 +430,7 @@ class BFIO(Policy):
             T = L.copy()
             placed = o >= 0
             np.add.at(T.T, o[placed], X[placed])
-            val = float(_weighted_sum(hz.w, G * T.max(axis=1) - T.sum(axis=1)))
+            val = float(weighted_sum(hz.w, G * T.max(axis=1) - T.sum(axis=1)))
             if val < best_val:
                 best, best_val = o, val
         out[:] = best
@@ -461,7 +445,7 @@ class BFIO(Policy):
         them when the envelope rose)."""
         n, G = X.shape[0], L.shape[1]
         w = hz.w
-        gain = self.reward * _weighted_rows(X, w)
+        gain = self.reward * weighted_rows(X, w)
         pen = G if self.overflow is None else self.overflow
         # Scoring runs in float32, h-major, on the horizon's evaluation points:
         # the (points, n, k) temporaries then stay in cache (several times
@@ -484,7 +468,7 @@ class BFIO(Policy):
             if stale.size:
                 gap = A[:, :, None] + Lp[:, None, stale].astype(np.float32)  # (points, n, k)
                 np.maximum(gap, 0.0, out=gap)
-                rise = _weighted_sum(w32, gap).reshape(n, stale.size)
+                rise = weighted_sum(w32, gap).reshape(n, stale.size)
                 S[:, stale] = gain[:, None] - pen * rise  # taken rows have gain _NEG
             js, gs = self._match_round(S[:, live], live)
             if js.size == 0:

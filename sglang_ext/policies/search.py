@@ -29,16 +29,18 @@ import time
 
 import numpy as np
 
+from .sums import weighted_rows, weighted_sum
+
 __all__ = ["imbalance", "improve"]
 
 
 def imbalance(T: np.ndarray, w: np.ndarray) -> float:
     """sum_h w_h [G * max_g T_g(h) - sum_g T_g(h)] of loads T (H+1, G)."""
-    return float(w @ (T.shape[1] * T.max(axis=1) - T.sum(axis=1)))
+    return float(weighted_sum(w, T.shape[1] * T.max(axis=1) - T.sum(axis=1)))
 
 
 def _spread(T: np.ndarray, w: np.ndarray) -> float:
-    return float(w @ ((T * T).sum(axis=1) - T.sum(axis=1) ** 2 / T.shape[1]))
+    return float(weighted_sum(w, (T * T).sum(axis=1) - T.sum(axis=1) ** 2 / T.shape[1]))
 
 
 class _State:
@@ -107,8 +109,8 @@ class _State:
             D = X[waiting][None, :, :] - Xp[:, None, :]
             col = Tp[:, None, :] + D
             m = np.maximum(ex1[:, gp].T[:, None, :], col)
-            f = (G * m - (S + D)) @ w
-            q = (Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G) @ w
+            f = weighted_rows(G * m - (S + D), w)
+            q = weighted_rows(Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G, w)
             out.append((f.ravel(), q.ravel(), np.zeros(f.size, np.int64), np.repeat(placed, waiting.size), np.tile(waiting, placed.size)))
         if G > 1 and placed.size > 1:  # swap placed j (rank g) and k (rank g' != g)
             jj, kk = np.triu_indices(placed.size, 1)
@@ -118,8 +120,8 @@ class _State:
                 D = Xp[kk] - Xp[jj]  # (pairs, H1)
                 cj, ck = Tp[jj] + D, Tp[kk] - D
                 m = np.maximum(np.maximum(ex2[:, gp[jj], gp[kk]].T, cj), ck)
-                f = (G * m - S) @ w
-                q = (Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G) @ w
+                f = weighted_rows(G * m - S, w)
+                q = weighted_rows(Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G, w)
                 out.append((f, q, np.ones(f.size, np.int64), placed[jj], placed[kk]))
         open_ranks = np.flatnonzero(self.left > 0)
         if open_ranks.size:  # move placed j to an open rank r != its own
@@ -131,8 +133,8 @@ class _State:
                 Tr = T[:, rr].T
                 cj, cr = Tp[jj] - Xp[jj], Tr + Xp[jj]
                 m = np.maximum(np.maximum(ex2[:, gp[jj], rr].T, cj), cr)
-                f = (G * m - S) @ w
-                q = (Q - Tp[jj] ** 2 - Tr ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G) @ w
+                f = weighted_rows(G * m - S, w)
+                q = weighted_rows(Q - Tp[jj] ** 2 - Tr ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G, w)
                 out.append((f, q, np.full(f.size, 2), placed[jj], rr))
         return out
 
