@@ -52,8 +52,8 @@ from scipy.optimize import linear_sum_assignment
 
 from ..triton_kernels import project_cost
 from .base import Candidates, ClusterView, Policy
-from .search import improve
-from .sums import weighted_rows, weighted_sum
+from .search import imbalance, improve
+from .sums import weighted_cross, weighted_rows, weighted_sum
 
 
 #: pool_tail for pool decisions on a server (online simulator, plugin): where
@@ -356,7 +356,7 @@ class BFIO(Policy):
         gap = (X[C].T[pts] - E[pts, None]).astype(np.float32)[:, :, None] + Lp[:, live][:, None, :]
         np.maximum(gap, 0.0, out=gap)
         rise = weighted_sum(w32, gap).reshape(C.size, live.size)
-        shared = np.einsum("ch,gh->cg", X[C] * hz.w, LT[live])  # not BLAS: see sums.py
+        shared = weighted_cross(X[C], LT[live], hz.w)
         cost = rise + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         ci, ri = linear_sum_assignment(cost)
         return C[ci], live[ri]  # distinct ranks: plain indexed updates
@@ -421,7 +421,6 @@ class BFIO(Policy):
         """The greedy against raised envelope floors too (the current envelope
         plus quantiles of the candidates' sizes); the placement with the
         smallest summed imbalance wins."""
-        G = L.shape[1]
         sizes = X[:, 0]
         best, best_val = None, np.inf
         for q in np.linspace(0.0, 1.0, self.levels):
@@ -430,7 +429,7 @@ class BFIO(Policy):
             T = L.copy()
             placed = o >= 0
             np.add.at(T.T, o[placed], X[placed])
-            val = float(weighted_sum(hz.w, G * T.max(axis=1) - T.sum(axis=1)))
+            val = imbalance(T, hz.w)
             if val < best_val:
                 best, best_val = o, val
         out[:] = best

@@ -21,3 +21,8 @@ def weighted_sum(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def weighted_rows(M: np.ndarray, w: np.ndarray) -> np.ndarray:
     """M @ w: the weights along M's last axis."""
     return np.einsum("...h,h->...", M, w)
+
+
+def weighted_cross(A: np.ndarray, B: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(A * w) @ B.T: sum_h w[h] A[i, h] B[j, h] for every row pair (i, j)."""
+    return np.einsum("ih,jh->ij", A * w, B)
