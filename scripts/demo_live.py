@@ -26,7 +26,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sglang_ext.plugin.ports import free_server_port  # noqa: E402
 from sglang_ext.replay import ReplayConfig, replay  # noqa: E402
 from sglang_ext.report import format_table, report  # noqa: E402
 
@@ -115,12 +115,6 @@ def rundir_name(spec: str) -> str:
     return spec.replace(":", "_").replace("=", "-")  # no colon: SGLang refuses one in a model path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_python() -> str:
     venv = REPO / ".venv/bin/python"
     return str(venv) if venv.exists() else sys.executable
@@ -189,7 +183,7 @@ class Server:
 
     def __init__(self, cfg: DemoConfig, policy: str, rundir: Path):
         self.cfg, self.policy, self.rundir = cfg, policy, rundir
-        self.port = free_port()
+        self.port = free_server_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.work = Path(tempfile.mkdtemp(prefix=f"sglang-demo-{rundir_name(policy)}-"))
         self.log = rundir / "server.log"

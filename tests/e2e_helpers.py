@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import numpy as np
 import psutil
 import requests
 
+from sglang_ext.plugin.ports import free_server_port
+
 #: a config.json is all the stand-in needs from a "model"
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -27,12 +28,6 @@ TINY_CONFIG = {
 }
 CONTEXT_LEN = TINY_CONFIG["max_position_embeddings"]
 STARTUP_TIMEOUT_S = 420  # 2 cores: ~100 s plain DP, ~175 s with DP attention (import-bound)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shm_files() -> set[str]:
@@ -123,7 +118,7 @@ def start_server(base: Path, args: list[str], ready_timeout: float = STARTUP_TIM
     cwd, tmpdir, log_dir = base / "cwd", base / "tmp", base / "telemetry"
     for d in (cwd, tmpdir):
         d.mkdir(exist_ok=True)
-    port = free_port()
+    port = free_server_port()  # its DP-attention ZMQ ports too, all below the ephemeral range
     env = dict(os.environ)
     env["TMPDIR"] = str(tmpdir)  # every IPC file of this server lands here
     env.pop("SGLANG_USE_CPU_ENGINE", None)  # hard-imports sgl_kernel (design.md section 6)

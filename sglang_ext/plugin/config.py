@@ -13,12 +13,12 @@ import argparse
 import atexit
 import logging
 import os
-import socket
 import tempfile
 import uuid
 from dataclasses import dataclass
 
 from ..argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+from .ports import free_rendezvous_port
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +230,6 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -304,7 +298,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         if getattr(args, "max_running_requests", None):
             cfg.sim_max_running = int(args.max_running_requests)
         # One rendezvous port for all stand-in ranks (SGLang gives each plain-DP rank its own nccl port).
-        cfg.sim_dist_port = _free_port()
+        cfg.sim_dist_port = free_rendezvous_port()
         from sglang_ext.plugin import enable_standin_launch
 
         enable_standin_launch()
