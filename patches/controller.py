@@ -180,73 +180,79 @@ class BalancedDispatch:
         mask[[g for g in self.ctrl._active_workers if g < self.num_ranks]] = True
         return mask
 
+    def _inflight_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Requests sent but not acknowledged yet: an (n, 3) array of (prompt_len,
+        max_new_tokens, ignore_eos), rank by rank, and each rank's row count."""
+        counts = np.fromiter((len(q) for q in self.inflight), np.int64, self.num_ranks)
+        rows = np.array([t for q in self.inflight for t in q], dtype=np.int64).reshape(-1, 3)
+        return rows, counts
+
+    def _reported_requests(self) -> dict[str, np.ndarray]:
+        """The running requests, then the waiting ones, of every rank that has reported,
+        one array per field across all ranks (the policies read them in any order)."""
+        ranks = [g for g, r in enumerate(self.reports) if r is not None]
+        reps = [self.reports[g] for g in ranks]
+
+        def cat(arrays, dtype=np.int64):
+            return np.concatenate(list(arrays)).astype(dtype) if reps else np.zeros(0, dtype)
+
+        run_kv, run_gen = cat(r.run_kv for r in reps), cat(r.run_generated for r in reps)
+        wait_prompt = cat(r.wait_prompt for r in reps)
+        n_run = [r.run_kv.shape[0] for r in reps]
+        n_wait = [r.wait_prompt.shape[0] for r in reps]
+        return dict(
+            rank=np.concatenate([np.repeat(np.array(ranks, np.int64), n) for n in (n_run, n_wait)]),
+            kv=np.concatenate([run_kv, wait_prompt]),
+            generated=np.concatenate([run_gen, np.zeros_like(wait_prompt)]),
+            cap=np.concatenate([cat(r.run_cap for r in reps), cat(r.wait_cap for r in reps)]),
+            prompt=np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt]),
+            exact=np.concatenate([cat((r.exact("run") for r in reps), bool),
+                                  cat((r.exact("wait") for r in reps), bool)]),
+            running=np.arange(run_kv.shape[0] + wait_prompt.shape[0]) < run_kv.shape[0],
+        )
+
     def build_view(self):
         from sglang_ext.policies import ClusterView
 
         G = self.num_ranks
-        free = np.zeros(G, dtype=np.int64)
-        kv = np.zeros(G, dtype=np.int64)
-        num = np.zeros(G, dtype=np.int64)
-        need_reqs = self.policy.needs_requests
-        k_scen = self._scenarios
-        rr, rk, rrem = [], [], []
-        pending = np.zeros(G, dtype=np.int64)  # prompt tokens not prefilled yet
-        if need_reqs:
-            # what runs now bounds the lengths from below (right-censored lengths)
-            # (those under ignore_eos excepted: their lengths are forced)
-            reps = [r for r in self.reports if r is not None]
-            natural = [~r.exact("run") for r in reps]
-            empty = np.zeros(0, np.int64)
-            self.estimator.observe_running(
-                np.concatenate([r.run_generated[m] for r, m in zip(reps, natural)]) if reps else empty,
-                np.concatenate([r.run_prompt[m] for r, m in zip(reps, natural)]) if reps else empty)
-        for g in range(G):
-            rep = self.reports[g]
-            fl = self.inflight[g]
-            fl_prompt = np.fromiter((p for p, _, _ in fl), np.int64, len(fl))
-            if rep is None:
-                free[g] = DEFAULT_CAPACITY - len(fl)
-                kv[g] = fl_prompt.sum()
-                num[g] = len(fl)
-            else:
-                free[g] = rep.free_slots - len(fl)
-                kv[g] = rep.kv_tokens + fl_prompt.sum()
-                num[g] = rep.num_requests + len(fl)
-                pending[g] = rep.wait_prompt.sum()
-            pending[g] += fl_prompt.sum()
-            if need_reqs:
-                parts_kv, parts_rem = [fl_prompt], [
-                    remaining_steps(self.estimator, np.zeros(len(fl), np.int64),
-                                    np.fromiter((c for _, c, _ in fl), np.int64, len(fl)), k_scen, fl_prompt,
-                                    np.fromiter((e for _, _, e in fl), bool, len(fl)))
-                ]
-                if rep is not None:
-                    parts_kv += [rep.run_kv, rep.wait_prompt]
-                    parts_rem += [
-                        remaining_steps(self.estimator, rep.run_generated, rep.run_cap, k_scen,
-                                        rep.run_prompt, rep.exact("run")),
-                        remaining_steps(self.estimator, np.zeros_like(rep.wait_cap), rep.wait_cap, k_scen,
-                                        rep.wait_prompt, rep.exact("wait")),
-                    ]
-                k = np.concatenate(parts_kv).astype(np.int64)
-                rk.append(k)
-                rrem.append(np.concatenate(parts_rem, axis=-1).astype(np.int64))
-                rr.append(np.full(k.shape[0], g, dtype=np.int64))
+        inflight, fl_count = self._inflight_rows()
+        fl_rank = np.repeat(np.arange(G), fl_count)
+        fl_prompt = np.bincount(fl_rank, weights=inflight[:, 0], minlength=G).astype(np.int64)
+        reps = self.reports
+        free = np.array([DEFAULT_CAPACITY if r is None else r.free_slots for r in reps], np.int64) - fl_count
+        kv = np.array([0 if r is None else r.kv_tokens for r in reps], np.int64) + fl_prompt
+        num = np.array([0 if r is None else r.num_requests for r in reps], np.int64) + fl_count
+        # prompt tokens not prefilled yet
+        pending = np.array([0 if r is None else r.wait_prompt.sum() for r in reps], np.int64) + fl_prompt
         active = self._active_mask()
         free = np.where(active, np.maximum(free, 0), 0)
         kv = np.where(active, kv, _INACTIVE_LOAD)
         num = np.where(active, num, _INACTIVE_LOAD)
-        if need_reqs:
-            arrays = [np.concatenate(x, axis=-1) if x else np.zeros(0, np.int64) for x in (rr, rk, rrem)]
-            if self.device == "cuda":
-                import torch
+        if not self.policy.needs_requests:
+            return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
+                               slot_limit=self._slot_limit())
 
-                arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
-            return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
-                               req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                               pending_prefill=pending, slot_limit=self._slot_limit())
-        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
-                           slot_limit=self._slot_limit())
+        rep = self._reported_requests()
+        # What runs now bounds the lengths from below (right-censored lengths), those
+        # under ignore_eos excepted: their lengths are forced.
+        natural = rep["running"] & ~rep["exact"]
+        self.estimator.observe_running(rep["generated"][natural], rep["prompt"][natural])
+        # One estimator call for every request, reported or in flight (not one per rank).
+        n_fl = inflight.shape[0]
+        req_rem = remaining_steps(
+            self.estimator, np.concatenate([np.zeros(n_fl, np.int64), rep["generated"]]),
+            np.concatenate([inflight[:, 1], rep["cap"]]), self._scenarios,
+            np.concatenate([inflight[:, 0], rep["prompt"]]),
+            np.concatenate([inflight[:, 2].astype(bool), rep["exact"]]))
+        arrays = [np.concatenate([fl_rank, rep["rank"]]), np.concatenate([inflight[:, 0], rep["kv"]]),
+                  req_rem.astype(np.int64)]
+        if self.device == "cuda":
+            import torch
+
+            arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
+        return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
+                           req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
+                           pending_prefill=pending, slot_limit=self._slot_limit())
 
     @property
     def _scenarios(self) -> int:
@@ -265,6 +271,8 @@ class BalancedDispatch:
 
         prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
         cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
+        if not self.policy.needs_requests:  # a myopic policy reads no lengths: no estimator call
+            return Candidates(prompt_len=prompt, output_est=cap)
         exact = np.fromiter((runs_to_cap(r) for r in reqs), bool, len(reqs))
         est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt, exact)
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)

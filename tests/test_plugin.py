@@ -268,6 +268,51 @@ def test_ipc_ledger_records_and_removes_sglang_ipc_files(tmp_path, monkeypatch):
     assert not any(f.exists() for f in files) and not (tmp_path / "sglang_ext_ipc_4242.txt").exists()
 
 
+@pytest.mark.parametrize("scenarios", [0, 4])
+def test_view_lists_every_request_with_the_estimate_it_would_get_alone(fake_controller, scenarios):
+    # build_view estimates every request of every rank in one call; each must get what
+    # a call for that request alone gives (same estimator state). The policies read
+    # the requests in any order, so they are compared as a set.
+    from sglang_ext.patches.controller import remaining_steps
+
+    bal, _ = fake_controller("bfio", estimator="empirical-prompt", scenarios=scenarios)
+    rng = np.random.default_rng(3)
+    reports = []
+    for g in (0, 2, 3):  # rank 1 has not reported yet
+        n, w = (4, 2) if g else (0, 1)
+        gen = rng.integers(1, 200, n)
+        reports.append(RankReport(dp_rank=g, step=1, received=0, free_slots=60, slot_limit=72,
+                                  run_kv=gen + rng.integers(1, 3000, n), run_generated=gen,
+                                  run_cap=gen + rng.integers(1, 900, n), run_exact=np.arange(n) % 3 == 0,
+                                  wait_prompt=rng.integers(1, 3000, w), wait_cap=rng.integers(1, 900, w),
+                                  finished_lengths=rng.integers(1, 600, 30),
+                                  finished_prompts=rng.integers(1, 3000, 30)))
+    bal.on_reports(reports)
+    for g, prompt in ((1, 700), (1, 20), (3, 2500)):
+        bal._record_sent(g, _req(prompt, max_new=4000 if prompt == 20 else 300, ignore_eos=prompt == 20))
+    view = bal.build_view()
+
+    expected = []  # (rank, kv, generated, cap, prompt, exact), one per request
+    for g in range(4):
+        expected += [(g, p, 0, c, p, e) for p, c, e in bal.inflight[g]]
+        rep = bal.reports[g]
+        if rep is not None:
+            expected += [(g, *row) for row in zip(rep.run_kv, rep.run_generated, rep.run_cap, rep.run_prompt,
+                                                   rep.exact("run"))]
+            expected += [(g, p, 0, c, p, False) for p, c in zip(rep.wait_prompt, rep.wait_cap)]
+    k = bal._scenarios
+    alone = [remaining_steps(bal.estimator, np.array([gen]), np.array([cap]), k, np.array([p]), np.array([e]))
+             for _, _, gen, cap, p, e in expected]
+    rem = np.atleast_2d(view.req_remaining)  # (k or 1, n)
+    got = sorted(zip(view.req_rank.tolist(), view.req_kv.tolist(), map(tuple, rem.T.tolist())))
+    want = sorted((r[0], int(r[1]), tuple(np.ravel(a).tolist())) for r, a in zip(expected, alone))
+    assert got == want
+    assert view.req_remaining.shape == ((k, len(expected)) if k else (len(expected),))
+    assert view.kv_tokens.tolist() == [sum(r[1] for r in expected if r[0] == g) for g in range(4)]
+    assert view.num_requests.tolist() == np.bincount([r[0] for r in expected], minlength=4).tolist()
+    assert view.free_slots.tolist() == [60, 72 - 2, 60, 60 - 1]
+
+
 def test_scenarios_reach_the_policy_from_the_empirical_estimator(fake_controller):
     bal, sent = fake_controller("bfio", estimator="empirical", scenarios=4)
     bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,

@@ -66,7 +66,8 @@ class Policy:
     """Base class: subclasses implement `assign`. Registered by `name`."""
 
     name = "base"
-    #: whether `assign` reads the per-request arrays (callers may skip building them)
+    #: whether `assign` reads lengths: the view's per-request arrays and the candidates'
+    #: output_est (callers may skip building and estimating them)
     needs_requests = False
     #: k > 1: the policy takes remaining steps as (k, n) equally likely scenarios
     #: (view.req_remaining) and candidates' lengths as (n, k) (output_est)

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""The patched DP controller's cost per decision, view building included.
+
+`bench_decision.py` times the policy alone on a ready-made view. In the server the
+controller first builds that view from the ranks' reports: every running and
+waiting request, plus those sent but not yet acknowledged, with a remaining-length
+estimate each. This script drives the real `BalancedDispatch` (real RankReports,
+the default empirical-prompt estimator learning from reported finished lengths)
+on steady-state snapshots of a saturated server: G ranks each holding B minus its
+free slots running requests drawn from a trace. Per snapshot it times the
+reading of the G reports (one step's worth), the first arriving request after
+them under immediate binding (the estimator refits once per step, on first use),
+and one release of a 4G-request pool under pool binding. Only the ZMQ send is replaced (by a no-op): its cost is the
+same whatever the policy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import zmq
+from tqdm import tqdm
+
+from sglang_ext.argtypes import comma_list, positive_float, positive_int, run_main, trace_file
+from sglang_ext.plugin.config import BalancerConfig
+from sglang_ext.plugin.protocol import RankReport
+from sglang_ext.policies import policy_names
+from sglang_ext.traces import load_trace
+
+REPO = Path(__file__).resolve().parents[1]
+FINISHED_PER_REPORT = 8  # finished lengths each rank reports per snapshot (the estimator keeps learning)
+
+
+def make_controller(policy: str, binding: str, G: int, workdir: str):
+    """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
+    import sglang.srt.managers.io_struct as io_struct
+
+    from sglang_ext.patches.controller import BalancedDispatch
+
+    io_struct.sock_send = lambda sock, obj: None
+    ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
+                           maybe_external_dp_rank_routing=lambda req: False)
+    cfg = BalancerConfig(policy=policy, binding=binding, device="cpu",
+                         report_addr=f"ipc://{workdir}/reports-{policy}-{binding}-{G}")
+    return BalancedDispatch(ctrl, cfg)
+
+
+def reports(rng, trace, G: int, B: int, free_frac: float, step: int, cap: int) -> list[RankReport]:
+    """One report per rank: B minus ~free_frac*B running requests, part-way through their answers."""
+    free = rng.binomial(B, free_frac, size=G).clip(0, B)
+    out = []
+    for g in range(G):
+        n = B - int(free[g])
+        idx = rng.integers(0, len(trace), size=n)
+        gen = (rng.random(n) * np.minimum(trace.output_len[idx], cap - 1)).astype(np.int64)
+        fin = rng.integers(0, len(trace), size=FINISHED_PER_REPORT)
+        out.append(RankReport(dp_rank=g, step=step, received=0, free_slots=int(free[g]), slot_limit=B,
+                              run_kv=trace.prompt_len[idx] + gen, run_generated=gen, run_cap=np.full(n, cap),
+                              finished_lengths=np.minimum(trace.output_len[fin], cap),
+                              finished_prompts=trace.prompt_len[fin]))
+    return out
+
+
+def request(prompt_len: int, cap: int):
+    return SimpleNamespace(rid=f"r{prompt_len}", input_ids=[1] * int(prompt_len), routed_dp_rank=None,
+                           sampling_params=SimpleNamespace(max_new_tokens=cap, ignore_eos=False))
+
+
+def clear_sent(bal) -> None:
+    for q in bal.inflight:
+        q.clear()
+
+
+def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
+    rng = np.random.default_rng(args.seed)
+    immediate = make_controller(policy, "immediate", G, workdir)
+    pool = make_controller(policy, "pool", G, workdir)
+    t_reports, t_dispatch, t_release = [], [], []
+    for step in range(1, args.calls + 3):  # the first two snapshots warm up
+        reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
+        prompts = trace.prompt_len[rng.integers(0, len(trace), size=4 * G)]
+
+        t0 = time.perf_counter()
+        immediate.on_reports(reps)
+        t1 = time.perf_counter()
+        immediate.dispatch(request(prompts[0], args.max_new_tokens))  # the first arrival since the reports
+        t2 = time.perf_counter()
+        clear_sent(immediate)
+
+        pool.on_reports(reps)
+        pool.pool.clear()
+        for p in prompts:
+            pool.dispatch(request(p, args.max_new_tokens))
+        t3 = time.perf_counter()
+        pool.release_pool()
+        t4 = time.perf_counter()
+        clear_sent(pool)
+        if step > 2:
+            t_reports.append(t1 - t0)
+            t_dispatch.append(t2 - t1)
+            t_release.append(t4 - t3)
+    us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
+    return dict(policy=policy, G=G, B=B, requests=int(G * B * (1 - args.free_frac)),
+                reports_p50_us=us(t_reports, 50), dispatch_p50_us=us(t_dispatch, 50), dispatch_p99_us=us(t_dispatch, 99),
+                release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
+                    help="Trace the running requests' lengths are drawn from.")
+    ap.add_argument("--cells", type=comma_list(str), default="8x72,32x72,32x256,256x256",
+                    help="Comma-separated GxB cells (ranks x running-request slots per rank).")
+    ap.add_argument("--policies", type=comma_list(str), default="total_tokens,bfio",
+                    help="Comma-separated policies to time.")
+    ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a snapshot.")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="Every request's max_new_tokens.")
+    ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="Write the rows here as JSON.")
+    args = ap.parse_args()
+    if args.free_frac >= 1:
+        ap.error(f"--free-frac must be below 1, got {args.free_frac}")
+    cells = []
+    for cell in args.cells:
+        try:
+            G, B = (int(x) for x in cell.lower().split("x"))
+        except ValueError:
+            ap.error(f"--cells: expected GxB such as 32x72, got {cell!r}")
+        if G < 1 or B < 1:
+            ap.error(f"--cells: G and B must be positive, got {cell!r}")
+        cells.append((G, B))
+    for p in args.policies:
+        if p not in policy_names():
+            ap.error(f"--policies: unknown policy {p!r} (known: {', '.join(policy_names())})")
+    trace = load_trace(args.trace)
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for G, B in tqdm(cells, desc="cells"):
+            for policy in args.policies:
+                rows.append(time_cell(policy, trace, G, B, args, workdir))
+    print(f"\nController time per decision, view included (free slots ~{args.free_frac:.0%}; immediate = one "
+          "arriving request; pool = releasing a 4G-request pool)\n")
+    print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us | pool p50 us "
+          "| pool p99 us |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['reports_p50_us']:.0f} "
+              f"| {r['dispatch_p50_us']:.0f} | {r['dispatch_p99_us']:.0f} | {r['release_p50_us']:.0f} "
+              f"| {r['release_p99_us']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    run_main(main)
