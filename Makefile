@@ -31,6 +31,7 @@ test-fast: install
 bench: install
 	$(PY) scripts/bench_reproduction.py
 	$(PY) scripts/bench_decision.py
+	$(PY) scripts/bench_controller.py
 	$(PY) scripts/bench_projection.py
 
 clean:

@@ -80,7 +80,7 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
     immediate = make_controller(policy, "immediate", G, workdir)
     pool = make_controller(policy, "pool", G, workdir)
-    t_reports, t_dispatch, t_release = [], [], []
+    t_reports, t_dispatch, t_release, placed, free = [], [], [], [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
         reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
         prompts = trace.prompt_len[rng.integers(0, len(trace), size=4 * G)]
@@ -96,6 +96,7 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
         pool.pool.clear()
         for p in prompts:
             pool.dispatch(request(p, args.max_new_tokens))
+        sent_before = int(pool.sent.sum())
         t3 = time.perf_counter()
         pool.release_pool()
         t4 = time.perf_counter()
@@ -104,10 +105,13 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_reports.append(t1 - t0)
             t_dispatch.append(t2 - t1)
             t_release.append(t4 - t3)
+            placed.append(int(pool.sent.sum()) - sent_before)
+            free.append(sum(r.free_slots for r in reps))
     us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
     return dict(policy=policy, G=G, B=B, requests=int(G * B * (1 - args.free_frac)),
                 reports_p50_us=us(t_reports, 50), dispatch_p50_us=us(t_dispatch, 50), dispatch_p99_us=us(t_dispatch, 99),
-                release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99))
+                release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99),
+                pool_placed=float(np.mean(placed)), pool_free_slots=float(np.mean(free)))
 
 
 def main():
@@ -147,12 +151,12 @@ def main():
     print(f"\nController time per decision, view included (free slots ~{args.free_frac:.0%}; immediate = one "
           "arriving request; pool = releasing a 4G-request pool)\n")
     print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us | pool p50 us "
-          "| pool p99 us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| pool p99 us | pool placed / free slots |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['reports_p50_us']:.0f} "
               f"| {r['dispatch_p50_us']:.0f} | {r['dispatch_p99_us']:.0f} | {r['release_p50_us']:.0f} "
-              f"| {r['release_p99_us']:.0f} |")
+              f"| {r['release_p99_us']:.0f} | {r['pool_placed']:.0f} / {r['pool_free_slots']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

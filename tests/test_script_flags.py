@@ -46,6 +46,11 @@ CASES = [
     ("bench_decision.py", ["--batch", "72,0"], "--batch"),
     ("bench_decision.py", ["--horizons", "0,-1"], "--horizons"),
     ("bench_decision.py", ["--free-frac", "0"], "--free-frac"),
+    ("bench_controller.py", ["--cells", "32x72,8y72"], "--cells"),
+    ("bench_controller.py", ["--cells", "0x72"], "--cells"),
+    ("bench_controller.py", ["--policies", "bfio,bogus"], "--policies"),
+    ("bench_controller.py", ["--free-frac", "1"], "--free-frac"),
+    ("bench_controller.py", ["--calls", "0"], "--calls"),
 ]
 
 

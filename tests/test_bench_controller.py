@@ -1,0 +1,22 @@
+"""scripts/bench_controller.py: the real controller times its decisions and places requests."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_controller.py"
+
+
+def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--cells", "4x16,8x8", "--calls", "3", "--free-frac", "0.3",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert [(x["G"], x["B"], x["policy"]) for x in rows] == [
+        (4, 16, "total_tokens"), (4, 16, "bfio"), (8, 8, "total_tokens"), (8, 8, "bfio")]
+    for x in rows:
+        assert x["dispatch_p50_us"] > 0 and x["release_p50_us"] > 0 and x["reports_p50_us"] > 0
+        # a 4G-request pool fills the free slots (fewer than 4G here), never more
+        assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
+        assert f"| {x['G']} | {x['B']} |" in r.stdout
