@@ -33,7 +33,6 @@ from sglang_ext.policies import policy_names
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
-FINISHED_PER_REPORT = 8  # finished lengths each rank reports per snapshot (the estimator keeps learning)
 
 
 def make_controller(policy: str, binding: str, G: int, workdir: str):
@@ -58,7 +57,7 @@ def reports(rng, trace, G: int, B: int, free_frac: float, step: int, cap: int) -
         n = B - int(free[g])
         idx = rng.integers(0, len(trace), size=n)
         gen = (rng.random(n) * np.minimum(trace.output_len[idx], cap - 1)).astype(np.int64)
-        fin = rng.integers(0, len(trace), size=FINISHED_PER_REPORT)
+        fin = rng.integers(0, len(trace), size=int(free[g]))  # the departures that freed its slots
         out.append(RankReport(dp_rank=g, step=step, received=0, free_slots=int(free[g]), slot_limit=B,
                               run_kv=trace.prompt_len[idx] + gen, run_generated=gen, run_cap=np.full(n, cap),
                               finished_lengths=np.minimum(trace.output_len[fin], cap),

@@ -193,12 +193,13 @@ class EmpiricalEstimator(Estimator):
             self._moves += 1
 
     def _survival(self):
-        """The Kaplan-Meier fit (S, tail, bins, key), or None while no request
+        """The Kaplan-Meier fit (S, tail, bins, key, row_of), or None while no request
         runs (then the finished lengths are the whole sample; with by_prompt,
         None only before anything finished). Row 0 is pooled over every
         request, row 1 + i the bucket bins[i]: S[r, t] = P(O > t) for t < T;
         tail[r, t] = the sum of S[r] over t..T-1 plus the Lindy mass past
-        T - 1; key: -S offset by 2 per row, one sorted array for quantiles."""
+        T - 1; key: -S offset by 2 per row, one sorted array for quantiles;
+        row_of[b]: the row of bucket id b (0, pooled, where b has no row)."""
         if self._seen.size == 0 or (self._running.size == 0 and not self.by_prompt):
             return None
         if self._refit_due():
@@ -232,7 +233,10 @@ class EmpiricalEstimator(Estimator):
             # expected to run as long again
             tail = np.cumsum(S[:, ::-1], axis=1)[:, ::-1] + S[:, -1:] * (T - 1)
             key = (2.0 * np.arange(R)[:, None] - S).ravel()
-            self._km = (S, tail, bins, key)
+            # row of each bucket id (0: the pooled row), one gather per request in _rows
+            row_of = np.zeros(int(bins.max()) + 2 if bins.size else 1, dtype=np.int64)
+            row_of[bins] = 1 + np.arange(bins.size)
+            self._km = (S, tail, bins, key, row_of)
         return self._km
 
     def _refit_due(self) -> bool:
@@ -244,12 +248,10 @@ class EmpiricalEstimator(Estimator):
 
     def _rows(self, km, prompt_len, n: int) -> np.ndarray:
         """Row of each request in the fit: its bucket's, else the pooled row."""
-        bins = km[2]
-        if bins.size == 0:
+        if km[2].size == 0:
             return np.zeros(n, dtype=np.int64)
-        b = self.prompt_bin(prompt_len, n)
-        i = np.minimum(np.searchsorted(bins, b), bins.size - 1)
-        return np.where(bins[i] == b, 1 + i, 0)
+        row_of = km[4]  # a bucket id past the last fitted one reads its final 0
+        return row_of[np.minimum(self.prompt_bin(prompt_len, n), row_of.size - 1)]
 
     def initial(self, prompt_len, true_out, cap):
         n = np.asarray(prompt_len).shape[0]

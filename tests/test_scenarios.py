@@ -210,6 +210,22 @@ def test_empirical_by_prompt_shrinks_a_thin_bucket_towards_the_pooled_fit():
     assert pooled.initial(np.array([1]), None, None)[0] < thin < 2000
 
 
+def test_empirical_by_prompt_rows_are_each_requests_fitted_bucket_else_pooled():
+    rng = np.random.default_rng(5)
+    est = EmpiricalEstimator(by_prompt=True)
+    est.observe(rng.integers(1, 400, 300), rng.integers(20, 3000, 300))
+    est.observe(rng.integers(1, 400, 20))  # lengths without prompts: bucket 0
+    est.observe_running(rng.integers(1, 100, 30), rng.integers(20, 3000, 30))
+    km = est._survival()
+    bins = km[2]
+    p = np.concatenate([rng.integers(1, 10**6, 500), [1, 20, 3000, 10**7]])  # fitted buckets and unseen ones
+    b = est.prompt_bin(p, p.size)
+    want = np.array([1 + int(np.flatnonzero(bins == x)[0]) if (bins == x).any() else 0 for x in b])
+    assert 0 in bins and (want == 0).any() and (want > 0).any()
+    assert np.array_equal(est._rows(km, p, p.size), want)
+    assert np.array_equal(est._rows(km, None, 4), [1 + int(np.flatnonzero(bins == 0)[0])] * 4)
+
+
 def test_empirical_by_prompt_quantiles_equal_a_row_by_row_search():
     prompt, out = _two_applications(n=600, seed=5)
     est = EmpiricalEstimator(by_prompt=True, bins_per_octave=4)
@@ -219,7 +235,7 @@ def test_empirical_by_prompt_quantiles_equal_a_row_by_row_search():
     p = rng.choice(prompt, 50)
     est.observe_running(g[:10], p[:10])
     s = est.scenarios(g, None, 6, p)
-    S, _, bins, _ = est._survival()
+    S, _, bins, _, _ = est._survival()
     rows = est._rows(est._survival(), p, 50)
     T = S.shape[1]
     q = (np.arange(6) + 0.5) / 6
