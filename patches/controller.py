@@ -187,7 +187,7 @@ class BalancedDispatch:
         rows = np.array([t for q in self.inflight for t in q], dtype=np.int64).reshape(-1, 3)
         return rows, counts
 
-    def _reported_requests(self) -> dict[str, np.ndarray]:
+    def _reported_requests(self) -> dict:
         """The running requests, then the waiting ones, of every rank that has reported,
         one array per field across all ranks (the policies read them in any order)."""
         ranks = [g for g, r in enumerate(self.reports) if r is not None]
@@ -208,7 +208,7 @@ class BalancedDispatch:
             prompt=np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt]),
             exact=np.concatenate([cat((r.exact("run") for r in reps), bool),
                                   cat((r.exact("wait") for r in reps), bool)]),
-            running=np.arange(run_kv.shape[0] + wait_prompt.shape[0]) < run_kv.shape[0],
+            n_running=run_kv.shape[0],  # the first n_running entries run, the rest wait
         )
 
     def build_view(self):
@@ -235,8 +235,9 @@ class BalancedDispatch:
         rep = self._reported_requests()
         # What runs now bounds the lengths from below (right-censored lengths), those
         # under ignore_eos excepted: their lengths are forced.
-        natural = rep["running"] & ~rep["exact"]
-        self.estimator.observe_running(rep["generated"][natural], rep["prompt"][natural])
+        run = slice(0, rep["n_running"])
+        natural = ~rep["exact"][run]
+        self.estimator.observe_running(rep["generated"][run][natural], rep["prompt"][run][natural])
         # One estimator call for every request, reported or in flight (not one per rank).
         n_fl = inflight.shape[0]
         req_rem = remaining_steps(

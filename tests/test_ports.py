@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from sglang.srt.utils.network import is_port_available
+
 from sglang_ext.plugin import ports
 
 
@@ -11,7 +13,7 @@ def test_server_port_and_its_derived_ports_are_free_and_below_the_ephemeral_rang
     port = ports.free_server_port()
     derived = range(port + ports.ZMQ_TCP_PORT_DELTA, port + ports.ZMQ_TCP_PORT_DELTA + ports.DERIVED_SPAN)
     assert max(derived) < ports.ephemeral_low()
-    assert ports.port_is_free(port) and all(ports.port_is_free(p) for p in derived)
+    assert is_port_available(port) and all(is_port_available(p) for p in derived)
 
 
 def test_a_port_whose_derived_port_is_taken_is_skipped(monkeypatch):
@@ -22,7 +24,7 @@ def test_a_port_whose_derived_port_is_taken_is_skipped(monkeypatch):
     with socket.socket() as held:  # a listener on the metrics port SGLang would derive from `first`
         held.bind(("127.0.0.1", first + ports.ZMQ_TCP_PORT_DELTA + 4))
         held.listen()
-        assert not ports.port_is_free(first + ports.ZMQ_TCP_PORT_DELTA + 4)
+        assert not is_port_available(first + ports.ZMQ_TCP_PORT_DELTA + 4)
         monkeypatch.setattr(ports.random, "sample", lambda population, k: [first, second])
         assert ports.free_server_port() == second
 

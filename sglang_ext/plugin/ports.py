@@ -14,7 +14,6 @@ server ports here come from just above that, so the two never meet.
 from __future__ import annotations
 
 import random
-import socket
 
 ZMQ_TCP_PORT_DELTA = 233  # sglang.srt.server_args.ZMQ_TCP_PORT_DELTA
 DERIVED_SPAN = 16  # port_base .. port_base + 6 + a slot per DP rank, with room to spare
@@ -31,34 +30,20 @@ def ephemeral_low() -> int:
         return _DEFAULT_EPHEMERAL_LOW
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _bind_any() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_server_port(attempts: int = 200) -> int:
     """A free `--port` for an SGLang server whose derived DP-attention ports are free too,
-    all of them below the ephemeral range."""
+    all of them below the ephemeral range (free as SGLang's own launch check sees it)."""
+    from sglang.srt.utils.network import get_free_port, is_port_available
+
     high = ephemeral_low() - 1 - ZMQ_TCP_PORT_DELTA - DERIVED_SPAN
     low = min(SERVER_PORT_LOW, high - attempts)
     if low < 1024:  # an unusual ip_local_port_range: settle for bind(0)
-        return _bind_any()
+        return get_free_port()
     for port in random.sample(range(low, high + 1), min(attempts, high - low + 1)):
         derived = range(port + ZMQ_TCP_PORT_DELTA, port + ZMQ_TCP_PORT_DELTA + DERIVED_SPAN)
-        if port_is_free(port) and all(port_is_free(p) for p in derived):
+        if is_port_available(port) and all(is_port_available(p) for p in derived):
             return port
-    return _bind_any()
+    return get_free_port()
 
 
 def free_rendezvous_port() -> int:
