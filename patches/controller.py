@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
@@ -77,6 +78,21 @@ def _prompt_len(req) -> int:
     return len(ids) if ids is not None else 0
 
 
+@dataclass
+class _Reported:
+    """The ranks' last reports, per rank (length G, ranks that have not reported at
+    their defaults) and per reported request."""
+
+    free: np.ndarray
+    kv: np.ndarray
+    num: np.ndarray
+    pending: np.ndarray
+    slot_limit: int | None
+    req_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_kv: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    req_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
 class BalancedDispatch:
     """Policy-driven dispatch plus the per-rank state it needs."""
 
@@ -95,6 +111,9 @@ class BalancedDispatch:
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
         self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
         self.pool: deque[tuple[object, float]] = deque()
+        # What the reports say, estimates included: built on the first placement after
+        # a batch of reports and reused by every placement until the next batch.
+        self._reported: _Reported | None = None
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0}
 
         self.device = "cpu"
@@ -152,6 +171,7 @@ class BalancedDispatch:
     # ---- state -------------------------------------------------------------------
 
     def on_reports(self, reports: list[RankReport]) -> None:
+        lengths, prompts_of = [], []  # natural finished lengths, taught to the estimator in one call
         for rep in reports:
             g = rep.dp_rank
             if not 0 <= g < self.num_ranks:
@@ -160,6 +180,7 @@ class BalancedDispatch:
             if prev is not None and rep.step < prev.step and rep.received <= prev.received:
                 continue  # stale
             self.reports[g] = rep
+            self._reported = None
             newly = int(rep.received - self.acked[g])
             for _ in range(min(max(newly, 0), len(self.inflight[g]))):
                 self.inflight[g].popleft()
@@ -172,8 +193,18 @@ class BalancedDispatch:
                 prompts = getattr(rep, "finished_prompts", None)
                 ok = prompts is not None and np.shape(prompts) == rep.finished_lengths.shape
                 if natural.any():
-                    self.estimator.observe(rep.finished_lengths[natural], np.asarray(prompts)[natural] if ok else None)
+                    lengths.append(rep.finished_lengths[natural])
+                    prompts_of.append(np.asarray(prompts)[natural] if ok else None)
             self.stats["reports"] += 1
+        # One estimator call per batch, not per report (it is read only after the batch);
+        # reports with and without prompts mixed (a rare sender) keep one call each.
+        if lengths and all(p is not None for p in prompts_of):
+            self.estimator.observe(np.concatenate(lengths), np.concatenate(prompts_of))
+        elif lengths and all(p is None for p in prompts_of):
+            self.estimator.observe(np.concatenate(lengths), None)
+        else:
+            for x, p in zip(lengths, prompts_of):
+                self.estimator.observe(x, p)
 
     def _active_mask(self) -> np.ndarray:
         mask = np.zeros(self.num_ranks, dtype=bool)
@@ -187,83 +218,90 @@ class BalancedDispatch:
         rows = np.array([t for q in self.inflight for t in q], dtype=np.int64).reshape(-1, 3)
         return rows, counts
 
-    def _reported_requests(self) -> dict:
-        """The running requests, then the waiting ones, of every rank that has reported,
-        one array per field across all ranks (the policies read them in any order)."""
+    def _reported_state(self) -> "_Reported":
+        """The reports' per-rank totals and every reported request (running, then
+        waiting, all ranks concatenated) with its remaining-length estimate. The
+        estimator learns only from reports, so between two batches of reports every
+        placement would compute the same: once per batch (at G=256 with 64k running
+        requests, the estimator's refit and the concatenation cost several ms)."""
+        if self._reported is not None:
+            return self._reported
+        G = self.num_ranks
         ranks = [g for g, r in enumerate(self.reports) if r is not None]
         reps = [self.reports[g] for g in ranks]
+        n_run = np.array([r.run_kv.shape[0] for r in reps], np.int64)
+        n_wait = np.array([r.wait_prompt.shape[0] for r in reps], np.int64)
 
         def cat(arrays, dtype=np.int64):
-            return np.concatenate(list(arrays)).astype(dtype) if reps else np.zeros(0, dtype)
+            return np.concatenate(list(arrays), dtype=dtype) if reps else np.zeros(0, dtype)
 
-        run_kv, run_gen = cat(r.run_kv for r in reps), cat(r.run_generated for r in reps)
-        wait_prompt = cat(r.wait_prompt for r in reps)
-        n_run = [r.run_kv.shape[0] for r in reps]
-        n_wait = [r.wait_prompt.shape[0] for r in reps]
-        return dict(
-            rank=np.concatenate([np.repeat(np.array(ranks, np.int64), n) for n in (n_run, n_wait)]),
-            kv=np.concatenate([run_kv, wait_prompt]),
-            generated=np.concatenate([run_gen, np.zeros_like(wait_prompt)]),
-            cap=np.concatenate([cat(r.run_cap for r in reps), cat(r.wait_cap for r in reps)]),
-            prompt=np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt]),
-            exact=np.concatenate([cat((r.exact("run") for r in reps), bool),
-                                  cat((r.exact("wait") for r in reps), bool)]),
-            n_running=run_kv.shape[0],  # the first n_running entries run, the rest wait
-        )
+        run_kv, run_gen, wait_prompt = cat(r.run_kv for r in reps), cat(r.run_generated for r in reps), \
+            cat(r.wait_prompt for r in reps)
+        at = np.array(ranks, np.int64)
+        run_rank, wait_rank = np.repeat(at, n_run), np.repeat(at, n_wait)
+        state = _Reported(
+            free=np.full(G, DEFAULT_CAPACITY, np.int64), kv=np.zeros(G, np.int64), num=np.zeros(G, np.int64),
+            pending=np.bincount(wait_rank, weights=wait_prompt, minlength=G).astype(np.int64),
+            slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None))
+        state.free[at] = [r.free_slots for r in reps]
+        state.kv = np.bincount(run_rank, weights=run_kv, minlength=G).astype(np.int64) + state.pending
+        state.num[at] = n_run + n_wait
+        if not self.policy.needs_requests:
+            self._reported = state
+            return state
+
+        generated = np.concatenate([run_gen, np.zeros_like(wait_prompt)])
+        exact = np.concatenate([cat((r.exact("run") for r in reps), bool), cat((r.exact("wait") for r in reps), bool)])
+        prompt = np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt])
+        # What runs now bounds the lengths from below (right-censored lengths), those
+        # under ignore_eos excepted: their lengths are forced.
+        natural = ~exact[:run_kv.shape[0]]
+        self.estimator.observe_running(run_gen[natural], prompt[:run_kv.shape[0]][natural])
+        state.req_rank = np.concatenate([run_rank, wait_rank])
+        state.req_kv = np.concatenate([run_kv, wait_prompt])
+        cap = np.concatenate([cat(r.run_cap for r in reps), cat(r.wait_cap for r in reps)])
+        state.req_remaining = remaining_steps(self.estimator, generated, cap, self._scenarios, prompt,
+                                              exact).astype(np.int64)
+        self._reported = state
+        return state
 
     def build_view(self):
         from sglang_ext.policies import ClusterView
 
         G = self.num_ranks
+        rep = self._reported_state()
         inflight, fl_count = self._inflight_rows()
         fl_rank = np.repeat(np.arange(G), fl_count)
         fl_prompt = np.bincount(fl_rank, weights=inflight[:, 0], minlength=G).astype(np.int64)
-        reps = self.reports
-        free = np.array([DEFAULT_CAPACITY if r is None else r.free_slots for r in reps], np.int64) - fl_count
-        kv = np.array([0 if r is None else r.kv_tokens for r in reps], np.int64) + fl_prompt
-        num = np.array([0 if r is None else r.num_requests for r in reps], np.int64) + fl_count
-        # prompt tokens not prefilled yet
-        pending = np.array([0 if r is None else r.wait_prompt.sum() for r in reps], np.int64) + fl_prompt
+        free = rep.free - fl_count
+        kv = rep.kv + fl_prompt
+        num = rep.num + fl_count
+        pending = rep.pending + fl_prompt  # prompt tokens not prefilled yet
         active = self._active_mask()
         free = np.where(active, np.maximum(free, 0), 0)
         kv = np.where(active, kv, _INACTIVE_LOAD)
         num = np.where(active, num, _INACTIVE_LOAD)
         if not self.policy.needs_requests:
             return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
-                               slot_limit=self._slot_limit())
+                               slot_limit=rep.slot_limit)
 
-        rep = self._reported_requests()
-        # What runs now bounds the lengths from below (right-censored lengths), those
-        # under ignore_eos excepted: their lengths are forced.
-        run = slice(0, rep["n_running"])
-        natural = ~rep["exact"][run]
-        self.estimator.observe_running(rep["generated"][run][natural], rep["prompt"][run][natural])
-        # One estimator call for every request, reported or in flight (not one per rank).
-        n_fl = inflight.shape[0]
-        req_rem = remaining_steps(
-            self.estimator, np.concatenate([np.zeros(n_fl, np.int64), rep["generated"]]),
-            np.concatenate([inflight[:, 1], rep["cap"]]), self._scenarios,
-            np.concatenate([inflight[:, 0], rep["prompt"]]),
-            np.concatenate([inflight[:, 2].astype(bool), rep["exact"]]))
-        arrays = [np.concatenate([fl_rank, rep["rank"]]), np.concatenate([inflight[:, 0], rep["kv"]]),
-                  req_rem.astype(np.int64)]
+        # Requests in flight are estimated as they come (the reported ones were, once).
+        fl_rem = remaining_steps(self.estimator, np.zeros(inflight.shape[0], np.int64), inflight[:, 1],
+                                 self._scenarios, inflight[:, 0], inflight[:, 2].astype(bool)).astype(np.int64)
+        arrays = [np.concatenate([fl_rank, rep.req_rank]), np.concatenate([inflight[:, 0], rep.req_kv]),
+                  np.concatenate([fl_rem, rep.req_remaining], axis=-1)]
         if self.device == "cuda":
             import torch
 
             arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
                            req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                           pending_prefill=pending, slot_limit=self._slot_limit())
+                           pending_prefill=pending, slot_limit=rep.slot_limit)
 
     @property
     def _scenarios(self) -> int:
         """Scenarios per request the policy takes, when the estimator can spread them."""
         return int(self.policy.scenarios) if self.estimator.spread else 0
-
-    def _slot_limit(self):
-        """Running requests a rank can hold, as the ranks report it (None: not known yet)."""
-        limits = [r.slot_limit for r in self.reports if r is not None and r.slot_limit > 0]
-        return max(limits) if limits else None
 
     # ---- placement -----------------------------------------------------------------
 

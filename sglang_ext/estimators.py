@@ -207,16 +207,23 @@ class EmpiricalEstimator(Estimator):
             keep = self._running > 0
             ev, ce = self._seen, self._running[keep]
             T = int(max(ev.max(), ce.max() if ce.size else 0)) + 2
-            bins = np.unique(np.concatenate([self._seen_bin, self._running_bin[keep]])) if self.by_prompt \
-                else np.zeros(0, np.int64)
+            # the buckets present (bucket ids are small: a bincount, not a sort), and
+            # the row of each bucket id (0: the pooled row), one gather per request
+            present = np.bincount(self._seen_bin, minlength=1) if self.by_prompt else np.zeros(0, np.int64)
+            if self.by_prompt and keep.any():
+                run_present = np.bincount(self._running_bin[keep])
+                present = np.pad(present, (0, max(0, run_present.size - present.size)))
+                present[:run_present.size] += run_present
+            bins = np.flatnonzero(present)
             R = 1 + bins.size
+            row_of = np.zeros(int(bins.max()) + 2 if bins.size else 1, dtype=np.int64)
+            row_of[bins] = 1 + np.arange(bins.size)
 
             def counts(lengths, b):
                 c = np.zeros((R, T))
                 c[0] = np.bincount(lengths, minlength=T)[:T]
                 if R > 1:
-                    row = np.searchsorted(bins, b)
-                    c[1:] = np.bincount(row * T + lengths, minlength=(R - 1) * T).reshape(R - 1, T)
+                    c[1:] = np.bincount((row_of[b] - 1) * T + lengths, minlength=(R - 1) * T).reshape(R - 1, T)
                 return c
 
             d = counts(ev, self._seen_bin)
@@ -233,9 +240,6 @@ class EmpiricalEstimator(Estimator):
             # expected to run as long again
             tail = np.cumsum(S[:, ::-1], axis=1)[:, ::-1] + S[:, -1:] * (T - 1)
             key = (2.0 * np.arange(R)[:, None] - S).ravel()
-            # row of each bucket id (0: the pooled row), one gather per request in _rows
-            row_of = np.zeros(int(bins.max()) + 2 if bins.size else 1, dtype=np.int64)
-            row_of[bins] = 1 + np.arange(bins.size)
             self._km = (S, tail, bins, key, row_of)
         return self._km
 

@@ -313,6 +313,55 @@ def test_view_lists_every_request_with_the_estimate_it_would_get_alone(fake_cont
     assert view.free_slots.tolist() == [60, 72 - 2, 60, 60 - 1]
 
 
+def test_view_reuses_the_reports_until_the_next_batch_and_sees_every_send(fake_controller):
+    # The reported requests are estimated once per batch of reports; what was sent
+    # since, and the next batch, must still show in the next view.
+    bal, _ = fake_controller("bfio", estimator="empirical-prompt")
+    run = dict(run_kv=np.array([400, 900]), run_generated=np.array([10, 300]), run_cap=np.array([2000, 2000]))
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72, **run,
+                               finished_lengths=np.array([20, 40]), finished_prompts=np.array([100, 100]))
+                    for g in range(4)])
+    first = bal.build_view()
+    bal._record_sent(2, _req(500, max_new=64))
+    second = bal.build_view()
+    assert second.kv_tokens.tolist() == [1300, 1300, 1800, 1300] and second.num_requests.tolist() == [2, 2, 3, 2]
+    assert second.free_slots.tolist() == [70, 70, 69, 70] and second.pending_prefill.tolist() == [0, 0, 500, 0]
+    assert len(second.req_rank) == len(first.req_rank) + 1 == 9
+    assert np.array_equal(second.req_remaining[1:], first.req_remaining)  # same reports, same estimates
+    # the next batch: long answers finished; rank 2 acknowledged its request
+    bal.on_reports([RankReport(dp_rank=g, step=2, received=int(g == 2), free_slots=70, slot_limit=72, **run,
+                               finished_lengths=np.full(40, 1900), finished_prompts=np.full(40, 100))
+                    for g in range(4)])
+    third = bal.build_view()
+    assert len(third.req_rank) == 8 and third.kv_tokens.tolist() == [1300] * 4
+    assert (third.req_remaining > first.req_remaining).all()  # learnt from the new batch
+
+
+def test_a_batch_of_reports_teaches_the_estimator_as_one_report_at_a_time(fake_controller):
+    # on_reports hands the estimator a batch's finished lengths in one call; the fit
+    # must be the one per-report calls would give, reports without prompts included.
+    from sglang_ext.estimators import make_estimator
+
+    rng = np.random.default_rng(5)
+    reports = [RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                          finished_lengths=rng.integers(1, 900, 30),
+                          finished_prompts=rng.integers(1, 4000, 30) if g != 1 else np.zeros(0, np.int64),
+                          finished_exact=np.arange(30) % 7 == 0)
+               for g in range(4)]
+    for with_prompts in (reports[::2], reports):  # every report with prompts; one without
+        bal, _ = fake_controller("bfio", estimator="empirical-prompt")
+        bal.on_reports(with_prompts)
+        one_by_one = make_estimator("empirical-prompt")
+        for rep in with_prompts:
+            natural = ~rep.exact("finished")
+            prompts = rep.finished_prompts[natural] if rep.finished_prompts.size else None
+            one_by_one.observe(rep.finished_lengths[natural], prompts)
+        assert np.array_equal(bal.estimator._seen, one_by_one._seen)
+        assert np.array_equal(bal.estimator._seen_bin, one_by_one._seen_bin)
+        probe = np.array([1, 50, 300, 3000])
+        assert np.array_equal(bal.estimator.initial(probe, None, None), one_by_one.initial(probe, None, None))
+
+
 def test_scenarios_reach_the_policy_from_the_empirical_estimator(fake_controller):
     bal, sent = fake_controller("bfio", estimator="empirical", scenarios=4)
     bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
