@@ -100,7 +100,8 @@ class BalancedDispatch:
         self.ctrl = controller
         self.cfg = cfg
         self.num_ranks = len(controller.workers)
-        self.estimator = make_estimator(cfg.estimator, seed=cfg.seed)
+        # A live loop must not stall on a refit: it refits in a worker thread unless told not to.
+        self.estimator = make_estimator(cfg.estimator, seed=cfg.seed, background=not cfg.inline_refit)
         self.pool_mode = cfg.binding == "pool"
         self.window = 4 * self.num_ranks  # the paper's visible window
 
@@ -130,9 +131,10 @@ class BalancedDispatch:
         self.sock.bind(cfg.report_addr)
         logger.info(
             "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s scenarios=%d "
-            "full_wait=%s pool_tail=%g over %d steps reports on %s",
+            "full_wait=%s pool_tail=%g over %d steps refit=%s reports on %s",
             cfg.policy, cfg.binding, cfg.horizon, self.device, cfg.estimator, cfg.scenarios,
-            cfg.full_wait, cfg.pool_tail, cfg.pool_tail_horizon, cfg.report_addr,
+            cfg.full_wait, cfg.pool_tail, cfg.pool_tail_horizon, "inline" if cfg.inline_refit else "background",
+            cfg.report_addr,
         )
 
     def _make_policy(self):

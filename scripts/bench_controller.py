@@ -9,8 +9,9 @@ the default empirical-prompt estimator learning from reported finished lengths)
 on steady-state snapshots of a saturated server: G ranks each holding B minus its
 free slots running requests drawn from a trace. Per snapshot it times the
 reading of the G reports (one step's worth), the first arriving request after
-them under immediate binding (the estimator refits once per step, and the
-reported requests are estimated, on first use), the next arrival before the
+them under immediate binding (the reported requests are estimated, and a
+refit of the estimator started, on first use: in a worker thread by default,
+inside the call with --refit inline), the next arrival before the
 next reports (the controller reuses what the reports said, so this is the policy
 plus the in-flight requests), and one release of a 4G-request pool under pool
 binding. Only the ZMQ send is replaced (by a no-op): its cost is the
@@ -38,7 +39,7 @@ from sglang_ext.traces import load_trace
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_controller(policy: str, binding: str, G: int, workdir: str):
+def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False):
     """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
     import sglang.srt.managers.io_struct as io_struct
 
@@ -47,7 +48,7 @@ def make_controller(policy: str, binding: str, G: int, workdir: str):
     io_struct.sock_send = lambda sock, obj: None
     ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
                            maybe_external_dp_rank_routing=lambda req: False)
-    cfg = BalancerConfig(policy=policy, binding=binding, device="cpu",
+    cfg = BalancerConfig(policy=policy, binding=binding, device="cpu", inline_refit=inline_refit,
                          report_addr=f"ipc://{workdir}/reports-{policy}-{binding}-{G}")
     return BalancedDispatch(ctrl, cfg)
 
@@ -80,8 +81,9 @@ def clear_sent(bal) -> None:
 
 def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
-    immediate = make_controller(policy, "immediate", G, workdir)
-    pool = make_controller(policy, "pool", G, workdir)
+    inline = args.refit == "inline"
+    immediate = make_controller(policy, "immediate", G, workdir, inline)
+    pool = make_controller(policy, "pool", G, workdir, inline)
     t_reports, t_dispatch, t_next, t_release, placed, free = [], [], [], [], [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
         reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
@@ -131,6 +133,9 @@ def main():
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a snapshot.")
     ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="Every request's max_new_tokens.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
+    ap.add_argument("--refit", choices=("background", "inline"), default="background",
+                    help="Where the estimator refits: in a worker thread (the live default) or inside "
+                    "the timed call (--balancer-inline-refit).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
@@ -155,7 +160,7 @@ def main():
             for policy in args.policies:
                 rows.append(time_cell(policy, trace, G, B, args, workdir))
     print(f"\nController time per decision, view included (free slots ~{args.free_frac:.0%}; immediate = one "
-          "arriving request; pool = releasing a 4G-request pool)\n")
+          f"arriving request; pool = releasing a 4G-request pool; {args.refit} refit)\n")
     print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us "
           "| next arrival p50 us | pool p50 us | pool p99 us | pool placed / free slots |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -10,6 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 
+_REFIT_POOL = None
+
+
+def _refit_pool():
+    """One worker thread for background refits, shared by every estimator."""
+    global _REFIT_POOL
+    if _REFIT_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _REFIT_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-ext-refit")
+    return _REFIT_POOL
+
+
 class Estimator:
     name = "base"
     #: whether `scenarios` spreads its guesses (else it repeats one point estimate)
@@ -137,12 +150,18 @@ class EmpiricalEstimator(Estimator):
     one, so with by_prompt it is redone only after the running set moved on
     `refit_every` times (about once per step) or the finished lengths grew by
     an eighth since the fit; the pooled fit follows every change.
+
+    `background`: after the first fit, refit in a worker thread and keep
+    answering from the last fit until the new one is ready and new data comes
+    in (numpy releases the GIL for the fit's array passes). A live controller
+    cannot stall on a refit (tens of ms for answers tens of thousands of tokens
+    long); a simulator refits inline, so its runs repeat exactly.
     """
 
     spread = True
 
     def __init__(self, prior: int = 256, window: int = 4096, by_prompt: bool = False,
-                 bins_per_octave: int = 4, shrink: float = 4.0, refit_every: int = 8):
+                 bins_per_octave: int = 4, shrink: float = 4.0, refit_every: int = 8, background: bool = False):
         if prior < 1 or window < 1 or bins_per_octave < 1 or shrink < 0:
             raise ValueError(f"empirical estimator: prior, window and bins_per_octave must be >= 1 and "
                              f"shrink >= 0, got {prior}, {window}, {bins_per_octave} and {shrink}")
@@ -162,6 +181,8 @@ class EmpiricalEstimator(Estimator):
         self._running = np.zeros(0, dtype=np.int64)
         self._running_bin = np.zeros(0, dtype=np.int64)
         self._km = None  # the fitted survival functions (see _survival)
+        self.background = bool(background)
+        self._pending = None  # a refit running in the worker thread (background)
 
     def prompt_bin(self, prompt_len, n: int) -> np.ndarray:
         """Each request's prompt-length bucket (0 for every request unless
@@ -172,6 +193,7 @@ class EmpiricalEstimator(Estimator):
         return 1 + np.floor(self.bins_per_octave * np.log2(p)).astype(np.int64)
 
     def observe(self, finished_out_len, prompt_len=None):
+        self._adopt_finished_fit()
         finished = np.asarray(finished_out_len, dtype=np.int64).ravel()
         if finished.size == 0:
             return
@@ -184,6 +206,7 @@ class EmpiricalEstimator(Estimator):
         self._new += finished.size
 
     def observe_running(self, generated, prompt_len=None):
+        self._adopt_finished_fit()
         running = np.asarray(generated, dtype=np.int64).ravel()
         bins = self.prompt_bin(prompt_len, running.size)
         # Callers report before every decision (one per arrival under immediate
@@ -198,50 +221,85 @@ class EmpiricalEstimator(Estimator):
         None only before anything finished). Row 0 is pooled over every
         request, row 1 + i the bucket bins[i]: S[r, t] = P(O > t) for t < T;
         tail[r, t] = the sum of S[r] over t..T-1 plus the Lindy mass past
-        T - 1; key: -S offset by 2 per row, one sorted array for quantiles;
+        T - 1; key: -S offset by 2 per row, one sorted array for quantiles (None
+        until `_quantile_key` builds it);
         row_of[b]: the row of bucket id b (0, pooled, where b has no row)."""
         if self._seen.size == 0 or (self._running.size == 0 and not self.by_prompt):
             return None
-        if self._refit_due():
+        if self._refit_due() and self._pending is None:
             self._moves, self._new, self._fit_seen = 0, 0, self._seen.size
-            keep = self._running > 0
-            ev, ce = self._seen, self._running[keep]
-            T = int(max(ev.max(), ce.max() if ce.size else 0)) + 2
-            # the buckets present (bucket ids are small: a bincount, not a sort), and
-            # the row of each bucket id (0: the pooled row), one gather per request
-            present = np.bincount(self._seen_bin, minlength=1) if self.by_prompt else np.zeros(0, np.int64)
-            if self.by_prompt and keep.any():
-                run_present = np.bincount(self._running_bin[keep])
-                present = np.pad(present, (0, max(0, run_present.size - present.size)))
-                present[:run_present.size] += run_present
-            bins = np.flatnonzero(present)
-            R = 1 + bins.size
-            row_of = np.zeros(int(bins.max()) + 2 if bins.size else 1, dtype=np.int64)
-            row_of[bins] = 1 + np.arange(bins.size)
-
-            def counts(lengths, b):
-                c = np.zeros((R, T))
-                c[0] = np.bincount(lengths, minlength=T)[:T]
-                if R > 1:
-                    c[1:] = np.bincount((row_of[b] - 1) * T + lengths, minlength=(R - 1) * T).reshape(R - 1, T)
-                return c
-
-            d = counts(ev, self._seen_bin)
-            # at risk at t: lengths >= t, and running requests already past t
-            at_risk = np.cumsum(d[:, ::-1], axis=1)[:, ::-1] + \
-                np.cumsum(counts(ce, self._running_bin[keep])[:, ::-1], axis=1)[:, ::-1]
-            hazard = np.divide(d, at_risk, out=np.zeros((R, T)), where=at_risk > 0)
-            if R > 1:  # a bucket's hazard, shrunk towards the pooled one (the pooled one past its data)
-                denom = at_risk[1:] + self.shrink
-                hazard[1:] = np.where(denom > 0, (d[1:] + self.shrink * hazard[0]) / np.maximum(denom, 1e-300),
-                                      hazard[0])
-            S = np.cumprod(1.0 - hazard, axis=1)
-            # mass left past T - 1 (the longest requests are still running):
-            # expected to run as long again
-            tail = np.cumsum(S[:, ::-1], axis=1)[:, ::-1] + S[:, -1:] * (T - 1)
-            key = (2.0 * np.arange(R)[:, None] - S).ravel()
-            self._km = (S, tail, bins, key, row_of)
+            # (the fit reads these arrays only; this class replaces them, never writes into them)
+            inputs = (self._seen, self._seen_bin, self._running, self._running_bin)
+            if self.background and self._km is not None:
+                self._pending = _refit_pool().submit(self._fit, *inputs)
+            else:
+                self._km = self._fit(*inputs)
         return self._km
+
+    def wait(self) -> None:
+        """Block until a background refit in progress is done and answer from it."""
+        if self._pending is not None:
+            self._km, self._pending = self._pending.result(), None
+
+    def _adopt_finished_fit(self) -> None:
+        """Answer from a background refit once it is done. Called as new data comes in
+        (observe, observe_running), so every answer between two updates comes from one fit."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
+    def _fit(self, seen, seen_bin, running, running_bin):
+        """The fit `_survival` describes, from these lengths (read only: it may run in
+        the worker thread)."""
+        keep = running > 0
+        ev, ce = seen, running[keep]
+        T = int(max(ev.max(), ce.max() if ce.size else 0)) + 2
+        # the buckets present (bucket ids are small: a bincount, not a sort), and
+        # the row of each bucket id (0: the pooled row), one gather per request
+        present = np.bincount(seen_bin, minlength=1) if self.by_prompt else np.zeros(0, np.int64)
+        if self.by_prompt and keep.any():
+            run_present = np.bincount(running_bin[keep])
+            present = np.pad(present, (0, max(0, run_present.size - present.size)))
+            present[:run_present.size] += run_present
+        bins = np.flatnonzero(present)
+        R = 1 + bins.size
+        row_of = np.zeros(int(bins.max()) + 2 if bins.size else 1, dtype=np.int64)
+        row_of[bins] = 1 + np.arange(bins.size)
+
+        def counts(lengths, b):  # integer counts: sums of them are exact in any order
+            c = np.zeros((R, T), np.int64)
+            c[0] = np.bincount(lengths, minlength=T)[:T]
+            if R > 1:
+                c[1:] = np.bincount((row_of[b] - 1) * T + lengths, minlength=(R - 1) * T).reshape(R - 1, T)
+            return c
+
+        d = counts(ev, seen_bin)
+        # at risk at t: lengths >= t, and running requests already past t
+        at_risk = np.cumsum((d + counts(ce, running_bin[keep]))[:, ::-1], axis=1)[:, ::-1] \
+            .astype(np.float64)
+        d = d.astype(np.float64)
+        hazard = np.divide(d, at_risk, out=np.zeros((R, T)), where=at_risk > 0)
+        if R > 1:  # a bucket's hazard, shrunk towards the pooled one (the pooled one past its data)
+            denom = at_risk[1:] + self.shrink
+            shrunk = d[1:] + self.shrink * hazard[0]
+            if self.shrink > 0:  # (every denominator is positive)
+                np.divide(shrunk, np.maximum(denom, 1e-300, out=denom), out=hazard[1:])
+            else:
+                hazard[1:] = np.where(denom > 0, shrunk / np.maximum(denom, 1e-300), hazard[0])
+        # (in place: at long lengths these arrays hold millions of entries)
+        S = np.cumprod(np.subtract(1.0, hazard, out=hazard), axis=1, out=hazard)
+        # mass left past T - 1 (the longest requests are still running):
+        # expected to run as long again
+        tail = np.cumsum(S[:, ::-1], axis=1)[:, ::-1]
+        tail += S[:, -1:] * (T - 1)
+        key = None  # for quantiles: built on first use (_quantile_key)
+        return S, tail, bins, key, row_of
+
+    def _quantile_key(self, km) -> np.ndarray:
+        """km's key (-S offset by 2 per row, one sorted array), built once per fit and
+        only when quantiles are asked for."""
+        if km[3] is None:
+            km = self._km = km[:3] + ((2.0 * np.arange(km[0].shape[0])[:, None] - km[0]).ravel(),) + km[4:]
+        return km[3]
 
     def _refit_due(self) -> bool:
         if self._km is None:
@@ -298,7 +356,7 @@ class EmpiricalEstimator(Estimator):
         q = (np.arange(int(k)) + 0.5)[:, None] / int(k)
         km = self._survival()
         if km is not None:
-            S, key = km[0], km[3]
+            S, key = km[0], self._quantile_key(km)
             r = self._rows(km, prompt_len, g.shape[0])
             T = S.shape[1]
             gi = np.minimum(g, T - 1)
@@ -320,8 +378,9 @@ class EmpiricalEstimator(Estimator):
 ESTIMATORS = ("oracle", "noisy:<delta>", "cap", "empirical", "empirical-prompt")
 
 
-def make_estimator(spec: str, seed: int = 0) -> Estimator:
-    """'oracle' | 'noisy:0.5' | 'cap' | 'empirical[:prior]' | 'empirical-prompt[:prior]'."""
+def make_estimator(spec: str, seed: int = 0, background: bool = False) -> Estimator:
+    """'oracle' | 'noisy:0.5' | 'cap' | 'empirical[:prior]' | 'empirical-prompt[:prior]'.
+    `background`: learned estimators refit in a worker thread (see EmpiricalEstimator)."""
     name, _, arg = spec.partition(":")
     if name == "oracle" and not arg:
         return OracleEstimator()
@@ -336,8 +395,8 @@ def make_estimator(spec: str, seed: int = 0) -> Estimator:
     if name in ("empirical", "empirical-prompt"):
         by_prompt = name == "empirical-prompt"
         if not arg:
-            return EmpiricalEstimator(by_prompt=by_prompt)
+            return EmpiricalEstimator(by_prompt=by_prompt, background=background)
         if not arg.isdigit() or int(arg) < 1:
             raise ValueError(f"--estimator {spec!r}: the prior must be a whole number of tokens >= 1")
-        return EmpiricalEstimator(prior=int(arg), by_prompt=by_prompt)
+        return EmpiricalEstimator(prior=int(arg), by_prompt=by_prompt, background=background)
     raise ValueError(f"unknown estimator {spec!r}; choose from {', '.join(ESTIMATORS)}")

@@ -21,3 +21,16 @@ def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
         # a 4G-request pool fills the free slots (fewer than 4G here), never more
         assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
         assert f"| {x['G']} | {x['B']} |" in r.stdout
+
+
+def test_refit_bench_times_both_modes_on_every_cell(tmp_path):
+    out = tmp_path / "refit.json"
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_refit.py"), "--longest", "256,32768",
+                        "--running", "2048", "--calls", "3", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert [(x["longest"], x["running"]) for x in rows] == [(256, 2048), (32768, 2048)]
+    assert all(x["buckets"] > 1 and x["inline_ms"] > 0 and x["background_ms"] > 0 and x["no_refit_ms"] > 0
+               for x in rows)
+    assert "| 32768 | 2048 |" in r.stdout

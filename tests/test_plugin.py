@@ -52,6 +52,8 @@ def test_cli_defaults_and_values():
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-pool-tail", "0"]).pool_tail == 0.0
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).pool_tail_horizon == 2000
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-pool-tail-horizon", "8000"]).pool_tail_horizon == 8000
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).inline_refit is False
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-inline-refit"]).inline_refit is True
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -72,6 +74,8 @@ def test_cli_rejects_bad_flags(capsys):
         _parse(["--balancer-horizon", "5"])
     with pytest.raises(SystemExit, match="--balancer-full-wait only apply"):
         _parse(["--balancer-full-wait"])
+    with pytest.raises(SystemExit, match="--balancer-inline-refit only apply"):
+        _parse(["--balancer-inline-refit"])
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-pool-tail", "-0.5"])
     assert "--balancer-pool-tail" in capsys.readouterr().err
@@ -316,7 +320,7 @@ def test_view_lists_every_request_with_the_estimate_it_would_get_alone(fake_cont
 def test_view_reuses_the_reports_until_the_next_batch_and_sees_every_send(fake_controller):
     # The reported requests are estimated once per batch of reports; what was sent
     # since, and the next batch, must still show in the next view.
-    bal, _ = fake_controller("bfio", estimator="empirical-prompt")
+    bal, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
     run = dict(run_kv=np.array([400, 900]), run_generated=np.array([10, 300]), run_cap=np.array([2000, 2000]))
     bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72, **run,
                                finished_lengths=np.array([20, 40]), finished_prompts=np.array([100, 100]))
@@ -335,6 +339,33 @@ def test_view_reuses_the_reports_until_the_next_batch_and_sees_every_send(fake_c
     third = bal.build_view()
     assert len(third.req_rank) == 8 and third.kv_tokens.tolist() == [1300] * 4
     assert (third.req_remaining > first.req_remaining).all()  # learnt from the new batch
+
+
+def test_controller_refits_in_a_worker_thread_unless_told_inline(fake_controller):
+    # By default the dispatch loop never waits for a refit: the batch that makes one
+    # due is estimated from the previous fit, and a later batch from the new one.
+    run = dict(run_kv=np.array([400, 900]), run_generated=np.array([10, 300]), run_cap=np.array([4000, 4000]))
+
+    def batch(step, length):
+        return [RankReport(dp_rank=g, step=step, received=0, free_slots=70, slot_limit=72, **run,
+                           finished_lengths=np.full(40, length), finished_prompts=np.full(40, 100))
+                for g in range(4)]
+
+    views = {}
+    for inline in (True, False):
+        bal, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=inline)
+        assert bal.estimator.background is not inline
+        out = []
+        for step, length in ((1, 30), (2, 3000), (3, 3000)):
+            bal.on_reports(batch(step, length))
+            out.append(bal.build_view().req_remaining.copy())
+            if bal.estimator._pending is not None:
+                bal.estimator._pending.result()  # the worker is done before the next batch
+        views[inline] = out
+    assert (views[True][1] > views[True][0]).all()  # inline: learnt from batch 2 at once
+    assert np.array_equal(views[False][1], views[True][0])  # worker: batch 2 from batch 1's fit
+    # the worker's fit of batches 1-2 is adopted at batch 3 (which starts the next refit)
+    assert (views[False][2] > views[False][1]).all() and np.array_equal(views[False][2], views[True][1])
 
 
 def test_a_batch_of_reports_teaches_the_estimator_as_one_report_at_a_time(fake_controller):

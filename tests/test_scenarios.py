@@ -266,3 +266,36 @@ def test_online_replay_with_the_prompt_estimator_serves_every_request():
         r = simulate_online(tr, make_policy("bfio", horizon=8, scenarios=k), OnlineConfig(ranks=4, batch=16),
                             make_estimator("empirical-prompt"))
         assert r.requests_finished == 300 and 0 <= r.idle_fraction < 1
+
+
+def test_background_refit_answers_from_the_last_fit_until_the_new_one_is_adopted():
+    # A live controller refits in a worker thread: until the new fit is done and new
+    # data comes in, answers come from the previous fit; then they equal an inline fit's.
+    prompt, out = _two_applications(n=600, seed=3)
+    inline, bg = make_estimator("empirical-prompt"), make_estimator("empirical-prompt", background=True)
+    g, p = np.array([0, 5, 50, 150]), np.array([100, 1000, 100, 1000])
+    for est in (inline, bg):
+        est.observe(out[:300], prompt[:300])
+        est.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    before = bg.remaining(g, None, p)  # the first fit is inline in both
+    assert np.array_equal(before, inline.remaining(g, None, p))
+    for est in (inline, bg):
+        est.observe(out[300:] * 3, prompt[300:])  # answers three times longer: a refit is due
+    want = inline.remaining(g, None, p)
+    assert not np.array_equal(want, before)
+    assert np.array_equal(bg.remaining(g, None, p), before)  # the refit runs in the worker
+    assert bg._pending is not None
+    assert np.array_equal(bg.scenarios(g, None, 4, p), bg.scenarios(g, None, 4, p))  # one fit per update
+    bg.wait()
+    assert bg._pending is None
+    assert np.array_equal(bg.remaining(g, None, p), want)
+    assert np.array_equal(bg.scenarios(g, None, 4, p), inline.scenarios(g, None, 4, p))
+    # without wait(): adopted as new data comes in, once done
+    for est in (inline, bg):
+        est.observe(out[:100], prompt[:100])
+    bg.remaining(g, None, p)
+    bg._pending.result()  # done
+    bg.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    inline.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    assert bg._pending is None
+    assert np.array_equal(bg.remaining(g, None, p), inline.remaining(g, None, p))

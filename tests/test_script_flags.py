@@ -51,6 +51,10 @@ CASES = [
     ("bench_controller.py", ["--policies", "bfio,bogus"], "--policies"),
     ("bench_controller.py", ["--free-frac", "1"], "--free-frac"),
     ("bench_controller.py", ["--calls", "0"], "--calls"),
+    ("bench_controller.py", ["--refit", "lazy"], "--refit"),
+    ("bench_refit.py", ["--longest", "2048,x"], "--longest"),
+    ("bench_refit.py", ["--running", "0"], "--running"),
+    ("bench_refit.py", ["--calls", "0"], "--calls"),
 ]
 
 

@@ -47,6 +47,7 @@ class BalancerConfig:
     pool_max_wait_s: float = 0.5
     device: str = "auto"
     estimator: str = "empirical-prompt"
+    inline_refit: bool = False  # refit the learned estimator in the dispatch loop (else in a worker thread)
     log_dir: str | None = None
     report_addr: str | None = None  # PULL socket the controller binds, ranks PUSH to
     seed: int = 0
@@ -188,6 +189,15 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "projected so; only answers that end by themselves teach the learned estimates.",
     )
     group.add_argument(
+        "--balancer-inline-refit",
+        action="store_true",
+        default=None,
+        help="Refit the learned length estimate (empirical, empirical-prompt) inside the controller's "
+        "dispatch loop, so the same requests and reports always give the same placements; the loop "
+        "then stalls for each refit (tens of ms with answers tens of thousands of tokens long). "
+        "Default: refit in a worker thread and estimate from the previous fit meanwhile.",
+    )
+    group.add_argument(
         "--balancer-log",
         type=str,
         default=None,
@@ -259,7 +269,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
             f"--{k.replace('_', '-')}"
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
                       "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait",
-                      "balancer_device", "balancer_estimator", "balancer_report_addr", "balancer_seed")
+                      "balancer_device", "balancer_estimator", "balancer_inline_refit", "balancer_report_addr",
+                      "balancer_seed")
             if getattr(args, k, None) is not None
         ]
         if needing:
@@ -272,7 +283,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
                        ("pool_tail", "balancer_pool_tail"), ("pool_tail_horizon", "balancer_pool_tail_horizon"),
                        ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
-                       ("estimator", "balancer_estimator"), ("log_dir", "balancer_log"),
+                       ("estimator", "balancer_estimator"), ("inline_refit", "balancer_inline_refit"),
+                       ("log_dir", "balancer_log"),
                        ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),
                        ("sim_time_scale", "balancer_sim_time_scale")):
         value = getattr(args, key, None)
