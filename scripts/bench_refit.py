@@ -9,9 +9,11 @@ of entries. Per cell (longest answer L, running requests) this script builds
 the estimator's state from synthetic lengths (log-normal, the longest at L;
 prompts spread over three decades), makes a refit due, and times the call that
 triggers it (estimating every running request, as the controller does after a
-batch of reports): inline, the call waits for the fit; in the background (the
-live controller's default), the call answers from the previous fit while the
-worker thread refits. The last column times the same call with no refit due.
+batch of reports): inline (`--balancer-inline-refit`), the call waits for the
+fit; with the live controller's default, a fit of at least
+`background_min_entries` entries is redone in a worker thread while the call
+answers from the previous fit (a smaller one stays inline). The last column
+times the same call with no refit due.
 """
 from __future__ import annotations
 
@@ -48,21 +50,21 @@ def time_cell(longest: int, running: int, args) -> dict:
     rng = np.random.default_rng(args.seed)
     fin, fin_p, ages, ages_p = state(rng, longest, running, args.window)
     rows = {"inline": [], "background": [], "no_refit": []}
-    buckets = 0
+    buckets = entries = 0
     for _ in range(args.calls):
         for mode in ("inline", "background"):
             est = EmpiricalEstimator(by_prompt=True, window=args.window, background=mode == "background")
             est.observe(fin, fin_p)
             est.observe_running(ages, ages_p)
             est.remaining(ages[:1], np.zeros(1, np.int64), ages_p[:1])  # the first fit (inline in both)
-            buckets = est._survival()[0].shape[0] - 1
+            buckets, entries = est._survival()[0].shape[0] - 1, est._survival()[0].size
             est.observe(fin[: args.window // 4], fin_p[: args.window // 4])  # enough new lengths: a refit is due
             rows[mode].append(time_call(est, ages, ages_p))
             est.wait()
             if mode == "inline":
                 rows["no_refit"].append(time_call(est, ages, ages_p))
     ms = lambda xs: float(np.median(xs) * 1e3)  # noqa: E731
-    return dict(longest=longest, running=running, buckets=buckets, inline_ms=ms(rows["inline"]),
+    return dict(longest=longest, running=running, buckets=buckets, entries=entries, inline_ms=ms(rows["inline"]),
                 background_ms=ms(rows["background"]), no_refit_ms=ms(rows["no_refit"]))
 
 
@@ -79,13 +81,15 @@ def main():
     args = ap.parse_args()
     cells = [(L, n) for L in args.longest for n in args.running]
     rows = [time_cell(L, n, args) for L, n in tqdm(cells, desc="cells")]
-    print("\nEstimating every running request when a refit is due (p50, ms): inline waits for the fit; "
-          "background answers from the previous fit while a worker thread refits\n")
-    print("| longest answer | running requests | prompt buckets | inline refit | background refit | no refit due |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("\nEstimating every running request when a refit is due (p50, ms): inline waits for the fit; the "
+          f"default refits in a worker thread fits of at least {EmpiricalEstimator.background_min_entries:,} "
+          "entries (buckets x lengths) and answers from the previous fit meanwhile\n")
+    print("| longest answer | running requests | prompt buckets | fit entries | inline refit | default "
+          "| no refit due |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['longest']} | {r['running']} | {r['buckets']} | {r['inline_ms']:.1f} | {r['background_ms']:.1f} "
-              f"| {r['no_refit_ms']:.1f} |")
+        print(f"| {r['longest']} | {r['running']} | {r['buckets']} | {r['entries']:,} | {r['inline_ms']:.1f} "
+              f"| {r['background_ms']:.1f} | {r['no_refit_ms']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -151,14 +151,19 @@ class EmpiricalEstimator(Estimator):
     `refit_every` times (about once per step) or the finished lengths grew by
     an eighth since the fit; the pooled fit follows every change.
 
-    `background`: after the first fit, refit in a worker thread and keep
-    answering from the last fit until the new one is ready and new data comes
-    in (numpy releases the GIL for the fit's array passes). A live controller
-    cannot stall on a refit (tens of ms for answers tens of thousands of tokens
-    long); a simulator refits inline, so its runs repeat exactly.
+    `background`: once the fit is large (`background_min_entries`: answers
+    several thousand tokens long), refit in a worker thread and keep answering
+    from the last fit until the new one is ready and new data comes in (numpy
+    releases the GIL for the fit's array passes). A live controller should not
+    stall on a refit (tens of ms for answers tens of thousands of tokens long);
+    a smaller fit takes a few ms, where a worker would only contend for the
+    cores, and a simulator refits inline, so its runs repeat exactly.
     """
 
     spread = True
+    #: with `background`, fits with fewer entries (buckets x lengths) than this stay
+    #: inline: about 10 ms on one core (41 buckets of answers up to 6k tokens)
+    background_min_entries = 1 << 18
 
     def __init__(self, prior: int = 256, window: int = 4096, by_prompt: bool = False,
                  bins_per_octave: int = 4, shrink: float = 4.0, refit_every: int = 8, background: bool = False):
@@ -230,7 +235,7 @@ class EmpiricalEstimator(Estimator):
             self._moves, self._new, self._fit_seen = 0, 0, self._seen.size
             # (the fit reads these arrays only; this class replaces them, never writes into them)
             inputs = (self._seen, self._seen_bin, self._running, self._running_bin)
-            if self.background and self._km is not None:
+            if self.background and self._km is not None and self._km[0].size >= self.background_min_entries:
                 self._pending = _refit_pool().submit(self._fit, *inputs)
             else:
                 self._km = self._fit(*inputs)

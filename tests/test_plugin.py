@@ -342,8 +342,8 @@ def test_view_reuses_the_reports_until_the_next_batch_and_sees_every_send(fake_c
 
 
 def test_controller_refits_in_a_worker_thread_unless_told_inline(fake_controller):
-    # By default the dispatch loop never waits for a refit: the batch that makes one
-    # due is estimated from the previous fit, and a later batch from the new one.
+    # By default the dispatch loop does not wait for a large refit: the batch that makes
+    # one due is estimated from the previous fit, and a later batch from the new one.
     run = dict(run_kv=np.array([400, 900]), run_generated=np.array([10, 300]), run_cap=np.array([4000, 4000]))
 
     def batch(step, length):
@@ -355,6 +355,7 @@ def test_controller_refits_in_a_worker_thread_unless_told_inline(fake_controller
     for inline in (True, False):
         bal, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=inline)
         assert bal.estimator.background is not inline
+        bal.estimator.background_min_entries = 0  # (a fit this small stays inline by default)
         out = []
         for step, length in ((1, 30), (2, 3000), (3, 3000)):
             bal.on_reports(batch(step, length))

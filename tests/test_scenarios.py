@@ -273,6 +273,7 @@ def test_background_refit_answers_from_the_last_fit_until_the_new_one_is_adopted
     # data comes in, answers come from the previous fit; then they equal an inline fit's.
     prompt, out = _two_applications(n=600, seed=3)
     inline, bg = make_estimator("empirical-prompt"), make_estimator("empirical-prompt", background=True)
+    bg.background_min_entries = 0  # (a fit this small stays inline by default)
     g, p = np.array([0, 5, 50, 150]), np.array([100, 1000, 100, 1000])
     for est in (inline, bg):
         est.observe(out[:300], prompt[:300])
@@ -299,3 +300,15 @@ def test_background_refit_answers_from_the_last_fit_until_the_new_one_is_adopted
     inline.observe_running(np.array([20, 20]), np.array([100, 1000]))
     assert bg._pending is None
     assert np.array_equal(bg.remaining(g, None, p), inline.remaining(g, None, p))
+
+
+def test_background_keeps_small_fits_inline():
+    prompt, out = _two_applications(n=600, seed=3)
+    bg = make_estimator("empirical-prompt", background=True)
+    bg.observe(out[:300], prompt[:300])
+    bg.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    bg.remaining(np.array([5]), None, np.array([100]))
+    assert bg._survival()[0].size < bg.background_min_entries
+    bg.observe(out[300:] * 3, prompt[300:])
+    bg.remaining(np.array([5]), None, np.array([100]))
+    assert bg._pending is None and bg._new == 0  # refit at once, in this thread

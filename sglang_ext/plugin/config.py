@@ -192,10 +192,11 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "--balancer-inline-refit",
         action="store_true",
         default=None,
-        help="Refit the learned length estimate (empirical, empirical-prompt) inside the controller's "
-        "dispatch loop, so the same requests and reports always give the same placements; the loop "
-        "then stalls for each refit (tens of ms with answers tens of thousands of tokens long). "
-        "Default: refit in a worker thread and estimate from the previous fit meanwhile.",
+        help="Always refit the learned length estimate (empirical, empirical-prompt) inside the "
+        "controller's dispatch loop, so the same requests and reports always give the same placements; "
+        "the loop then stalls for each refit (tens of ms with answers tens of thousands of tokens long). "
+        "Default: once a refit is large (answers several thousand tokens long), refit in a worker "
+        "thread and estimate from the previous fit meanwhile.",
     )
     group.add_argument(
         "--balancer-log",
