@@ -7,8 +7,11 @@ E[O - age | O > age] online from the lengths of finished requests.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
+logger = logging.getLogger(__name__)
 
 _REFIT_POOL = None
 
@@ -244,13 +247,20 @@ class EmpiricalEstimator(Estimator):
     def wait(self) -> None:
         """Block until a background refit in progress is done and answer from it."""
         if self._pending is not None:
-            self._km, self._pending = self._pending.result(), None
+            pending, self._pending = self._pending, None
+            self._km = pending.result()
 
     def _adopt_finished_fit(self) -> None:
         """Answer from a background refit once it is done. Called as new data comes in
-        (observe, observe_running), so every answer between two updates comes from one fit."""
+        (observe, observe_running), so every answer between two updates comes from one fit.
+        A refit that failed in the worker is redone inline at the next answer, where the
+        caller sees the error (the controller then falls back to the least-loaded rank)."""
         if self._pending is not None and self._pending.done():
-            self.wait()
+            try:
+                self.wait()
+            except Exception:  # noqa: BLE001  (learning from reports must go on)
+                logger.exception("sglang-ext: background refit of the %s estimator failed; refitting inline", self.name)
+                self._km = None
 
     def _fit(self, seen, seen_bin, running, running_bin):
         """The fit `_survival` describes, from these lengths (read only: it may run in

@@ -312,3 +312,28 @@ def test_background_keeps_small_fits_inline():
     bg.observe(out[300:] * 3, prompt[300:])
     bg.remaining(np.array([5]), None, np.array([100]))
     assert bg._pending is None and bg._new == 0  # refit at once, in this thread
+
+
+def test_a_refit_that_fails_in_the_worker_is_redone_inline(monkeypatch, caplog):
+    prompt, out = _two_applications(n=600, seed=3)
+    bg = make_estimator("empirical-prompt", background=True)
+    bg.background_min_entries = 0
+    bg.observe(out[:300], prompt[:300])
+    bg.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    g, p = np.array([5]), np.array([1000])
+    bg.remaining(g, None, p)
+    real_fit = bg._fit
+    monkeypatch.setattr(bg, "_fit", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    bg.observe(out[300:] * 3, prompt[300:])
+    bg.remaining(g, None, p)  # submits the failing refit
+    bg._pending.exception()  # (wait for it to fail)
+    bg.observe_running(np.array([20, 20]), np.array([100, 1000]))  # learning goes on: no error here
+    assert "background refit" in caplog.text and bg._km is None and bg._pending is None
+    with pytest.raises(RuntimeError, match="boom"):  # the next answer refits inline and says why it cannot
+        bg.remaining(g, None, p)
+    monkeypatch.setattr(bg, "_fit", real_fit)
+    inline = make_estimator("empirical-prompt")
+    inline.observe(out[:300], prompt[:300])
+    inline.observe(out[300:] * 3, prompt[300:])
+    inline.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    assert np.array_equal(bg.remaining(g, None, p), inline.remaining(g, None, p))
