@@ -11,7 +11,9 @@ Hooks (registered by `sglang_ext.plugin.load`):
 
 Per-rank state comes from the ranks' per-step `RankReport`s plus what this
 controller sent that the rank has not yet acknowledged (in flight), so a burst
-of arrivals between two reports is not all sent to the same rank.
+of arrivals between two reports is not all sent to the same rank. What the
+reports say (every reported request with its remaining-length estimate) is
+computed once per batch of reports; each placement adds only what is in flight.
 """
 from __future__ import annotations
 
