@@ -255,7 +255,12 @@ class BalancedDispatch:
             return state
 
         generated = np.concatenate([run_gen, np.zeros_like(wait_prompt)])
-        exact = np.concatenate([cat((r.exact("run") for r in reps), bool), cat((r.exact("wait") for r in reps), bool)])
+        flags = (getattr(r, k, None) for r in reps for k in ("run_exact", "wait_exact"))
+        if any(f is not None and np.size(f) for f in flags):
+            exact = np.concatenate([cat((r.exact("run") for r in reps), bool),
+                                    cat((r.exact("wait") for r in reps), bool)])
+        else:  # no ignore_eos flags sent (the common case): skip 2G per-report masks
+            exact = np.zeros(generated.shape[0], bool)
         prompt = np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt])
         # What runs now bounds the lengths from below (right-censored lengths), those
         # under ignore_eos excepted: their lengths are forced.
