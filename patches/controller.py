@@ -66,7 +66,9 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
     the estimator would guess (benchmark clients force lengths this way)."""
     generated = np.asarray(generated, dtype=np.int64)
     cap = np.asarray(cap, dtype=np.int64)
-    total = estimator.initial(np.zeros_like(cap) if prompt is None else prompt, None, cap)
+    # (an estimator that answers from what it learned alone needs no initial guess)
+    total = estimator.initial(np.zeros_like(cap) if prompt is None else prompt, None, cap) \
+        if estimator.reads_total else cap
     rem = estimator.steps_left(generated, total, scenarios, prompt)
     left = np.maximum(cap - generated, 1)
     rem = np.clip(rem, 1, left)

@@ -35,6 +35,12 @@ class Estimator:
         """Predicted total output length of newly seen requests."""
         raise NotImplementedError
 
+    @property
+    def reads_total(self) -> bool:
+        """Whether `remaining` and `scenarios` read `predicted_total` now (else a caller
+        may skip `initial` for requests already running)."""
+        return True
+
     def remaining(self, generated: np.ndarray, predicted_total: np.ndarray, prompt_len=None) -> np.ndarray:
         """Predicted decode steps left for running requests (at least 1).
         Every method that takes `prompt_len` (optional) reads only the prompt
@@ -315,6 +321,10 @@ class EmpiricalEstimator(Estimator):
         if km[3] is None:
             km = self._km = km[:3] + ((2.0 * np.arange(km[0].shape[0])[:, None] - km[0]).ravel(),) + km[4:]
         return km[3]
+
+    @property
+    def reads_total(self) -> bool:
+        return self._seen.size == 0  # with lengths seen, the residual life comes from them alone
 
     def _refit_due(self) -> bool:
         if self._km is None:

@@ -337,3 +337,21 @@ def test_a_refit_that_fails_in_the_worker_is_redone_inline(monkeypatch, caplog):
     inline.observe(out[300:] * 3, prompt[300:])
     inline.observe_running(np.array([20, 20]), np.array([100, 1000]))
     assert np.array_equal(bg.remaining(g, None, p), inline.remaining(g, None, p))
+
+
+@pytest.mark.parametrize("spec", ["empirical", "empirical-prompt"])
+def test_learned_estimators_read_no_initial_guess_once_lengths_are_seen(spec):
+    # The controller skips `initial` for running requests when `reads_total` is False:
+    # the answers must then not depend on it.
+    prompt, out = _two_applications(n=400, seed=9)
+    est = make_estimator(spec)
+    assert est.reads_total  # nothing seen: the prior guess is all there is
+    est.observe(out, prompt)
+    est.observe_running(np.array([3, 40, 200]), np.array([100, 1000, 1000]))
+    assert not est.reads_total
+    rng = np.random.default_rng(0)
+    g, p = rng.integers(0, 600, 50), rng.choice(prompt, 50)
+    for k in (0, 4):
+        a = est.steps_left(g, rng.integers(1, 5000, 50), k, p)
+        b = est.steps_left(g, rng.integers(1, 5000, 50), k, p)
+        assert np.array_equal(a, b)
