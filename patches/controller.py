@@ -203,11 +203,9 @@ class BalancedDispatch:
                     prompts_of.append(np.asarray(prompts)[natural] if ok else None)
             self.stats["reports"] += 1
         # One estimator call per batch, not per report (it is read only after the batch);
-        # reports with and without prompts mixed (a rare sender) keep one call each.
+        # a report without prompts (a rare sender) keeps one call per report.
         if lengths and all(p is not None for p in prompts_of):
             self.estimator.observe(np.concatenate(lengths), np.concatenate(prompts_of))
-        elif lengths and all(p is None for p in prompts_of):
-            self.estimator.observe(np.concatenate(lengths), None)
         else:
             for x, p in zip(lengths, prompts_of):
                 self.estimator.observe(x, p)
@@ -245,13 +243,12 @@ class BalancedDispatch:
             cat(r.wait_prompt for r in reps)
         at = np.array(ranks, np.int64)
         run_rank, wait_rank = np.repeat(at, n_run), np.repeat(at, n_wait)
-        state = _Reported(
-            free=np.full(G, DEFAULT_CAPACITY, np.int64), kv=np.zeros(G, np.int64), num=np.zeros(G, np.int64),
-            pending=np.bincount(wait_rank, weights=wait_prompt, minlength=G).astype(np.int64),
-            slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None))
-        state.free[at] = [r.free_slots for r in reps]
-        state.kv = np.bincount(run_rank, weights=run_kv, minlength=G).astype(np.int64) + state.pending
-        state.num[at] = n_run + n_wait
+        free, num = np.full(G, DEFAULT_CAPACITY, np.int64), np.zeros(G, np.int64)  # (ranks not reported yet)
+        free[at], num[at] = [r.free_slots for r in reps], n_run + n_wait
+        pending = np.bincount(wait_rank, weights=wait_prompt, minlength=G).astype(np.int64)
+        state = _Reported(free=free, num=num, pending=pending,
+                          kv=np.bincount(run_rank, weights=run_kv, minlength=G).astype(np.int64) + pending,
+                          slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None))
         if not self.policy.needs_requests:
             self._reported = state
             return state

@@ -57,7 +57,8 @@ def time_cell(longest: int, running: int, args) -> dict:
             est.observe(fin, fin_p)
             est.observe_running(ages, ages_p)
             est.remaining(ages[:1], np.zeros(1, np.int64), ages_p[:1])  # the first fit (inline in both)
-            buckets, entries = est._survival()[0].shape[0] - 1, est._survival()[0].size
+            fit = est._survival()[0]
+            buckets, entries = fit.shape[0] - 1, fit.size
             est.observe(fin[: args.window // 4], fin_p[: args.window // 4])  # enough new lengths: a refit is due
             rows[mode].append(time_call(est, ages, ages_p))
             est.wait()
