@@ -13,7 +13,9 @@ Per-rank state comes from the ranks' per-step `RankReport`s plus what this
 controller sent that the rank has not yet acknowledged (in flight), so a burst
 of arrivals between two reports is not all sent to the same rank. What the
 reports say (every reported request with its remaining-length estimate) is
-computed once per batch of reports; each placement adds only what is in flight.
+computed once per batch of reports, while the loop is idle (between the step's
+last report and the next message) where it can be, so an arrival does not wait
+for it; each placement adds only what is in flight.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 #: poll timeout when nothing is pending: wakes the loop to feed SGLang's soft watchdog
 IDLE_POLL_MS = 500
+#: after some ranks' reports, the loop waits this long for the others' before it estimates
+#: what it has (see `wait_for_messages`)
+PREPARE_AFTER_QUIET_MS = 2
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
 #: an inactive rank looks this loaded, so a must-place rule never picks it
@@ -116,10 +121,11 @@ class BalancedDispatch:
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
         self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
         self.pool: deque[tuple[object, float]] = deque()
-        # What the reports say, estimates included: built on the first placement after
-        # a batch of reports and reused by every placement until the next batch.
+        # What the reports say, estimates included: built once per batch of reports (when
+        # the loop goes idle, else on the next placement) and reused until the next batch.
         self._reported: _Reported | None = None
-        self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0}
+        self._fresh = np.zeros(G, dtype=bool)  # ranks that reported since the last estimate
+        self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0}
 
         self.device = "cpu"
         self.policy = self._make_policy()
@@ -187,6 +193,7 @@ class BalancedDispatch:
                 continue  # stale
             self.reports[g] = rep
             self._reported = None
+            self._fresh[g] = True
             newly = int(rep.received - self.acked[g])
             for _ in range(min(max(newly, 0), len(self.inflight[g]))):
                 self.inflight[g].popleft()
@@ -230,6 +237,7 @@ class BalancedDispatch:
         requests, the estimator's refit and the concatenation cost several ms)."""
         if self._reported is not None:
             return self._reported
+        self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
         G = self.num_ranks
         ranks = [g for g, r in enumerate(self.reports) if r is not None]
         reps = [self.reports[g] for g in ranks]
@@ -404,6 +412,35 @@ class BalancedDispatch:
         for req, _ in hit:
             self._send(int(self._place([req], must_place=True)[0]), req)
 
+    def prepare(self) -> bool:
+        """Estimate what the reports say now, ahead of the next placement (at G=256 with
+        64k requests running: several ms that an arrival would otherwise wait for).
+        True if there was a new batch of reports to estimate."""
+        if not self._fresh.any():  # (nothing new: `_reported` is current, or was tried)
+            return False
+        try:
+            self._reported_state()
+        except Exception:  # noqa: BLE001  (the next placement retries it and falls back if it fails)
+            logger.exception("sglang-ext: estimating the ranks' reports failed")
+            return False
+        self.stats["prepared"] += 1
+        return True
+
+    def wait_for_messages(self, poller: zmq.Poller) -> None:
+        """Block until a message comes (or the pool's deadline, or the watchdog's
+        wake-up). When reports came in since the last estimate and nothing is waiting,
+        estimate them first: at once if every active rank has reported (with DP
+        attention the ranks step together), else once `PREPARE_AFTER_QUIET_MS` pass
+        without a message (the rest of the step's reports may be on their way)."""
+        timeout = self.poll_timeout_ms()
+        if self._fresh.any() and timeout > 0:
+            whole_step = bool((self._fresh | ~self._active_mask()).all())
+            if poller.poll(0 if whole_step else min(timeout, PREPARE_AFTER_QUIET_MS)):
+                return
+            self.prepare()
+            timeout = self.poll_timeout_ms()
+        poller.poll(timeout)
+
     def poll_timeout_ms(self) -> int:
         if not self.pool:
             return IDLE_POLL_MS
@@ -422,7 +459,7 @@ class BalancedDispatch:
         try:
             while True:
                 ctrl.soft_watchdog.feed()
-                poller.poll(self.poll_timeout_ms())
+                self.wait_for_messages(poller)
                 # Reports first: placement decisions then see this step's state.
                 self.on_reports(recv_reports(self.sock))
                 while True:

@@ -13,8 +13,10 @@ them under immediate binding (the reported requests are estimated, and a
 refit of the estimator started, on first use: in a worker thread by default,
 inside the call with --refit inline), the next arrival before the
 next reports (the controller reuses what the reports said, so this is the policy
-plus the in-flight requests), and one release of a 4G-request pool under pool
-binding. Only the ZMQ send is replaced (by a no-op): its cost is the
+plus the in-flight requests), the estimate of the reports that the live event
+loop makes while idle (`BalancedDispatch.prepare`: once a step's reports are in
+and no message waits) and the arrival after it, and one release of a 4G-request
+pool under pool binding. Only the ZMQ send is replaced (by a no-op): its cost is the
 same whatever the policy.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ from sglang_ext.traces import load_trace
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False):
+def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False, tag: str = ""):
     """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
     import sglang.srt.managers.io_struct as io_struct
 
@@ -49,7 +51,7 @@ def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refi
     ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
                            maybe_external_dp_rank_routing=lambda req: False)
     cfg = BalancerConfig(policy=policy, binding=binding, device="cpu", inline_refit=inline_refit,
-                         report_addr=f"ipc://{workdir}/reports-{policy}-{binding}-{G}")
+                         report_addr=f"ipc://{workdir}/reports-{policy}-{binding}{tag}-{G}")
     return BalancedDispatch(ctrl, cfg)
 
 
@@ -83,8 +85,9 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
     inline = args.refit == "inline"
     immediate = make_controller(policy, "immediate", G, workdir, inline)
+    prepared = make_controller(policy, "immediate", G, workdir, inline, tag="-prepared")
     pool = make_controller(policy, "pool", G, workdir, inline)
-    t_reports, t_dispatch, t_next, t_release, placed, free = [], [], [], [], [], []
+    t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
         reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
         prompts = trace.prompt_len[rng.integers(0, len(trace), size=4 * G + 1)]
@@ -97,6 +100,14 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
         immediate.dispatch(request(prompts[-1], args.max_new_tokens))  # the next one, same reports
         t_next_arrival = time.perf_counter() - t2
         clear_sent(immediate)
+
+        prepared.on_reports(reps)  # the same step, estimated by the idle loop before the arrival
+        t5 = time.perf_counter()
+        prepared.prepare()
+        t6 = time.perf_counter()
+        prepared.dispatch(request(prompts[0], args.max_new_tokens))
+        t7 = time.perf_counter()
+        clear_sent(prepared)
 
         pool.on_reports(reps)
         pool.pool.clear()
@@ -111,13 +122,16 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_reports.append(t1 - t0)
             t_dispatch.append(t2 - t1)
             t_next.append(t_next_arrival)
+            t_prepare.append(t6 - t5)
+            t_prepared.append(t7 - t6)
             t_release.append(t4 - t3)
             placed.append(int(pool.sent.sum()) - sent_before)
             free.append(sum(r.free_slots for r in reps))
     us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
     return dict(policy=policy, G=G, B=B, requests=int(G * B * (1 - args.free_frac)),
                 reports_p50_us=us(t_reports, 50), dispatch_p50_us=us(t_dispatch, 50), dispatch_p99_us=us(t_dispatch, 99),
-                next_dispatch_p50_us=us(t_next, 50),
+                next_dispatch_p50_us=us(t_next, 50), prepare_p50_us=us(t_prepare, 50),
+                prepared_dispatch_p50_us=us(t_prepared, 50), prepared_dispatch_p99_us=us(t_prepared, 99),
                 release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99),
                 pool_placed=float(np.mean(placed)), pool_free_slots=float(np.mean(free)))
 
@@ -162,12 +176,14 @@ def main():
     print(f"\nController time per decision, view included (free slots ~{args.free_frac:.0%}; immediate = one "
           f"arriving request; pool = releasing a 4G-request pool; {args.refit} refit)\n")
     print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us "
-          "| next arrival p50 us | pool p50 us | pool p99 us | pool placed / free slots |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| next arrival p50 us | idle estimate p50 us | arrival after it p50 us | arrival after it p99 us "
+          "| pool p50 us | pool p99 us | pool placed / free slots |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['reports_p50_us']:.0f} "
               f"| {r['dispatch_p50_us']:.0f} | {r['dispatch_p99_us']:.0f} | {r['next_dispatch_p50_us']:.0f} "
-              f"| {r['release_p50_us']:.0f} "
+              f"| {r['prepare_p50_us']:.0f} | {r['prepared_dispatch_p50_us']:.0f} "
+              f"| {r['prepared_dispatch_p99_us']:.0f} | {r['release_p50_us']:.0f} "
               f"| {r['release_p99_us']:.0f} | {r['pool_placed']:.0f} / {r['pool_free_slots']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -17,7 +17,7 @@ def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
         (4, 16, "total_tokens"), (4, 16, "bfio"), (8, 8, "total_tokens"), (8, 8, "bfio")]
     for x in rows:
         assert x["dispatch_p50_us"] > 0 and x["release_p50_us"] > 0 and x["reports_p50_us"] > 0
-        assert x["next_dispatch_p50_us"] > 0
+        assert x["next_dispatch_p50_us"] > 0 and x["prepare_p50_us"] > 0 and x["prepared_dispatch_p50_us"] > 0
         # a 4G-request pool fills the free slots (fewer than 4G here), never more
         assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
         assert f"| {x['G']} | {x['B']} |" in r.stdout

@@ -341,6 +341,99 @@ def test_view_reuses_the_reports_until_the_next_batch_and_sees_every_send(fake_c
     assert (third.req_remaining > first.req_remaining).all()  # learnt from the new batch
 
 
+def test_idle_loop_estimates_the_reports_before_the_next_arrival(fake_controller):
+    # What the reports say is estimated once per batch, ahead of the arrival when the loop
+    # is idle; the arrival then places exactly as it would have without it.
+    run = dict(run_kv=np.array([400, 900, 50]), run_generated=np.array([10, 300, 5]),
+               run_cap=np.array([2000, 2000, 100]))
+
+    def batch(step, length):
+        return [RankReport(dp_rank=g, step=step, received=0, free_slots=70 - g, slot_limit=72, **run,
+                           finished_lengths=np.full(8, length + 50 * g), finished_prompts=np.full(8, 100))
+                for g in range(4)]
+
+    lazy, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    eager, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)  # (same `sent` list)
+    assert not eager.prepare()  # nothing reported yet
+    for step, length in ((1, 30), (2, 900), (3, 200)):
+        lazy.on_reports(batch(step, length))
+        eager.on_reports(batch(step, length))
+        assert eager._reported is None and eager.prepare() and not eager.prepare()  # once per batch
+        state = eager._reported
+        for i in range(3):
+            lazy.dispatch(_req(100 + 400 * i, max_new=500 + 300 * i))
+            eager.dispatch(_req(100 + 400 * i, max_new=500 + 300 * i))
+            assert sent[-1][0] == sent[-2][0]  # the same rank
+        assert eager._reported is state  # the arrivals reused it
+        assert np.array_equal(lazy._reported.req_remaining, state.req_remaining)
+    assert len(sent) == 18 and len({g for g, _ in sent}) > 1
+    assert eager.stats["prepared"] == 3 and lazy.stats["prepared"] == 0
+
+
+def test_failed_estimate_in_the_idle_loop_is_logged_once_and_the_arrival_still_placed(
+        fake_controller, monkeypatch, caplog):
+    bal, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                               run_kv=np.array([400]), run_generated=np.array([10]), run_cap=np.array([2000]),
+                               finished_lengths=np.array([20]), finished_prompts=np.array([100]))
+                    for g in range(4)])
+    monkeypatch.setattr(bal.estimator, "remaining", lambda *a, **k: 1 / 0)
+    with caplog.at_level(logging.ERROR):
+        assert not bal.prepare() and not bal.prepare()  # not retried before the next reports
+    assert sum("estimating the ranks' reports failed" in r.message for r in caplog.records) == 1
+    bal.dispatch(_req(10))  # the placement retries, fails, and falls back: the request still goes
+    assert len(sent) == 1 and bal.stats["prepared"] == 0
+
+
+def test_loop_estimates_a_whole_step_at_once_a_partial_one_after_a_quiet_spell(fake_controller, monkeypatch):
+    # The real wait of the event loop, on the real report socket.
+    from sglang_ext.patches import controller
+    from sglang_ext.plugin.protocol import ReportSender
+
+    monkeypatch.setattr(controller, "IDLE_POLL_MS", 50)  # (the watchdog wake-up; short for the test)
+    bal, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    poller = zmq.Poller()
+    poller.register(bal.sock, zmq.POLLIN)
+    senders = [ReportSender(bal.cfg.report_addr, g) for g in range(4)]
+
+    def send(ranks, step):
+        for g in ranks:
+            senders[g].send(RankReport(dp_rank=g, step=step, received=0, free_slots=70, slot_limit=72,
+                                       run_kv=np.array([400]), run_generated=np.array([10]),
+                                       run_cap=np.array([2000])))
+        got = []
+        while len(got) < len(ranks):  # (delivery over ipc is asynchronous)
+            bal.wait_for_messages(poller)
+            got += recv_reports(bal.sock)
+        bal.on_reports(got)
+
+    try:
+        send(range(4), 1)  # every rank: estimated at once, then the wait goes on
+        t = time.monotonic()
+        bal.wait_for_messages(poller)
+        assert bal.stats["prepared"] == 1 and bal._reported is not None
+        assert time.monotonic() - t >= 0.04  # it still waited for a message after estimating
+        bal.wait_for_messages(poller)
+        assert bal.stats["prepared"] == 1  # nothing new: nothing estimated again
+
+        send([0, 2], 2)  # part of a step, then a quiet spell: estimated after it
+        assert bal._reported is None and bal._fresh.tolist() == [True, False, True, False]
+        bal.wait_for_messages(poller)
+        assert bal.stats["prepared"] == 2 and not bal._fresh.any()
+
+        send([1], 3)
+        senders[3].send(RankReport(dp_rank=3, step=3, received=0, free_slots=70, slot_limit=72))
+        time.sleep(0.05)  # a message already waiting: the loop reads it first
+        bal.wait_for_messages(poller)
+        assert bal.stats["prepared"] == 2 and bal._reported is None
+        bal.on_reports(recv_reports(bal.sock))
+        bal.wait_for_messages(poller)  # ranks 1 and 3 of step 3, then quiet
+        assert bal.stats["prepared"] == 3 and not bal._fresh.any()
+    finally:
+        for s in senders:
+            s.close()
+
+
 def test_controller_refits_in_a_worker_thread_unless_told_inline(fake_controller):
     # By default the dispatch loop does not wait for a large refit: the batch that makes
     # one due is estimated from the previous fit, and a later batch from the new one.
