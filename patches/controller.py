@@ -87,6 +87,26 @@ def _prompt_len(req) -> int:
     return len(ids) if ids is not None else 0
 
 
+def request_row(req) -> tuple[int, int, bool]:
+    """All the controller reads of a request: (prompt_len, max_new_tokens, ignore_eos).
+    Read once per request (a pooled one when it arrives), not at every decision."""
+    return _prompt_len(req), _max_new_tokens(req), runs_to_cap(req)
+
+
+def request_rows(reqs) -> np.ndarray:
+    """`request_row` of each request: an (n, 3) int64 array."""
+    return np.array([request_row(r) for r in reqs], dtype=np.int64).reshape(-1, 3)
+
+
+@dataclass
+class _Pooled:
+    """A request held by pool binding: since when (monotonic seconds), and its row."""
+
+    req: object
+    since: float
+    row: tuple[int, int, bool]
+
+
 @dataclass
 class _Reported:
     """The ranks' last reports, per rank (length G, ranks that have not reported at
@@ -120,7 +140,7 @@ class BalancedDispatch:
         self.sent = np.zeros(G, dtype=np.int64)  # cumulative requests sent to each rank
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
         self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
-        self.pool: deque[tuple[object, float]] = deque()
+        self.pool: deque[_Pooled] = deque()
         # What the reports say, estimates included: built once per batch of reports (when
         # the loop goes idle, else on the next placement) and reused until the next batch.
         self._reported: _Reported | None = None
@@ -321,59 +341,63 @@ class BalancedDispatch:
 
     # ---- placement -----------------------------------------------------------------
 
-    def _candidates(self, reqs):
+    def _candidates(self, rows: np.ndarray):
+        """The policy's candidates from the requests' rows (`request_rows`)."""
         from sglang_ext.policies import Candidates
 
-        prompt = np.fromiter((_prompt_len(r) for r in reqs), np.int64, len(reqs))
-        cap = np.fromiter((_max_new_tokens(r) for r in reqs), np.int64, len(reqs))
+        prompt, cap = rows[:, 0], rows[:, 1]
         if not self.policy.needs_requests:  # a myopic policy reads no lengths: no estimator call
             return Candidates(prompt_len=prompt, output_est=cap)
-        exact = np.fromiter((runs_to_cap(r) for r in reqs), bool, len(reqs))
-        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt, exact)
+        est = remaining_steps(self.estimator, np.zeros_like(cap), cap, self._scenarios, prompt,
+                              rows[:, 2].astype(bool))
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
-    def _place(self, reqs, must_place: bool) -> np.ndarray:
+    def _place(self, rows: np.ndarray, must_place: bool) -> np.ndarray:
+        """A rank per request (`request_rows`), or -1 (stay pooled) unless must_place."""
         active = self._active_mask()
         if not active.any():
             raise RuntimeError("No active DP workers are available for routing.")
         try:
             view = self.build_view()
-            ranks = np.asarray(self.policy.assign(view, self._candidates(reqs), must_place=must_place),
+            ranks = np.asarray(self.policy.assign(view, self._candidates(rows), must_place=must_place),
                                dtype=np.int64)
         except Exception:  # noqa: BLE001  (a policy bug must not lose requests)
             logger.exception("sglang-ext: policy %s failed; falling back to the least-loaded rank", self.cfg.policy)
             if not must_place:
-                return np.full(len(reqs), -1, dtype=np.int64)  # stay pooled; the deadline places them
+                return np.full(len(rows), -1, dtype=np.int64)  # stay pooled; the deadline places them
             loads = np.array([self.reports[g].kv_tokens if self.reports[g] else 0 for g in range(self.num_ranks)])
             loads = np.where(active, loads, np.iinfo(np.int64).max)
-            return np.full(len(reqs), int(np.argmin(loads)), dtype=np.int64)
+            return np.full(len(rows), int(np.argmin(loads)), dtype=np.int64)
         for i, g in enumerate(ranks):
             if g >= 0 and not active[g]:  # defensive: a policy must never strand a request on a dead rank
                 ranks[i] = int(np.flatnonzero(active)[0]) if must_place else -1
         return ranks
 
-    def _send(self, g: int, req) -> None:
+    def _send(self, g: int, req, row: tuple[int, int, bool]) -> None:
         from sglang.srt.managers.io_struct import sock_send
 
         sock_send(self.ctrl.workers[g], req)
-        self._record_sent(g, req)
+        self._record_sent(g, row)
 
-    def _record_sent(self, g: int, req) -> None:
+    def _record_sent(self, g: int, row: tuple[int, int, bool]) -> None:
         self.sent[g] += 1
-        self.inflight[g].append((_prompt_len(req), _max_new_tokens(req), runs_to_cap(req)))
+        self.inflight[g].append(row)
         self.stats["dispatched"] += 1
+
+    def _send_now(self, req, row: tuple[int, int, bool]) -> None:
+        """Place one request by the immediate rule and send it."""
+        self._send(int(self._place(np.array([row], dtype=np.int64), must_place=True)[0]), req, row)
 
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
         if self.ctrl.maybe_external_dp_rank_routing(req):  # client-pinned: honoured as stock does
-            self._record_sent(int(req.routed_dp_rank), req)
+            self._record_sent(int(req.routed_dp_rank), request_row(req))
             self.stats["pinned"] += 1
             return
         if self.pool_mode:
-            self.pool.append((req, time.monotonic()))
+            self.pool.append(_Pooled(req, time.monotonic(), request_row(req)))
             return  # released by the event loop once this batch of messages is read
-        g = int(self._place([req], must_place=True)[0])
-        self._send(g, req)
+        self._send_now(req, request_row(req))
 
     def release_pool(self) -> None:
         """Pool binding: let the policy fill the slots ranks reported free, then place
@@ -381,20 +405,17 @@ class BalancedDispatch:
         if not self.pool:
             return
         window = list(islice(self.pool, self.window))
-        ranks = self._place([r for r, _ in window], must_place=False)
-        if (ranks >= 0).any():
-            placed = set()
-            for i, g in enumerate(ranks):
+        ranks = self._place(np.array([p.row for p in window], dtype=np.int64), must_place=False).tolist()
+        if max(ranks) >= 0:
+            for p, g in zip(window, ranks):
                 if g >= 0:
-                    self._send(int(g), window[i][0])
-                    placed.add(i)
-            rest = [item for i, item in enumerate(window) if i not in placed]
-            tail = list(islice(self.pool, self.window, None))
-            self.pool = deque(rest + tail)
+                    self._send(g, p.req, p.row)
+            rest = [p for p, g in zip(window, ranks) if g < 0]
+            self.pool = deque(rest + list(islice(self.pool, self.window, None)))
         now = time.monotonic()
-        while self.pool and now - self.pool[0][1] >= self.cfg.pool_max_wait_s:
-            req, _ = self.pool.popleft()
-            self._send(int(self._place([req], must_place=True)[0]), req)
+        while self.pool and now - self.pool[0].since >= self.cfg.pool_max_wait_s:
+            p = self.pool.popleft()
+            self._send_now(p.req, p.row)
             self.stats["pool_deadline"] += 1
 
     def _place_aborted_from_pool(self, msg) -> None:
@@ -405,12 +426,12 @@ class BalancedDispatch:
 
         if not isinstance(msg, AbortReq):
             return
-        hit = [item for item in self.pool if msg.abort_all or item[0].rid == msg.rid]
+        hit = [p for p in self.pool if msg.abort_all or p.req.rid == msg.rid]
         if not hit:
             return
-        self.pool = deque(item for item in self.pool if not (msg.abort_all or item[0].rid == msg.rid))
-        for req, _ in hit:
-            self._send(int(self._place([req], must_place=True)[0]), req)
+        self.pool = deque(p for p in self.pool if not (msg.abort_all or p.req.rid == msg.rid))
+        for p in hit:
+            self._send_now(p.req, p.row)
 
     def prepare(self) -> bool:
         """Estimate what the reports say now, ahead of the next placement (at G=256 with
@@ -444,7 +465,7 @@ class BalancedDispatch:
     def poll_timeout_ms(self) -> int:
         if not self.pool:
             return IDLE_POLL_MS
-        wait = self.pool[0][1] + self.cfg.pool_max_wait_s - time.monotonic()
+        wait = self.pool[0].since + self.cfg.pool_max_wait_s - time.monotonic()
         return max(0, min(IDLE_POLL_MS, int(wait * 1000) + 1))
 
     # ---- loop ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from sglang_ext.plugin import config
+from sglang_ext.patches.controller import request_row, request_rows
 from sglang_ext.plugin.protocol import RankReport, recv_reports
 
 pytest.importorskip("sglang")
@@ -246,7 +247,7 @@ def test_abort_of_a_pooled_request_places_it_before_the_abort(fake_controller):
     bal.dispatch(_req(10, rid="keep"))
     bal.dispatch(_req(10, rid="gone"))
     bal._place_aborted_from_pool(AbortReq(rid="gone"))
-    assert [r.rid for _, r in sent] == ["gone"] and [r.rid for r, _ in bal.pool] == ["keep"]
+    assert [r.rid for _, r in sent] == ["gone"] and [p.req.rid for p in bal.pool] == ["keep"]
 
 
 def test_ipc_ledger_records_and_removes_sglang_ipc_files(tmp_path, monkeypatch):
@@ -293,7 +294,7 @@ def test_view_lists_every_request_with_the_estimate_it_would_get_alone(fake_cont
                                   finished_prompts=rng.integers(1, 3000, 30)))
     bal.on_reports(reports)
     for g, prompt in ((1, 700), (1, 20), (3, 2500)):
-        bal._record_sent(g, _req(prompt, max_new=4000 if prompt == 20 else 300, ignore_eos=prompt == 20))
+        bal._record_sent(g, request_row(_req(prompt, max_new=4000 if prompt == 20 else 300, ignore_eos=prompt == 20)))
     view = bal.build_view()
 
     expected = []  # (rank, kv, generated, cap, prompt, exact), one per request
@@ -326,7 +327,7 @@ def test_view_reuses_the_reports_until_the_next_batch_and_sees_every_send(fake_c
                                finished_lengths=np.array([20, 40]), finished_prompts=np.array([100, 100]))
                     for g in range(4)])
     first = bal.build_view()
-    bal._record_sent(2, _req(500, max_new=64))
+    bal._record_sent(2, request_row(_req(500, max_new=64)))
     second = bal.build_view()
     assert second.kv_tokens.tolist() == [1300, 1300, 1800, 1300] and second.num_requests.tolist() == [2, 2, 3, 2]
     assert second.free_slots.tolist() == [70, 70, 69, 70] and second.pending_prefill.tolist() == [0, 0, 500, 0]
@@ -499,7 +500,7 @@ def test_scenarios_reach_the_policy_from_the_empirical_estimator(fake_controller
     assert bal.estimator._running.tolist() == [20]
     # quantiles of the finished lengths above 20 (50, 400), capped by max_new_tokens - generated
     assert view.req_remaining[:, 0].tolist() == [30, 30, 44, 44]
-    cands = bal._candidates([_req(100, max_new=300), _req(50, max_new=8)])
+    cands = bal._candidates(request_rows([_req(100, max_new=300), _req(50, max_new=8)]))
     assert cands.output_est.shape == (2, 4) and cands.output_est[1].max() <= 8
     bal.dispatch(_req(100))
     assert len(sent) == 1
@@ -534,7 +535,7 @@ def test_prompt_estimator_learns_from_reported_prompts(fake_controller):
     # its bucket's residual life (400 - 5), a little shrunk towards the pooled fit;
     # the pooled fit alone would say about 200
     assert 370 <= view.req_remaining[0] <= 395
-    cands = bal._candidates([_req(100, max_new=4096), _req(3000, max_new=4096)])
+    cands = bal._candidates(request_rows([_req(100, max_new=4096), _req(3000, max_new=4096)]))
     assert cands.output_est[0] <= 20 and cands.output_est[1] >= 370
     bal.dispatch(_req(100))
     assert len(sent) == 1
@@ -627,7 +628,7 @@ def test_ignore_eos_requests_run_to_their_cap_and_teach_the_estimator_nothing(fa
                                finished_prompts=np.full(40, 100),
                                finished_exact=np.array([False] * 20 + [True] * 20)) for g in range(4)])
     assert bal.estimator._seen.tolist() == [10] * 80
-    cands = bal._candidates([_req(100, max_new=500, ignore_eos=True), _req(100, max_new=500)])
+    cands = bal._candidates(request_rows([_req(100, max_new=500, ignore_eos=True), _req(100, max_new=500)]))
     assert cands.output_est.tolist()[0] == 500 and cands.output_est[1] <= 20
     bal.on_reports([RankReport(dp_rank=0, step=2, received=0, free_slots=68, slot_limit=72,
                                run_kv=np.array([105, 105]), run_generated=np.array([5, 5]),
