@@ -93,11 +93,6 @@ def request_row(req) -> tuple[int, int, bool]:
     return _prompt_len(req), _max_new_tokens(req), runs_to_cap(req)
 
 
-def request_rows(reqs) -> np.ndarray:
-    """`request_row` of each request: an (n, 3) int64 array."""
-    return np.array([request_row(r) for r in reqs], dtype=np.int64).reshape(-1, 3)
-
-
 @dataclass
 class _Pooled:
     """A request held by pool binding: since when (monotonic seconds), and its row."""
@@ -342,7 +337,7 @@ class BalancedDispatch:
     # ---- placement -----------------------------------------------------------------
 
     def _candidates(self, rows: np.ndarray):
-        """The policy's candidates from the requests' rows (`request_rows`)."""
+        """The policy's candidates from the requests' rows (`request_row`, one per row)."""
         from sglang_ext.policies import Candidates
 
         prompt, cap = rows[:, 0], rows[:, 1]
@@ -353,7 +348,7 @@ class BalancedDispatch:
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
     def _place(self, rows: np.ndarray, must_place: bool) -> np.ndarray:
-        """A rank per request (`request_rows`), or -1 (stay pooled) unless must_place."""
+        """A rank per request (rows of `request_row`), or -1 (stay pooled) unless must_place."""
         active = self._active_mask()
         if not active.any():
             raise RuntimeError("No active DP workers are available for routing.")

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from sglang_ext.plugin import config
-from sglang_ext.patches.controller import request_row, request_rows
+from sglang_ext.patches.controller import request_row
 from sglang_ext.plugin.protocol import RankReport, recv_reports
 
 pytest.importorskip("sglang")
@@ -117,6 +117,11 @@ def fake_controller(monkeypatch, tmp_path):
         return bal, sent
 
     yield make
+
+
+def request_rows(reqs) -> np.ndarray:
+    """What the controller reads of each request, as `_candidates` takes it."""
+    return np.array([request_row(r) for r in reqs], dtype=np.int64).reshape(-1, 3)
 
 
 def _req(prompt, max_new=16, pin=None, rid="r", ignore_eos=False):
