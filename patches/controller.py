@@ -39,6 +39,8 @@ IDLE_POLL_MS = 500
 #: after some ranks' reports, the loop waits this long for the others' before it estimates
 #: what it has (see `wait_for_messages`)
 PREPARE_AFTER_QUIET_MS = 2
+#: placement-call times kept for the periodic stats line (its percentiles are over the latest ones)
+DECISION_TIMES_KEPT = 1 << 16
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
 #: an inactive rank looks this loaded, so a must-place rule never picks it
@@ -140,7 +142,12 @@ class BalancedDispatch:
         # the loop goes idle, else on the next placement) and reused until the next batch.
         self._reported: _Reported | None = None
         self._fresh = np.zeros(G, dtype=bool)  # ranks that reported since the last estimate
-        self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0}
+        self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0,
+                      "placements": 0}
+        # for the periodic stats line (log_stats): the counters when it was last written,
+        # and the time of each placement call since (the latest DECISION_TIMES_KEPT)
+        self._stats_since, self._stats_logged = time.monotonic(), dict(self.stats)
+        self._decision_s: deque[float] = deque(maxlen=DECISION_TIMES_KEPT)
 
         self.device = "cpu"
         self.policy = self._make_policy()
@@ -352,10 +359,13 @@ class BalancedDispatch:
         active = self._active_mask()
         if not active.any():
             raise RuntimeError("No active DP workers are available for routing.")
+        t0 = time.perf_counter()
         try:
             view = self.build_view()
             ranks = np.asarray(self.policy.assign(view, self._candidates(rows), must_place=must_place),
                                dtype=np.int64)
+            self._decision_s.append(time.perf_counter() - t0)
+            self.stats["placements"] += 1
         except Exception:  # noqa: BLE001  (a policy bug must not lose requests)
             logger.exception("sglang-ext: policy %s failed; falling back to the least-loaded rank", self.cfg.policy)
             if not must_place:
@@ -457,6 +467,29 @@ class BalancedDispatch:
             timeout = self.poll_timeout_ms()
         poller.poll(timeout)
 
+    def log_stats(self, now: float | None = None) -> bool:
+        """Every `stats_interval_s` (monotonic seconds) in which requests came, log one line
+        of what the controller did since the last one. True if it logged."""
+        now = time.monotonic() if now is None else now
+        interval = self.cfg.stats_interval_s
+        if interval <= 0 or now - self._stats_since < interval:
+            return False
+        done = {k: v - self._stats_logged[k] for k, v in self.stats.items()}
+        elapsed, calls = now - self._stats_since, np.array(self._decision_s)
+        self._stats_since, self._stats_logged = now, dict(self.stats)
+        self._decision_s.clear()
+        if not done["dispatched"]:
+            return False  # an idle server logs nothing
+        timing = ""
+        if calls.size:
+            p50, p99 = np.percentile(calls, [50, 99]) * 1e3
+            timing = f", decision time p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {calls.max() * 1e3:.2f} ms"
+        logger.info("sglang-ext balancer, last %.0f s: requests placed %d (pinned %d, at the pool deadline %d), "
+                    "pooled now %d; reports %d (estimated while idle %d); placement calls %d%s",
+                    elapsed, done["dispatched"], done["pinned"], done["pool_deadline"], len(self.pool),
+                    done["reports"], done["prepared"], done["placements"], timing)
+        return True
+
     def poll_timeout_ms(self) -> int:
         if not self.pool:
             return IDLE_POLL_MS
@@ -492,6 +525,7 @@ class BalancedDispatch:
                         # message (e.g. a pin to an inactive rank) must not take the others down.
                         logger.exception("sglang-ext: failed to dispatch %s", type(recv_req).__name__)
                 self.release_pool()
+                self.log_stats()
         finally:
             self.close()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -175,10 +176,27 @@ def _check_shutdown(server):
 class TestBfioImmediate:
     @pytest.fixture(scope="class")
     def server(self, tmp_path_factory):
-        yield from _server(tmp_path_factory, "bfio", SIM + ["--balancer", "bfio"])
+        yield from _server(tmp_path_factory, "bfio", SIM + ["--balancer", "bfio", "--balancer-stats-interval", "1"])
 
     def test_workload_completes_exactly_once(self, server):
         _check_workload(server, "bfio")
+
+    def test_controller_logs_what_it_did(self, server):
+        # One line per second with requests: every request of the workload counted once,
+        # and the step's reports estimated while the loop was idle, ahead of arrivals.
+        pattern = re.compile(r"sglang-ext balancer, last \d+ s: requests placed (\d+) .*?reports (\d+) "
+                             r"\(estimated while idle (\d+)\); placement calls (\d+)(, decision time p50 [\d.]+ ms)?")
+        deadline = time.monotonic() + 10
+        while True:  # (the last second's line comes at the loop's next wake-up)
+            lines = [m.groups() for m in pattern.finditer(server.log_path.read_text(errors="replace"))]
+            placed = sum(int(m[0]) for m in lines)
+            if placed >= len(JOBS) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert placed >= len(JOBS), server.log_tail()
+        assert sum(int(m[2]) for m in lines) > 0 and sum(int(m[3]) for m in lines) >= len(JOBS)
+        assert all(m[4] for m in lines if int(m[3]))
+        print("\n" + pattern.search(server.log_path.read_text(errors="replace")).group(0))
 
     def test_pinned_rank_is_honoured(self, server):
         _check_pinned(server)

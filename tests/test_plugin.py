@@ -55,6 +55,8 @@ def test_cli_defaults_and_values():
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-pool-tail-horizon", "8000"]).pool_tail_horizon == 8000
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).inline_refit is False
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-inline-refit"]).inline_refit is True
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).stats_interval_s == 60.0
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-stats-interval", "0"]).stats_interval_s == 0.0
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -87,6 +89,11 @@ def test_cli_rejects_bad_flags(capsys):
     assert "--balancer-pool-tail-horizon" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-scenarios", "-1"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-stats-interval", "-5"])
+    assert "--balancer-stats-interval" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--balancer-stats-interval only apply"):
+        _parse(["--balancer-stats-interval", "10"])
 
 
 def test_cli_multinode_report_addr_is_tcp():
@@ -438,6 +445,33 @@ def test_loop_estimates_a_whole_step_at_once_a_partial_one_after_a_quiet_spell(f
     finally:
         for s in senders:
             s.close()
+
+
+def test_stats_line_counts_what_the_controller_did_since_the_last_one(fake_controller, caplog):
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=60, stats_interval_s=10)
+    t0 = bal._stats_since
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=1) for g in range(4)])
+    for i in range(6):
+        bal.dispatch(_req(10 + i, rid=f"r{i}"))
+    bal.dispatch(_req(10, pin=2, rid="pinned"))
+    bal.release_pool()  # one placement call: 4 placed, 2 stay pooled
+    with caplog.at_level(logging.INFO, logger="sglang_ext.patches.controller"):
+        assert not bal.log_stats(now=t0 + 9)  # not yet
+        assert bal.log_stats(now=t0 + 10)
+        assert not bal.log_stats(now=t0 + 25)  # nothing placed since: an idle server logs nothing
+        bal.dispatch(_req(10, pin=1, rid="pinned2"))
+        assert bal.log_stats(now=t0 + 40)
+    lines = [r.getMessage() for r in caplog.records if "sglang-ext balancer, last" in r.getMessage()]
+    assert len(lines) == 2 and len(sent) == 5  # 3 from the pool (rank 2's slot went to a pinned one), 2 pinned
+    assert lines[0].startswith("sglang-ext balancer, last 10 s: requests placed 4 (pinned 1, at the pool "
+                               "deadline 0), pooled now 3; reports 4 (estimated while idle 0); placement "
+                               "calls 1, decision time p50 ")
+    # the quiet interval closed at 25 s; the next line covers what came after it
+    assert lines[1] == ("sglang-ext balancer, last 15 s: requests placed 1 (pinned 1, at the pool deadline 0), "
+                        "pooled now 3; reports 0 (estimated while idle 0); placement calls 0")
+    quiet, _ = fake_controller("total_tokens", stats_interval_s=0)
+    quiet.dispatch(_req(10))
+    assert not quiet.log_stats(now=time.monotonic() + 1e6)
 
 
 def test_controller_refits_in_a_worker_thread_unless_told_inline(fake_controller):

@@ -48,6 +48,7 @@ class BalancerConfig:
     device: str = "auto"
     estimator: str = "empirical-prompt"
     inline_refit: bool = False  # refit the learned estimator in the dispatch loop (else in a worker thread)
+    stats_interval_s: float = 60.0  # the controller logs its counters and decision times this often (0: never)
     log_dir: str | None = None
     report_addr: str | None = None  # PULL socket the controller binds, ranks PUSH to
     seed: int = 0
@@ -199,6 +200,16 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "thread and estimate from the previous fit meanwhile.",
     )
     group.add_argument(
+        "--balancer-stats-interval",
+        metavar="SECONDS",
+        type=nonneg_float,
+        default=None,
+        help="Every this many seconds while it places requests, the DP controller logs one line: "
+        "requests placed (pinned, placed at the pool deadline), reports read, how often it "
+        "estimated them while idle, and its decision time per placement call (p50, p99, max) "
+        "(default: 60; 0 = never).",
+    )
+    group.add_argument(
         "--balancer-log",
         type=str,
         default=None,
@@ -271,7 +282,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
                       "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait",
                       "balancer_device", "balancer_estimator", "balancer_inline_refit", "balancer_report_addr",
-                      "balancer_seed")
+                      "balancer_seed", "balancer_stats_interval")
             if getattr(args, k, None) is not None
         ]
         if needing:
@@ -285,6 +296,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
                        ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
                        ("estimator", "balancer_estimator"), ("inline_refit", "balancer_inline_refit"),
+                       ("stats_interval_s", "balancer_stats_interval"),
                        ("log_dir", "balancer_log"),
                        ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),
                        ("sim_time_scale", "balancer_sim_time_scale")):
