@@ -20,6 +20,7 @@ for it; each placement adds only what is in flight.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +42,12 @@ IDLE_POLL_MS = 500
 PREPARE_AFTER_QUIET_MS = 2
 #: placement-call times kept for the periodic stats line (its percentiles are over the latest ones)
 DECISION_TIMES_KEPT = 1 << 16
+#: the periodic stats line (`BalancedDispatch.log_stats`), as `read_stats` parses it back
+STATS_LINE = re.compile(
+    r"sglang-ext balancer, last (?P<seconds>\d+) s: requests placed (?P<placed>\d+) \(pinned (?P<pinned>\d+), "
+    r"at the pool deadline (?P<pool_deadline>\d+)\), pooled now (?P<pooled>\d+); reports (?P<reports>\d+) "
+    r"\(estimated while idle (?P<prepared>\d+)\); placement calls (?P<calls>\d+)"
+    r"(?:, decision time p50 (?P<p50_ms>[\d.]+) ms, p99 (?P<p99_ms>[\d.]+) ms, max (?P<max_ms>[\d.]+) ms)?")
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
 #: an inactive rank looks this loaded, so a must-place rule never picks it
@@ -87,6 +94,16 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
 def _prompt_len(req) -> int:
     ids = getattr(req, "input_ids", None)
     return len(ids) if ids is not None else 0
+
+
+def read_stats(log_text: str) -> list[dict]:
+    """The controller's stats lines in a server log, oldest first: ints for the counts,
+    floats for the decision times (None where a window had no placement call)."""
+    out = []
+    for m in STATS_LINE.finditer(log_text):
+        d = m.groupdict()
+        out.append({k: (None if v is None else float(v) if k.endswith("_ms") else int(v)) for k, v in d.items()})
+    return out
 
 
 def request_row(req) -> tuple[int, int, bool]:

@@ -38,11 +38,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sglang_ext.patches.controller import read_stats  # noqa: E402
 from sglang_ext.plugin.ports import free_server_port  # noqa: E402
 from sglang_ext.replay import ReplayConfig, replay  # noqa: E402
 from sglang_ext.report import format_table, report  # noqa: E402
 
 logger = logging.getLogger("demo_live")
+
+#: the servers' controllers log their stats this often (seconds): the demo sums them up
+STATS_INTERVAL_S = 1
 
 DEFAULT_TRACES = (REPO / "data/traces/azure_conv_2023.csv", Path("/work/shared/traces/azure_conv_2023.csv"))
 
@@ -204,6 +208,7 @@ class Server:
             *balancer_flags(self.policy), "--balancer-sim-backend", self.cfg.sim_backend,
             "--balancer-sim-time-scale", str(self.cfg.sim_time_scale),
             "--balancer-log", str(self.rundir / "telemetry"),
+            "--balancer-stats-interval", str(STATS_INTERVAL_S),
             *(self.cfg.server_args or []),
         ]
 
@@ -277,6 +282,21 @@ class Server:
         shutil.rmtree(self.work, ignore_errors=True)  # its TMPDIR: the IPC socket files
 
 
+def controller_summary(policy: str, stats: list[dict]) -> str:
+    """One line from a server's controller stats lines (`read_stats`)."""
+    if not stats:
+        return f"[{policy}] controller: no stats line in the server log"
+    total = {k: sum(x[k] for x in stats) for k in ("placed", "calls", "reports", "prepared")}
+    line = (f"[{policy}] controller: {total['placed']} requests placed in {total['calls']} placement calls; "
+            f"{total['reports']} rank reports, estimated {total['prepared']} times while idle")
+    timed = [x for x in stats if x["p50_ms"] is not None]
+    if timed:
+        line += (f"; decision time p50 {min(x['p50_ms'] for x in timed):.2f}-{max(x['p50_ms'] for x in timed):.2f} ms "
+                 f"over {len(timed)} windows of {STATS_INTERVAL_S} s, p99 up to {max(x['p99_ms'] for x in timed):.2f} "
+                 f"ms, max {max(x['max_ms'] for x in timed):.2f} ms")
+    return line
+
+
 def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
     rundir = cfg.out / rundir_name(policy)
     if rundir.exists():
@@ -293,9 +313,11 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         ))
         print(f"[{policy}] ok {summary['ok']}/{summary['sent']}, failed {summary['failed']} "
               f"{summary['failure_reasons'] or ''}, wall {summary['wall_time_s']:.1f} s", flush=True)
-        time.sleep(1.5)  # let the ranks flush their telemetry (1 s interval) before stopping
+        time.sleep(1.5)  # let the ranks flush their telemetry and the controller its stats (1 s) before stopping
     finally:
         server.stop()
+    if server.log.exists():
+        print(controller_summary(policy, read_stats(server.log.read_text(errors="replace"))), flush=True)
     return rundir
 
 

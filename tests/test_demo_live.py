@@ -32,6 +32,7 @@ def test_command_line(demo, tmp_path):
         assert flags["--dp-size"] == "4" and flags["--device"] == "cpu" and flags["--balancer"] == "bfio"
         assert flags["--balancer-sim-backend"] == "paper-dsv3"
         assert flags["--balancer-log"] == str(tmp_path / "o" / "bfio" / "telemetry")
+        assert flags["--balancer-stats-interval"] == str(demo.STATS_INTERVAL_S)
         assert "--skip-tokenizer-init" in cmd and cmd[-2:] == ["--balancer-horizon", "10"]
         model = Path(flags["--model-path"])
         assert (model / "config.json").exists() and REPO not in model.parents
@@ -39,6 +40,24 @@ def test_command_line(demo, tmp_path):
     finally:
         srv.stop()
     assert not srv.work.exists()
+
+
+def test_controller_summary_sums_the_stats_lines(demo):
+    from sglang_ext.patches.controller import read_stats
+
+    log = "\n".join([
+        "INFO something else",
+        "sglang-ext balancer, last 1 s: requests placed 7 (pinned 0, at the pool deadline 0), pooled now 0; "
+        "reports 40 (estimated while idle 9); placement calls 7, decision time p50 0.40 ms, p99 1.20 ms, max 1.30 ms",
+        "sglang-ext balancer, last 1 s: requests placed 2 (pinned 2, at the pool deadline 0), pooled now 0; "
+        "reports 38 (estimated while idle 10); placement calls 0",
+        "sglang-ext balancer, last 1 s: requests placed 5 (pinned 0, at the pool deadline 1), pooled now 2; "
+        "reports 41 (estimated while idle 8); placement calls 5, decision time p50 0.55 ms, p99 2.50 ms, max 2.70 ms",
+    ])
+    assert demo.controller_summary("bfio", read_stats(log)) == (
+        "[bfio] controller: 14 requests placed in 12 placement calls; 119 rank reports, estimated 27 times "
+        "while idle; decision time p50 0.40-0.55 ms over 2 windows of 1 s, p99 up to 2.50 ms, max 2.70 ms")
+    assert demo.controller_summary("rr", []) == "[rr] controller: no stats line in the server log"
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")

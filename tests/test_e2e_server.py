@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +30,7 @@ import requests
 
 from e2e_helpers import CONTEXT_LEN, kv_spread, make_jobs, run_job, run_workload, start_server, \
     telemetry_imbalance, Job
+from sglang_ext.patches.controller import STATS_LINE, read_stats
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -182,21 +182,18 @@ class TestBfioImmediate:
         _check_workload(server, "bfio")
 
     def test_controller_logs_what_it_did(self, server):
-        # One line per second with requests: every request of the workload counted once,
+        # One line per second with requests: every request of the workload counted,
         # and the step's reports estimated while the loop was idle, ahead of arrivals.
-        pattern = re.compile(r"sglang-ext balancer, last \d+ s: requests placed (\d+) .*?reports (\d+) "
-                             r"\(estimated while idle (\d+)\); placement calls (\d+)(, decision time p50 [\d.]+ ms)?")
         deadline = time.monotonic() + 10
         while True:  # (the last second's line comes at the loop's next wake-up)
-            lines = [m.groups() for m in pattern.finditer(server.log_path.read_text(errors="replace"))]
-            placed = sum(int(m[0]) for m in lines)
-            if placed >= len(JOBS) or time.monotonic() > deadline:
+            lines = read_stats(server.log_path.read_text(errors="replace"))
+            if sum(x["placed"] for x in lines) >= len(JOBS) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert placed >= len(JOBS), server.log_tail()
-        assert sum(int(m[2]) for m in lines) > 0 and sum(int(m[3]) for m in lines) >= len(JOBS)
-        assert all(m[4] for m in lines if int(m[3]))
-        print("\n" + pattern.search(server.log_path.read_text(errors="replace")).group(0))
+        assert sum(x["placed"] for x in lines) >= len(JOBS), server.log_tail()
+        assert sum(x["prepared"] for x in lines) > 0 and sum(x["calls"] for x in lines) >= len(JOBS)
+        assert all(x["p99_ms"] is not None for x in lines if x["calls"])
+        print("\n" + STATS_LINE.search(server.log_path.read_text(errors="replace")).group(0))
 
     def test_pinned_rank_is_honoured(self, server):
         _check_pinned(server)

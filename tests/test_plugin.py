@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from sglang_ext.plugin import config
-from sglang_ext.patches.controller import request_row
+from sglang_ext.patches.controller import read_stats, request_row
 from sglang_ext.plugin.protocol import RankReport, recv_reports
 
 pytest.importorskip("sglang")
@@ -462,6 +462,10 @@ def test_stats_line_counts_what_the_controller_did_since_the_last_one(fake_contr
         bal.dispatch(_req(10, pin=1, rid="pinned2"))
         assert bal.log_stats(now=t0 + 40)
     lines = [r.getMessage() for r in caplog.records if "sglang-ext balancer, last" in r.getMessage()]
+    stats = read_stats("\n".join(["noise"] + lines))  # what the demo and operators' tools read back
+    assert [(x["seconds"], x["placed"], x["pinned"], x["pooled"], x["reports"], x["calls"]) for x in stats] == [
+        (10, 4, 1, 3, 4, 1), (15, 1, 1, 3, 0, 0)]
+    assert 0 < stats[0]["p50_ms"] <= stats[0]["p99_ms"] <= stats[0]["max_ms"] and stats[1]["p50_ms"] is None
     assert len(lines) == 2 and len(sent) == 5  # 3 from the pool (rank 2's slot went to a pinned one), 2 pinned
     assert lines[0].startswith("sglang-ext balancer, last 10 s: requests placed 4 (pinned 1, at the pool "
                                "deadline 0), pooled now 3; reports 4 (estimated while idle 0); placement "
