@@ -46,6 +46,42 @@ def test_jsq_counts_what_it_just_sent_and_ties_go_low():
     assert out.tolist() == [0, 1, 1]
 
 
+def _least_loaded_scan(key, free, steps, must_place):
+    """The least-loaded rule as plainly as it reads: each candidate to the eligible rank
+    of least key (lowest index on ties), the key then grown by what it adds."""
+    key, free = np.asarray(key, np.float64).copy(), np.asarray(free).copy()
+    out = np.full(len(steps), -1, dtype=np.int64)
+    for j, step in enumerate(steps):
+        ok = free > 0
+        if must_place and not ok.any():
+            ok[:] = True
+        if not ok.any():
+            break
+        g = int(np.argmin(np.where(ok, key, np.inf)))
+        out[j], free[g], key[g] = g, free[g] - 1, key[g] + step
+    return out
+
+
+@pytest.mark.parametrize("name", ["jsq", "total_tokens", "total_requests"])
+def test_least_loaded_rules_place_as_a_scan_of_every_rank(name):
+    # The heap the policies use must place exactly as the plain scan: ties (equal keys,
+    # equal prompts), full ranks, no free slot at all, more candidates than slots.
+    rng = np.random.default_rng(7)
+    policy = make_policy(name)
+    for trial in range(300):
+        G = int(rng.integers(1, 12))
+        free = rng.integers(-2, 4, G) if trial % 4 else np.zeros(G, np.int64)
+        kv = rng.integers(0, 5, G) * (1 if trial % 3 else 1000)  # small values: many ties
+        num = rng.integers(0, 4, G)
+        n = int(rng.integers(1, 3 * G + 4))
+        prompts = rng.integers(1, 4, n) * (1 if trial % 2 else 500)
+        v = ClusterView(free_slots=free, kv_tokens=kv, num_requests=num)
+        for must in (False, True):
+            got = policy.assign(v, cands(prompts.tolist()), must_place=must)
+            key, steps = (num, np.ones(n)) if name == "total_requests" else (kv, prompts)
+            assert got.tolist() == _least_loaded_scan(key, free, steps, must).tolist(), (trial, must)
+
+
 def test_total_requests_and_total_tokens_immediate():
     v = view([0, 0, 0], [100, 5, 50], nreq=[1, 3, 2])
     assert make_policy("total_requests").assign(v, cands([7]), must_place=True).tolist() == [0]
