@@ -159,6 +159,35 @@ def test_bfio_places_everything_when_slots_suffice_and_balances():
     assert loads.max() - loads.min() <= 100
 
 
+def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
+    # A large round offers each rank only its m best candidates (m ranks): the matched
+    # total must be the full assignment problem's, ties (candidates that fit anywhere
+    # score alike on every rank), taken candidates (the sentinel) and all included.
+    from scipy.optimize import linear_sum_assignment
+
+    from sglang_ext.policies.bfio import _NEG
+
+    p = make_policy("bfio")
+    rng = np.random.default_rng(5)
+    pruned = 0
+    for trial in range(60):
+        n, m = int(rng.integers(512, 1100)), int(rng.integers(1, 129))
+        gain = rng.integers(0, 50, n).astype(np.float64)  # few distinct values: many ties
+        S = gain[:, None] - (rng.random((n, m)) < 0.3) * rng.integers(0, 40, (n, m))
+        S[rng.random(n) < (0.9 if trial % 5 == 0 else 0.2)] = _NEG  # taken candidates
+        live = np.arange(100, 100 + m)
+        js, gs = p._match_round(S, live)
+        fj, fr = linear_sum_assignment(S, maximize=True)
+        keep = S[fj, fr] > _NEG / 2
+        assert len(set(js.tolist())) == js.size and len(set(gs.tolist())) == gs.size
+        assert S[js, gs - 100].sum() == pytest.approx(S[fj[keep], fr[keep]].sum(), rel=1e-12, abs=1e-9)
+        assert js.size == keep.sum()
+        rows = p._matchable(S)
+        pruned += rows is not None and rows.size < n
+    assert pruned > 30  # (the pruning did shrink most of these problems)
+    assert p._matchable(np.zeros((511, 8))) is None and p._matchable(np.zeros((600, 200))) is None
+
+
 @pytest.mark.parametrize("name", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two", "bfio"])
 def test_every_policy_obeys_slots_and_must_place(name):
     rng = np.random.default_rng(1)

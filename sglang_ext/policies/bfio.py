@@ -142,7 +142,7 @@ class BFIO(Policy):
                  growth: bool = True, a: float = 0.0, b: float = 0.0, c: float = 1.0, prefill: float = 0.0,
                  reward: float = 1.0, overflow: float | None = None, parallel: bool = True,
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
-                 levels: int = 1,
+                 prune_after: int = 512, levels: int = 1,
                  search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
                  scenarios: int = 0, full_wait: bool = False, backend: str = "auto"):
         if horizon < 0 or immediate_horizon < 0:
@@ -179,6 +179,10 @@ class BFIO(Policy):
         # bulk rounds: the next k largest to the k least-loaded open ranks, one
         # sort per round instead of an assignment problem.
         self.bulk_after = max(0, int(bulk_after))
+        # A pool round's assignment problem with at least this many candidates (and
+        # four per open rank) offers each rank only the candidates it could take in an
+        # optimal matching (`_match_round`); 0: never.
+        self.prune_after = max(0, int(prune_after))
         # Envelope levels tried by pool selection (1: today's envelope only).
         self.levels = max(1, int(levels))
         # Local search after the pool greedy (policies/search.py): `search_kicks`
@@ -500,7 +504,27 @@ class BFIO(Policy):
         # Best total score with each candidate and each rank used at most once
         # (a rectangular assignment problem, solved in C by scipy); pairs left
         # at the _NEG sentinel (taken candidates) are dropped.
-        js, rs = linear_sum_assignment(S, maximize=True)
+        rows = self._matchable(S)
+        js, rs = linear_sum_assignment(S if rows is None else S[rows], maximize=True)
+        if rows is not None:
+            js = rows[js]
         keep = S[js, rs] > _NEG / 2
         js, rs = js[keep], rs[keep]
         return js.astype(np.int64), live[rs].astype(np.int64)
+
+    def _matchable(self, S: np.ndarray) -> np.ndarray | None:
+        """For a large problem (n candidates >= prune_after and >= 4 per rank), the
+        candidates among some rank's m best (m ranks; ties at the m-th included);
+        None: all. Some optimal matching uses only those: a rank matched outside
+        its m best leaves one of them free (the other m - 1 ranks hold at most
+        m - 1), and moving to it scores at least as much. So the matched total is
+        the full problem's (at G=256 the problem shrinks from 1,024 candidates to
+        a few hundred, and the solver's time with it); among equal-score
+        matchings (a candidate that lifts no rank's envelope scores the same on
+        every rank where it fits) it may pick another."""
+        n, m = S.shape
+        if not self.prune_after or n < self.prune_after or n < 4 * m:
+            return None
+        St = np.ascontiguousarray(S.T)  # (m, n): each rank's scores in a row
+        nth = np.partition(St, n - m, axis=1)[:, n - m]  # each rank's m-th best
+        return np.flatnonzero((St >= nth[:, None]).any(axis=0))
