@@ -454,7 +454,7 @@ def test_stats_line_counts_what_the_controller_did_since_the_last_one(fake_contr
     for i in range(6):
         bal.dispatch(_req(10 + i, rid=f"r{i}"))
     bal.dispatch(_req(10, pin=2, rid="pinned"))
-    bal.release_pool()  # one placement call: 4 placed, 2 stay pooled
+    bal.release_pool()  # one placement call: 3 placed (rank 2's slot went to the pinned one), 3 stay pooled
     with caplog.at_level(logging.INFO, logger="sglang_ext.patches.controller"):
         assert not bal.log_stats(now=t0 + 9)  # not yet
         assert bal.log_stats(now=t0 + 10)
