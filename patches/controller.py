@@ -24,6 +24,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -48,6 +49,9 @@ STATS_LINE = re.compile(
     r"at the pool deadline (?P<pool_deadline>\d+)\), pooled now (?P<pooled>\d+); reports (?P<reports>\d+) "
     r"\(estimated while idle (?P<prepared>\d+)\); placement calls (?P<calls>\d+)"
     r"(?:, decision time p50 (?P<p50_ms>[\d.]+) ms, p99 (?P<p99_ms>[\d.]+) ms, max (?P<max_ms>[\d.]+) ms)?")
+#: immediate binding: arrivals read in one turn of the loop are placed together, at most
+#: this many per policy call (bounds the wait of a burst's first request)
+ARRIVALS_PER_CALL = 64
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
 #: an inactive rank looks this loaded, so a must-place rule never picks it
@@ -94,6 +98,18 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
 def _prompt_len(req) -> int:
     ids = getattr(req, "input_ids", None)
     return len(ids) if ids is not None else 0
+
+
+def _request_types() -> tuple[type, ...]:
+    """The messages SGLang's controller dispatches as requests (one, or a batch of them)."""
+    from sglang.srt.managers import io_struct as io
+
+    return (io.TokenizedGenerateReqInput, io.TokenizedEmbeddingReqInput,
+            io.BatchTokenizedGenerateReqInput, io.BatchTokenizedEmbeddingReqInput)
+
+
+def _is_request(msg) -> bool:
+    return isinstance(msg, _request_types())
 
 
 def read_stats(log_text: str) -> list[dict]:
@@ -155,6 +171,9 @@ class BalancedDispatch:
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
         self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
         self.pool: deque[_Pooled] = deque()
+        # Immediate binding, while the loop reads the tokenizer socket: the arrivals read
+        # so far, placed together (`place_arrivals`); None outside that read.
+        self._arrivals: list[tuple[object, tuple[int, int, bool]]] | None = None
         # What the reports say, estimates included: built once per batch of reports (when
         # the loop goes idle, else on the next placement) and reused until the next batch.
         self._reported: _Reported | None = None
@@ -338,7 +357,7 @@ class BalancedDispatch:
         num = np.where(active, num, _INACTIVE_LOAD)
         if not self.policy.needs_requests:
             return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
-                               slot_limit=rep.slot_limit)
+                               slot_limit=rep.slot_limit, active=active)
 
         # Requests in flight are estimated as they come (the reported ones were, once).
         fl_rem = remaining_steps(self.estimator, np.zeros(inflight.shape[0], np.int64), inflight[:, 1],
@@ -351,7 +370,7 @@ class BalancedDispatch:
             arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
                            req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                           pending_prefill=pending, slot_limit=rep.slot_limit)
+                           pending_prefill=pending, slot_limit=rep.slot_limit, active=active)
 
     @property
     def _scenarios(self) -> int:
@@ -410,6 +429,26 @@ class BalancedDispatch:
         """Place one request by the immediate rule and send it."""
         self._send(int(self._place(np.array([row], dtype=np.int64), must_place=True)[0]), req, row)
 
+    def place_arrivals(self) -> None:
+        """Place the arrivals collected so far by the immediate rule, in one policy call
+        (one view, one projection, one estimate of their lengths) where the policy places
+        a burst as it would one request after another; else one call each. Sent in
+        arrival order."""
+        batch = self._arrivals
+        if not batch:
+            return
+        self._arrivals = []
+        if len(batch) == 1 or not self.policy.places_arrivals_together:
+            sends = [(self._send_now, req, row) for req, row in batch]
+        else:  # (`_place` never raises for a policy failure: it falls back)
+            ranks = self._place(np.array([row for _, row in batch], dtype=np.int64), must_place=True)
+            sends = [(partial(self._send, g), req, row) for (req, row), g in zip(batch, ranks.tolist())]
+        for send, req, row in sends:
+            try:
+                send(req, row)
+            except Exception:  # noqa: BLE001  (one failed send must not cost the others theirs)
+                logger.exception("sglang-ext: failed to send request %s", getattr(req, "rid", "?"))
+
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
         if self.ctrl.maybe_external_dp_rank_routing(req):  # client-pinned: honoured as stock does
@@ -419,6 +458,11 @@ class BalancedDispatch:
         if self.pool_mode:
             self.pool.append(_Pooled(req, time.monotonic(), request_row(req)))
             return  # released by the event loop once this batch of messages is read
+        if self._arrivals is not None:  # the loop is reading a burst: placed together
+            self._arrivals.append((req, request_row(req)))
+            if len(self._arrivals) >= ARRIVALS_PER_CALL:
+                self.place_arrivals()
+            return
         self._send_now(req, request_row(req))
 
     def release_pool(self) -> None:
@@ -516,8 +560,6 @@ class BalancedDispatch:
     # ---- loop ------------------------------------------------------------------------
 
     def event_loop(self) -> None:
-        from sglang.srt.managers.io_struct import sock_recv
-
         ctrl = self.ctrl
         poller = zmq.Poller()
         poller.register(ctrl.recv_from_tokenizer, zmq.POLLIN)
@@ -528,23 +570,46 @@ class BalancedDispatch:
                 self.wait_for_messages(poller)
                 # Reports first: placement decisions then see this step's state.
                 self.on_reports(recv_reports(self.sock))
-                while True:
-                    try:
-                        recv_req = sock_recv(ctrl.recv_from_tokenizer, flags=zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        break
-                    if self.pool:
-                        self._place_aborted_from_pool(recv_req)
-                    try:
-                        ctrl._request_dispatcher(recv_req)
-                    except Exception:
-                        # Stock lets this kill the controller (and with it the server); one bad
-                        # message (e.g. a pin to an inactive rank) must not take the others down.
-                        logger.exception("sglang-ext: failed to dispatch %s", type(recv_req).__name__)
+                self.read_requests()
                 self.release_pool()
                 self.log_stats()
         finally:
             self.close()
+
+    def read_requests(self) -> None:
+        """Dispatch every message waiting on the tokenizer socket, in order. Under
+        immediate binding the arriving requests are collected and placed together
+        (`place_arrivals`) once the socket is empty, or before any other message is
+        passed on: an abort, or a change of the active ranks, never overtakes the
+        requests read before it."""
+        from sglang.srt.managers.io_struct import sock_recv
+
+        ctrl = self.ctrl
+        self._arrivals = None if self.pool_mode else []
+        try:
+            while True:
+                try:
+                    recv_req = sock_recv(ctrl.recv_from_tokenizer, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+                if self._arrivals and not _is_request(recv_req):
+                    self._guarded(self.place_arrivals)
+                if self.pool:
+                    self._place_aborted_from_pool(recv_req)
+                self._guarded(ctrl._request_dispatcher, recv_req)
+        finally:
+            self._guarded(self.place_arrivals)
+            self._arrivals = None
+
+    @staticmethod
+    def _guarded(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            # Stock lets this kill the controller (and with it the server); one bad
+            # message (e.g. a pin to an inactive rank) must not take the others down.
+            logger.exception("sglang-ext: failed to dispatch %s",
+                             type(args[0]).__name__ if args else "the arrivals read together")
 
     def close(self) -> None:
         try:

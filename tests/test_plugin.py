@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
@@ -381,6 +382,123 @@ def test_idle_loop_estimates_the_reports_before_the_next_arrival(fake_controller
         assert np.array_equal(lazy._reported.req_remaining, state.req_remaining)
     assert len(sent) == 18 and len({g for g, _ in sent}) > 1
     assert eager.stats["prepared"] == 3 and lazy.stats["prepared"] == 0
+
+
+@pytest.mark.parametrize("policy,kw", [
+    ("bfio", {}), ("bfio", {"scenarios": 8}), ("bfio", {"prefill_weight": 0.0625}), ("bfio", {"full_wait": True}),
+    ("total_tokens", {}), ("jsq", {}), ("total_requests", {}), ("round_robin", {}), ("power_of_two", {}),
+    ("fcfs", {})])
+def test_arrivals_placed_together_land_where_one_call_each_would_put_them(fake_controller, policy, kw):
+    # A burst read in one turn of the loop is placed in one policy call; each request
+    # must land where one call per request (each seeing the ones before it in flight)
+    # puts it, over random states: ranks filling up, every rank full, one rank down.
+    rng = np.random.default_rng(7)
+    placed_together = 0
+    for trial in range(8):
+        G = int(rng.integers(2, 7))
+        one, sent = fake_controller(policy, estimator="empirical-prompt", inline_refit=True, ranks=G, **kw)
+        burst, _ = fake_controller(policy, estimator="empirical-prompt", inline_refit=True, ranks=G, **kw)
+        if trial % 4 == 3:
+            for bal in (one, burst):
+                bal.ctrl._active_workers = list(range(1, G))
+        for step in range(1, 4):
+            reports = []
+            for g in range(G):
+                n, w = int(rng.integers(0, 6)), int(rng.integers(0, 3))
+                gen = rng.integers(1, 300, n)
+                reports.append(RankReport(
+                    dp_rank=g, step=step, received=0, free_slots=int(rng.integers(0, 3)) * (trial % 4 != 2),
+                    slot_limit=8, run_kv=gen + rng.integers(1, 2000, n), run_generated=gen,
+                    run_cap=gen + rng.integers(1, 900, n), wait_prompt=rng.integers(1, 2000, w),
+                    wait_cap=rng.integers(1, 900, w), finished_lengths=rng.integers(1, 600, 6),
+                    finished_prompts=rng.integers(1, 2000, 6)))
+            one.on_reports(reports)
+            burst.on_reports(reports)
+            reqs = [_req(int(p), max_new=int(m), rid=f"{trial}-{step}-{i}", ignore_eos=bool(i % 5 == 4))
+                    for i, (p, m) in enumerate(zip(rng.integers(1, 3000, 9), rng.integers(1, 900, 9)))]
+            start = len(sent)
+            for r in reqs:
+                one.dispatch(r)
+            alone = [g for g, _ in sent[start:]]
+            calls = burst.stats["placements"]
+            burst._arrivals = []
+            for r in reqs:
+                burst.dispatch(r)
+            assert len(sent) == start + len(reqs)  # collected, not sent yet
+            burst.place_arrivals()
+            assert [r.rid for _, r in sent[start + len(reqs):]] == [r.rid for r in reqs]  # arrival order
+            assert [g for g, _ in sent[start + len(reqs):]] == alone
+            placed_together += burst.stats["placements"] - calls == 1
+            assert [list(q) for q in burst.inflight] == [list(q) for q in one.inflight]
+    together = burst.policy.places_arrivals_together
+    assert placed_together == (24 if together else 0) and together == (not kw.get("full_wait"))
+
+
+def test_loop_places_a_burst_together_and_never_lets_an_abort_overtake_it(fake_controller, monkeypatch):
+    # The loop reads the tokenizer socket to the end: arrivals are placed in one call,
+    # but before any other message is passed on (an abort must follow its request).
+    from sglang.srt.managers import io_struct
+    from sglang.srt.managers.io_struct import AbortReq
+
+    bal, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                               run_kv=np.array([400 * (g + 1)]), run_generated=np.array([10]),
+                               run_cap=np.array([2000])) for g in range(4)])
+    from sglang_ext.patches import controller
+
+    from sglang.srt.managers.data_parallel_controller import DataParallelController
+
+    # What counts as a request: exactly the types SGLang's own dispatcher routes to its
+    # request dispatch (one request, or a batch), nothing it sends to every rank.
+    stock = SimpleNamespace(**{k: object() for k in (
+        "dispatching_with_trace", "dispatch_batch_generate", "dispatch_batch_embedding", "send_to_all_workers",
+        "update_active_ranks", "send_control_message")})
+    DataParallelController.init_dispatcher(stock)
+    routed = {stock.dispatching_with_trace, stock.dispatch_batch_generate, stock.dispatch_batch_embedding}
+    mapping = stock._request_dispatcher._mapping
+    assert set(controller._request_types()) == {ty for ty, fn in mapping.items() if fn in routed}
+    assert not controller._is_request(AbortReq(rid="b"))
+    monkeypatch.setattr(controller, "_is_request", lambda msg: isinstance(msg, SimpleNamespace))
+    msgs = deque([_req(300, rid="a"), _req(50, rid="b"), AbortReq(rid="b"), _req(900, rid="c"), _req(10, rid="d")])
+
+    def recv(sock, flags=0):
+        if not msgs:
+            raise zmq.ZMQError()
+        return msgs.popleft()
+
+    def dispatcher(msg):
+        if isinstance(msg, AbortReq):
+            sent.append(("all", msg))
+        else:
+            bal.dispatch(msg)
+
+    monkeypatch.setattr(io_struct, "sock_recv", recv)
+    bal.ctrl.recv_from_tokenizer, bal.ctrl._request_dispatcher = None, dispatcher
+    bal.read_requests()
+    assert [getattr(m, "rid", None) for _, m in sent] == ["a", "b", "b", "c", "d"]
+    assert sent[2][0] == "all" and bal.stats["placements"] == 2 and bal.stats["dispatched"] == 4
+    assert bal._arrivals is None  # (collecting only while the loop reads)
+
+
+def test_a_failed_send_in_a_burst_costs_the_others_nothing(fake_controller, monkeypatch, caplog):
+    from sglang.srt.managers import io_struct
+
+    bal, sent = fake_controller("total_tokens")
+    real = io_struct.sock_send
+
+    def send(sock, obj):
+        if obj.rid == "bad":
+            raise zmq.ZMQError()
+        real(sock, obj)
+
+    monkeypatch.setattr(io_struct, "sock_send", send)
+    bal._arrivals = []
+    for rid in ("a", "bad", "c"):
+        bal.dispatch(_req(10, rid=rid))
+    with caplog.at_level(logging.ERROR):
+        bal.place_arrivals()
+    assert [r.rid for _, r in sent] == ["a", "c"]
+    assert any("failed to send request bad" in r.message for r in caplog.records)
 
 
 def test_failed_estimate_in_the_idle_loop_is_logged_once_and_the_arrival_still_placed(

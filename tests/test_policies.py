@@ -208,6 +208,29 @@ def test_every_policy_obeys_slots_and_must_place(name):
         assert ((forced >= 0) & (forced < G)).all()
 
 
+@pytest.mark.parametrize("spec", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two",
+                                  "bfio", "bfio:full_wait=true"])
+def test_a_rank_that_is_down_takes_nothing_even_when_every_rank_is_full(spec):
+    # Every rank full, the lightest one down: must-place requests queue on active ranks
+    # only, one request at a time or several in one call.
+    name, kw = parse_policy_spec(spec)
+    p = make_policy(name, horizon=4, seed=0, **kw)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        G = int(rng.integers(2, 6))
+        nreq = rng.integers(1, 5, G)
+        nreq[0] = 0  # the rank that is down holds nothing: it looks lightest of all
+        active = np.arange(G) != 0
+        kv = rng.integers(1, 100, nreq.sum())
+        rank = np.repeat(np.arange(G), nreq)
+        v = ClusterView(free_slots=np.zeros(G, np.int64), kv_tokens=np.bincount(rank, kv, G).astype(np.int64),
+                        num_requests=nreq, req_rank=rank, req_kv=kv, req_remaining=rng.integers(1, 20, nreq.sum()),
+                        slot_limit=int(nreq.max()), active=active)
+        for n in (1, 5):
+            out = p.assign(v, cands(rng.integers(1, 300, n), rng.integers(1, 30, n)), must_place=True)
+            assert ((out >= 1) & (out < G)).all(), (spec, out)
+
+
 def test_bfio_full_wait_sends_a_request_where_a_slot_frees_first():
     # 3 ranks, 2 slots each, all full; rank 2's first request ends next step.
     rank = np.array([0, 0, 1, 1, 1, 2, 2])  # rank 1 also has one queued beyond its slots

@@ -51,6 +51,9 @@ class ClusterView:
     # Running requests a rank can hold (None: unknown). With it, a policy that
     # must place a request while every rank is full can tell when a slot frees.
     slot_limit: int | None = None
+    # (G,) ranks that may take a request (None: all). A rank that is down has no free
+    # slot, and must not be chosen either when every rank is full.
+    active: np.ndarray | None = None
 
     def __post_init__(self):
         self.free_slots = np.asarray(self.free_slots, dtype=np.int64)
@@ -72,6 +75,10 @@ class Policy:
     #: k > 1: the policy takes remaining steps as (k, n) equally likely scenarios
     #: (view.req_remaining) and candidates' lengths as (n, k) (output_est)
     scenarios = 0
+    #: a must_place call with n candidates places them as n calls in a row would, each
+    #: seeing the ones before it as sent (so a controller may place a burst of
+    #: arrivals in one call); False: the caller must place them one call each
+    places_arrivals_together = True
 
     def assign(self, view: ClusterView, cands: Candidates, must_place: bool = False) -> np.ndarray:
         raise NotImplementedError
@@ -83,10 +90,10 @@ class Policy:
         return f"{type(self).__name__}({self.name})"
 
 
-def pick_order(free: np.ndarray, must_place: bool) -> np.ndarray:
+def pick_order(free: np.ndarray, must_place: bool, active: np.ndarray | None = None) -> np.ndarray:
     """Ranks eligible for a placement: those with a free slot; when the caller must
-    place and none is free, every rank (the request queues there)."""
+    place and none is free, every active rank (the request queues there)."""
     ok = free > 0
     if must_place and not ok.any():
-        ok = np.ones_like(ok)
+        ok = np.ones_like(ok) if active is None else np.asarray(active, dtype=bool).copy()
     return ok

@@ -27,8 +27,8 @@ class FCFS(Policy):
         slot_rank = np.repeat(np.arange(view.num_ranks), np.maximum(view.free_slots, 0))
         k = min(n, slot_rank.shape[0])
         out[:k] = slot_rank[:k]
-        if must_place and k < n:  # nowhere free: queue on the least-loaded ranks
-            out[k:] = _least_requests(view, cands, k)
+        if must_place and k < n:  # nowhere free: queue on the least-loaded active ranks
+            out[k:] = _least_requests(view, cands, k, out[:k])
         return out
 
 
@@ -68,10 +68,13 @@ class RoundRobin(Policy):
         if seq.size:
             cursor = (int(seq[-1]) + 1) % G
         if must_place and seq.size < n:
-            # Nowhere free: keep dealing over every rank (they queue there).
-            extra = (cursor + np.arange(n - seq.size)) % G
-            out[seq.size:] = extra
-            cursor = (int(extra[-1]) + 1) % G
+            # Nowhere free: keep dealing over every active rank (they queue there).
+            active = np.flatnonzero(pick_order(np.zeros(G, np.int64), True, view.active))
+            if active.size:
+                start = int(np.searchsorted(active, cursor)) % active.size
+                extra = active[(start + np.arange(n - seq.size)) % active.size]
+                out[seq.size:] = extra
+                cursor = (int(extra[-1]) + 1) % G
         self._cursor = cursor
         return out
 
@@ -90,7 +93,7 @@ class _LeastLoaded(Policy):
     def assign(self, view, cands, must_place=False):
         n = len(cands)
         if n == 1:  # one arriving request (immediate binding): one scan beats building a heap
-            ok = pick_order(view.free_slots, must_place)
+            ok = pick_order(view.free_slots, must_place, view.active)
             rank = int(np.argmin(np.where(ok, self._key(view), np.inf))) if ok.any() else -1
             return np.array([rank], dtype=np.int64)
         key = self._key(view).astype(np.float64).tolist()
@@ -105,8 +108,11 @@ class _LeastLoaded(Policy):
             if not heap:
                 if not must_place:
                     break
-                # Nowhere free: every rank is eligible from here on (requests queue there).
-                heap = [(k, g) for g, k in enumerate(key)]
+                # Nowhere free: every active rank is eligible from here on (requests queue there).
+                ok = pick_order(np.zeros(len(key), np.int64), True, view.active)
+                heap = [(k, g) for g, k in enumerate(key) if ok[g]]
+                if not heap:
+                    break
                 heapq.heapify(heap)
                 left = [1 << 62] * len(left)  # (never runs out again)
             k, g = heapq.heappop(heap)
@@ -167,7 +173,7 @@ class PowerOfTwo(Policy):
         free = view.free_slots.copy()
         out = np.full(len(cands), -1, dtype=np.int64)
         for j in range(len(cands)):
-            ok = np.flatnonzero(pick_order(free, must_place))
+            ok = np.flatnonzero(pick_order(free, must_place, view.active))
             if ok.size == 0:
                 break
             pair = self._rng.choice(ok, size=min(2, ok.size), replace=False)
@@ -178,8 +184,12 @@ class PowerOfTwo(Policy):
         return out
 
 
-def _least_requests(view: ClusterView, cands: Candidates, start: int) -> np.ndarray:
-    key = view.num_requests.astype(np.float64).copy()
+def _least_requests(view: ClusterView, cands: Candidates, start: int, placed: np.ndarray) -> np.ndarray:
+    """Candidates from `start` on, one after another, to the ranks holding the fewest
+    requests, counting those this call `placed` already."""
+    key = (view.num_requests + np.bincount(placed, minlength=view.num_ranks)).astype(np.float64)
+    if view.active is not None:
+        key[~np.asarray(view.active, dtype=bool)] = np.inf
     out = np.empty(len(cands) - start, dtype=np.int64)
     for i in range(out.shape[0]):
         g = int(np.argmin(key))

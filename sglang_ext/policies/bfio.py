@@ -51,7 +51,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..triton_kernels import project_cost
-from .base import Candidates, ClusterView, Policy
+from .base import Candidates, ClusterView, Policy, pick_order
 from .search import imbalance, improve
 from .sums import weighted_cross, weighted_rows, weighted_sum
 
@@ -225,6 +225,11 @@ class BFIO(Policy):
             tail = _Horizon.make(max(self.horizon, self.tail_horizon), self.tail_decay, 1.0)
             self._pool = _Horizon.blend(near, tail, self.pool_tail, far_points=self.tail_points)
 
+    @property
+    def places_arrivals_together(self) -> bool:
+        # full_wait reads where a slot frees first from the view, once per call
+        return not self.full_wait
+
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H=None) -> np.ndarray:
         """(H+1, G) projected cost of what each rank already holds (H: the
@@ -295,8 +300,10 @@ class BFIO(Policy):
                 # Every rank is full: the request waits for a slot wherever it
                 # goes. Send it where one frees first (then least growth).
                 wait = self._slot_wait(view)
+                if view.active is not None:
+                    wait[~np.asarray(view.active, dtype=bool)] = np.inf
                 free = (wait == wait.min()).astype(np.int64)
-            return self._place_each(hz, L, X, free, out, range(n))
+            return self._place_each(hz, L, X, free, out, range(n), view.active)
         slots = int(np.maximum(free, 0).sum())
         if slots == 0:
             return out
@@ -384,18 +391,20 @@ class BFIO(Policy):
         wait[ok] = rem[order][(starts + q)[ok]]
         return wait
 
-    def _place_each(self, hz, L, X, free, out, order):
-        """One candidate at a time, in `order`, each where the envelope grows least."""
+    def _place_each(self, hz, L, X, free, out, order, active=None):
+        """One candidate at a time, in `order`, each where the envelope grows least
+        (among the ranks with a free slot; with none, among the `active` ones)."""
         for j in order:
-            g = self._least_growth(hz, L, X[j], free)
+            g = self._least_growth(hz, L, X[j], free, active)
             out[j] = g
             L[:, g] += X[j]
             free[g] -= 1
         return out
 
-    def _least_growth(self, hz: "_Horizon", L: np.ndarray, x: np.ndarray, free: np.ndarray) -> int:
-        ok = free > 0
-        if not ok.any():
+    def _least_growth(self, hz: "_Horizon", L: np.ndarray, x: np.ndarray, free: np.ndarray,
+                      active: np.ndarray | None = None) -> int:
+        ok = pick_order(free, True, active)
+        if not ok.any():  # (no rank active: the caller's problem, not a crash here)
             ok = np.ones_like(ok)
         live = np.flatnonzero(ok)
         # Envelope over all ranks: a full rank still sets the barrier.
