@@ -15,7 +15,9 @@ inside the call with --refit inline), the next arrival before the
 next reports (the controller reuses what the reports said, so this is the policy
 plus the in-flight requests), the estimate of the reports that the live event
 loop makes while idle (`BalancedDispatch.prepare`: once a step's reports are in
-and no message waits) and the arrival after it, and one release of a 4G-request
+and no message waits) and the arrival after it, a burst of arrivals read in one turn of the loop
+(placed one call each, as before, or together in one call, as the loop now
+does; per arrival, after the idle estimate), and one release of a 4G-request
 pool under pool binding. Only the ZMQ send is replaced (by a no-op): its cost is the
 same whatever the policy.
 """
@@ -83,11 +85,15 @@ def clear_sent(bal) -> None:
 
 def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
+    burst_rng = np.random.default_rng(args.seed + 1)  # (the snapshots stay those of --seed)
     inline = args.refit == "inline"
     immediate = make_controller(policy, "immediate", G, workdir, inline)
     prepared = make_controller(policy, "immediate", G, workdir, inline, tag="-prepared")
     pool = make_controller(policy, "pool", G, workdir, inline)
+    each = make_controller(policy, "immediate", G, workdir, inline, tag="-each")
+    together = make_controller(policy, "immediate", G, workdir, inline, tag="-together")
     t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
+    t_each, t_together = [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
         reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
         prompts = trace.prompt_len[rng.integers(0, len(trace), size=4 * G + 1)]
@@ -109,6 +115,26 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
         t7 = time.perf_counter()
         clear_sent(prepared)
 
+        burst_prompts = trace.prompt_len[burst_rng.integers(0, len(trace), args.burst)]
+        burst = [request(p, args.max_new_tokens) for p in burst_prompts]
+        each.on_reports(reps)
+        each.prepare()
+        t8 = time.perf_counter()
+        for r in burst:  # one policy call per arrival
+            each.dispatch(r)
+        t9 = time.perf_counter()
+        clear_sent(each)
+        together.on_reports(reps)
+        together.prepare()
+        t10 = time.perf_counter()
+        together._arrivals = []  # as the event loop reads them: collected, then placed in one call
+        for r in burst:
+            together.dispatch(r)
+        together.place_arrivals()
+        together._arrivals = None
+        t11 = time.perf_counter()
+        clear_sent(together)
+
         pool.on_reports(reps)
         pool.pool.clear()
         for p in prompts[:-1]:
@@ -125,6 +151,8 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_prepare.append(t6 - t5)
             t_prepared.append(t7 - t6)
             t_release.append(t4 - t3)
+            t_each.append((t9 - t8) / len(burst))
+            t_together.append((t11 - t10) / len(burst))
             placed.append(int(pool.sent.sum()) - sent_before)
             free.append(sum(r.free_slots for r in reps))
     us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
@@ -132,7 +160,8 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
                 reports_p50_us=us(t_reports, 50), dispatch_p50_us=us(t_dispatch, 50), dispatch_p99_us=us(t_dispatch, 99),
                 next_dispatch_p50_us=us(t_next, 50), prepare_p50_us=us(t_prepare, 50),
                 prepared_dispatch_p50_us=us(t_prepared, 50), prepared_dispatch_p99_us=us(t_prepared, 99),
-                release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99),
+                release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99), burst=args.burst,
+                burst_each_p50_us=us(t_each, 50), burst_together_p50_us=us(t_together, 50),
                 pool_placed=float(np.mean(placed)), pool_free_slots=float(np.mean(free)))
 
 
@@ -147,6 +176,9 @@ def main():
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a snapshot.")
     ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="Every request's max_new_tokens.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
+    ap.add_argument("--burst", type=positive_int, default=16,
+                    help="Arrivals read in one turn of the controller's loop, timed placed one call each "
+                    "and together (per arrival).")
     ap.add_argument("--refit", choices=("background", "inline"), default="background",
                     help="Where the estimator refits: in a worker thread (the live default) or inside "
                     "the timed call (--balancer-inline-refit).")
@@ -177,13 +209,15 @@ def main():
           f"arriving request; pool = releasing a 4G-request pool; {args.refit} refit)\n")
     print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us "
           "| next arrival p50 us | idle estimate p50 us | arrival after it p50 us | arrival after it p99 us "
+          f"| burst of {args.burst}, one call each, p50 us per arrival | burst together, p50 us per arrival "
           "| pool p50 us | pool p99 us | pool placed / free slots |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['reports_p50_us']:.0f} "
               f"| {r['dispatch_p50_us']:.0f} | {r['dispatch_p99_us']:.0f} | {r['next_dispatch_p50_us']:.0f} "
               f"| {r['prepare_p50_us']:.0f} | {r['prepared_dispatch_p50_us']:.0f} "
-              f"| {r['prepared_dispatch_p99_us']:.0f} | {r['release_p50_us']:.0f} "
+              f"| {r['prepared_dispatch_p99_us']:.0f} | {r['burst_each_p50_us']:.0f} "
+              f"| {r['burst_together_p50_us']:.0f} | {r['release_p50_us']:.0f} "
               f"| {r['release_p99_us']:.0f} | {r['pool_placed']:.0f} / {r['pool_free_slots']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -10,7 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_controller.py"
 def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--cells", "4x16,8x8", "--calls", "3", "--free-frac", "0.3",
-                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+                        "--burst", "5", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     assert [(x["G"], x["B"], x["policy"]) for x in rows] == [
@@ -18,6 +18,7 @@ def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
     for x in rows:
         assert x["dispatch_p50_us"] > 0 and x["release_p50_us"] > 0 and x["reports_p50_us"] > 0
         assert x["next_dispatch_p50_us"] > 0 and x["prepare_p50_us"] > 0 and x["prepared_dispatch_p50_us"] > 0
+        assert x["burst"] == 5 and x["burst_each_p50_us"] > 0 and x["burst_together_p50_us"] > 0
         # a 4G-request pool fills the free slots (fewer than 4G here), never more
         assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
         assert f"| {x['G']} | {x['B']} |" in r.stdout
