@@ -231,6 +231,44 @@ def test_a_rank_that_is_down_takes_nothing_even_when_every_rank_is_full(spec):
             assert ((out >= 1) & (out < G)).all(), (spec, out)
 
 
+def _least_growth_reference(w, tie_scale, L, x, free):
+    """bfio's immediate rule in plain numpy, on (steps, G) loads: the rank with a free
+    slot (any, when none has) where x lifts the envelope least; ties to the least
+    shared load."""
+    from sglang_ext.policies.sums import weighted_sum
+
+    live = np.flatnonzero(free > 0) if (free > 0).any() else np.arange(L.shape[1])
+    grow = np.maximum(L[:, live] + (x - L.max(axis=1))[:, None], 0.0)
+    shared = weighted_sum(w * x, L[:, live])
+    key = weighted_sum(w, grow) + shared * (tie_scale / (np.abs(shared).max() + 1.0))
+    return int(live[np.argmin(key)])
+
+
+def test_bfio_immediate_rule_places_as_the_plain_reference_to_the_last_bit():
+    # The rule keeps its loads rank-major; each placement must be the reference's,
+    # near ties included (equal loads, loads that are not whole numbers).
+    rng = np.random.default_rng(3)
+    for t in range(300):
+        p = make_policy("bfio", horizon=int(rng.choice([0, 5, 20])))
+        hz = p._imm if t % 2 else p._pool
+        G, R, n = int(rng.integers(1, 300)) if t % 3 else int(rng.integers(1, 8)), len(hz.w), int(rng.integers(1, 10))
+        L = rng.integers(0, 10**5, (R, G)).astype(np.float64)
+        if t % 4 == 0:
+            L[:, rng.random(G) < 0.5] = 0
+        if t % 5 == 0:
+            L /= 7.0
+        X = rng.integers(0, 3000, (n, R)) * (rng.random((n, R)) < 0.9).astype(np.float64)
+        free = rng.integers(-1, 3, G)
+        out = p._place_each(hz, L.copy(), X, free.copy(), np.full(n, -1), range(n))
+        ref, Lr, fr = [], L.copy(), free.copy()
+        for j in range(n):
+            g = _least_growth_reference(hz.w, hz.tie_scale, Lr, X[j], fr)
+            ref.append(g)
+            Lr[:, g] += X[j]
+            fr[g] -= 1
+        assert out.tolist() == ref
+
+
 def test_bfio_full_wait_sends_a_request_where_a_slot_frees_first():
     # 3 ranks, 2 slots each, all full; rank 2's first request ends next step.
     rank = np.array([0, 0, 1, 1, 1, 2, 2])  # rank 1 also has one queued beyond its slots
