@@ -191,7 +191,9 @@ class TestBfioImmediate:
                 break
             time.sleep(0.5)
         assert sum(x["placed"] for x in lines) >= len(JOBS), server.log_tail()
-        assert sum(x["prepared"] for x in lines) > 0 and sum(x["calls"] for x in lines) >= len(JOBS)
+        # (requests read in one turn of the loop share a placement call)
+        assert sum(x["prepared"] for x in lines) > 0 and 0 < sum(x["calls"] for x in lines) <= sum(
+            x["placed"] for x in lines)
         assert all(x["p99_ms"] is not None for x in lines if x["calls"])
         print("\n" + STATS_LINE.search(server.log_path.read_text(errors="replace")).group(0))
 
