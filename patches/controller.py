@@ -585,7 +585,8 @@ class BalancedDispatch:
         from sglang.srt.managers.io_struct import sock_recv
 
         ctrl = self.ctrl
-        self._arrivals = None if self.pool_mode else []
+        # (a policy that must place each request in its own call sends each as it is read)
+        self._arrivals = [] if not self.pool_mode and self.policy.places_arrivals_together else None
         try:
             while True:
                 try:

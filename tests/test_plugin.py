@@ -479,6 +479,18 @@ def test_loop_places_a_burst_together_and_never_lets_an_abort_overtake_it(fake_c
     assert sent[2][0] == "all" and bal.stats["placements"] == 2 and bal.stats["dispatched"] == 4
     assert bal._arrivals is None  # (collecting only while the loop reads)
 
+    # A policy that places each request in its own call (bfio with full_wait): each is
+    # sent as it is read, in the same order.
+    one, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True, full_wait=True)
+    one.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72) for g in range(4)])
+    sent.clear()
+    msgs.extend([_req(300, rid="e"), AbortReq(rid="e"), _req(50, rid="f"), _req(900, rid="g")])
+    one.ctrl.recv_from_tokenizer, one.ctrl._request_dispatcher = None, lambda m: (
+        sent.append(("all", m)) if isinstance(m, AbortReq) else one.dispatch(m))
+    one.read_requests()
+    assert [getattr(m, "rid", None) for _, m in sent] == ["e", "e", "f", "g"]
+    assert one.stats["placements"] == 3 and one._arrivals is None
+
 
 def test_a_failed_send_in_a_burst_costs_the_others_nothing(fake_controller, monkeypatch, caplog):
     from sglang.srt.managers import io_struct
