@@ -32,7 +32,7 @@ import zmq
 
 from sglang_ext.plugin.config import BalancerConfig, get_config
 from sglang_ext.estimators import make_estimator
-from sglang_ext.plugin.protocol import RankReport, recv_reports, runs_to_cap
+from sglang_ext.plugin.protocol import RankReport, recv_reports, request_types, runs_to_cap
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +100,9 @@ def _prompt_len(req) -> int:
     return len(ids) if ids is not None else 0
 
 
-def _request_types() -> tuple[type, ...]:
-    """The messages SGLang's controller dispatches as requests (one, or a batch of them)."""
-    from sglang.srt.managers import io_struct as io
-
-    return (io.TokenizedGenerateReqInput, io.TokenizedEmbeddingReqInput,
-            io.BatchTokenizedGenerateReqInput, io.BatchTokenizedEmbeddingReqInput)
-
-
 def _is_request(msg) -> bool:
-    return isinstance(msg, _request_types())
+    """A request (or a batch of them), which SGLang's controller hands to its dispatch."""
+    return isinstance(msg, request_types())
 
 
 def read_stats(log_text: str) -> list[dict]:

@@ -105,6 +105,48 @@ def _check_pinned(server):
             assert meta["dp_rank"] == rank
 
 
+def _stream_until_done(url: str, payload: dict) -> dict:
+    """Stream one request to its end: how many chunks said it finished, how, and the tokens."""
+    finishes, reason, tokens = 0, None, 0
+    with requests.post(url + "/generate", json={**payload, "stream": True}, stream=True, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            meta = chunk.get("meta_info", {})
+            tokens = len(chunk.get("output_ids", [])) or tokens
+            if meta.get("finish_reason") or "error" in chunk:
+                finishes += 1
+                reason = (meta.get("finish_reason") or {}).get("type", "error")
+    return {"finishes": finishes, "reason": reason, "tokens": tokens}
+
+
+def _check_aborts(server, n: int = 12, max_new: int = 400):
+    # Requests aborted right after they are sent (some read by the controller in the
+    # same turn as their abort): each ends exactly once, aborted or, if the abort
+    # came too early or too late to find it, complete; the others complete.
+    rids = [f"abort-{os.getpid()}-{time.monotonic_ns()}-{i}" for i in range(n)]
+    payloads = [{"rid": rid, "input_ids": list(range(10, 60 + 7 * i)),
+                 "sampling_params": {"max_new_tokens": max_new, "ignore_eos": True}} for i, rid in enumerate(rids)]
+    with ThreadPoolExecutor(n) as pool:
+        futs = [pool.submit(_stream_until_done, server.url, p) for p in payloads]
+        time.sleep(0.3)  # (the tokenizer ignores an abort for a request it has not registered yet)
+        for rid in rids[::2]:
+            requests.post(server.url + "/abort_request", json={"rid": rid}, timeout=30).raise_for_status()
+        results = [f.result() for f in futs]
+    assert all(r["finishes"] == 1 for r in results), results
+    assert all(r["reason"] == "length" and r["tokens"] == max_new for r in results[1::2]), results
+    aborted = [r for r in results[::2] if r["reason"] != "length"]
+    assert all(r["reason"] == "abort" and r["tokens"] < max_new for r in aborted), results
+    # Sent 0.3 s after their requests, on whichever rank each runs (under DP attention
+    # the abort reaches the first rank only, which passes it on): nearly all must land.
+    assert len(aborted) >= len(results[::2]) - 2, results
+    print(f"\n{len(aborted)} of {len(results[::2])} aborted requests ended aborted, after "
+          f"{sorted(r['tokens'] for r in aborted)} tokens; the other {len(results[1::2])} ran to {max_new}")
+    assert run_job(server.url, Job(9998, 16, 5, "generate"))["tokens"] == 5  # and it still serves
+
+
 def _idle_controller_cpu(server, seconds: float = 5.0) -> float:
     ctrl = server.controller()
     time.sleep(1.0)  # let the last reports drain
@@ -200,6 +242,9 @@ class TestBfioImmediate:
     def test_pinned_rank_is_honoured(self, server):
         _check_pinned(server)
 
+    def test_aborted_requests_end_exactly_once(self, server):
+        _check_aborts(server)
+
     def test_idle_controller_cpu(self, server):
         cpu = _idle_controller_cpu(server)
         print(f"\nidle DP controller (bfio, plain DP): {cpu:.1f}% of a core")
@@ -269,6 +314,9 @@ class TestDpAttentionPool:
 
     def test_pinned_rank_is_honoured(self, server):
         _check_pinned(server)
+
+    def test_aborted_requests_end_exactly_once(self, server):
+        _check_aborts(server)
 
     def test_idle_controller_cpu(self, server):
         cpu = _idle_controller_cpu(server)

@@ -15,7 +15,7 @@ import zmq
 
 from sglang_ext.plugin import config
 from sglang_ext.patches.controller import read_stats, request_row
-from sglang_ext.plugin.protocol import RankReport, recv_reports
+from sglang_ext.plugin.protocol import RankReport, recv_reports, request_types
 
 pytest.importorskip("sglang")
 
@@ -456,7 +456,7 @@ def test_loop_places_a_burst_together_and_never_lets_an_abort_overtake_it(fake_c
     DataParallelController.init_dispatcher(stock)
     routed = {stock.dispatching_with_trace, stock.dispatch_batch_generate, stock.dispatch_batch_embedding}
     mapping = stock._request_dispatcher._mapping
-    assert set(controller._request_types()) == {ty for ty, fn in mapping.items() if fn in routed}
+    assert set(request_types()) == {ty for ty, fn in mapping.items() if fn in routed}
     assert not controller._is_request(AbortReq(rid="b"))
     monkeypatch.setattr(controller, "_is_request", lambda msg: isinstance(msg, SimpleNamespace))
     msgs = deque([_req(300, rid="a"), _req(50, rid="b"), AbortReq(rid="b"), _req(900, rid="c"), _req(10, rid="d")])

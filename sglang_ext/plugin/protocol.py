@@ -22,6 +22,15 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 _NONE = np.zeros(0, dtype=bool)
 
 
+def request_types() -> tuple[type, ...]:
+    """The messages SGLang handles as work (one request, or a batch of them); every
+    other message from the tokenizer is a control message (an abort, a flush, ...)."""
+    from sglang.srt.managers import io_struct as io
+
+    return (io.TokenizedGenerateReqInput, io.TokenizedEmbeddingReqInput,
+            io.BatchTokenizedGenerateReqInput, io.BatchTokenizedEmbeddingReqInput)
+
+
 def runs_to_cap(req) -> bool:
     """A request under ignore_eos runs exactly to its max_new_tokens: its length is known."""
     return bool(getattr(getattr(req, "sampling_params", None), "ignore_eos", False))

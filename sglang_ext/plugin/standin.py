@@ -18,7 +18,10 @@ launcher, tokenizer manager, HTTP server and DP controller run unchanged:
   or earlier with EOS at the answer length a replay passes in custom_params
   (`ANSWER_LEN_KEY`), unless ignore_eos: the balancer then knows only the cap,
   as with a real model;
-- reports per step through the same `ReportSender` as the scheduler patch.
+- reports per step through the same `ReportSender` as the scheduler patch;
+- under DP attention, takes control messages (aborts, ...) as SGLang's
+  schedulers do: the DP controller sends them to the first DP group only, whose
+  leader broadcasts them to every rank each step (`_control_from_leader`).
 
 Simplifications (why: only placement and barrier timing matter here): prefill and
 decode share a step (SGLang separates them unless mixed chunking is on); no
@@ -38,7 +41,8 @@ import numpy as np
 import zmq
 
 from sglang_ext.plugin.config import BalancerConfig, get_config
-from sglang_ext.plugin.protocol import ANSWER_LEN_KEY, RankReport, ReportSender, is_health_check_rid, runs_to_cap
+from sglang_ext.plugin.protocol import (ANSWER_LEN_KEY, RankReport, ReportSender, is_health_check_rid,
+                                        request_types, runs_to_cap)
 from sglang_ext.plugin.telemetry_bridge import open_telemetry
 
 logger = logging.getLogger(__name__)
@@ -105,6 +109,21 @@ def around_launch_scheduler_processes(original, cls, server_args, port_args, run
     return original(cls, server_args, port_args, run_scheduler_process_func, *args, **kwargs)
 
 
+def _control_from_leader(server_args) -> bool:
+    """Whether control messages reach only the first DP group's leader, which then
+    broadcasts them to every rank: SGLang's way under DP attention unless local control
+    broadcast is on (DataParallelController.control_message_step, and the scheduler's
+    RequestReceiver._broadcast_reqs_across_ranks)."""
+    if not getattr(server_args, "enable_dp_attention", False):
+        return False
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return not get_parallel().enable_dp_attention_local_control_broadcast
+    except Exception:  # noqa: BLE001  (no parallel context published: SGLang's default)
+        return True
+
+
 def _model_limits(server_args) -> tuple[int, int]:
     """(context length, vocab size) from the model directory's config.json."""
     context_len, vocab = DEFAULT_CONTEXT_LEN, DEFAULT_VOCAB
@@ -160,6 +179,9 @@ class StandinScheduler:
         self._last_report = 0.0
         self._last_key = None
         self._outbox: list[tuple[SimReq, list[int], dict | None]] = []
+        # Under DP attention: control messages the first rank read, for every rank (`_share_control`).
+        self.control_from_leader = _control_from_leader(server_args)
+        self._control: list = []
 
     def init_info(self) -> dict:
         return {
@@ -186,7 +208,10 @@ class StandinScheduler:
             except Exception:  # noqa: BLE001  (one bad message must not stop the rank)
                 logger.exception("stand-in DP%d: cannot handle %s", self.dp_rank, type(msg).__name__)
 
-    def _handle(self, msg) -> None:
+    def _handle(self, msg, shared: bool = False) -> None:
+        if self.control_from_leader and not shared and not isinstance(msg, request_types()):
+            self._control.append(msg)  # every rank takes it at `_share_control`
+            return
         from sglang.srt.managers.io_struct import (
             AbortReq,
             BatchTokenizedGenerateReqInput,
@@ -248,6 +273,21 @@ class StandinScheduler:
             setattr(self, queue_name, deque(kept) if queue_name == "waiting" else kept)
 
     # ---- steps ---------------------------------------------------------------------------
+
+    def _share_control(self) -> None:
+        """Under DP attention, once a step: the first rank's control messages to every
+        rank (a gloo broadcast, as SGLang's schedulers broadcast theirs), each then
+        taken in the order the first rank read them."""
+        import torch.distributed as dist
+
+        box = [self._control if self.dp_rank == 0 else None]
+        self._control = []
+        dist.broadcast_object_list(box, src=0)
+        for msg in box[0] or []:
+            try:
+                self._handle(msg, shared=True)
+            except Exception:  # noqa: BLE001  (one bad message must not stop the rank)
+                logger.exception("stand-in DP%d: cannot handle %s", self.dp_rank, type(msg).__name__)
 
     def _admit(self) -> list[SimReq]:
         admitted = []
@@ -372,6 +412,8 @@ class StandinScheduler:
         while True:
             # Block briefly only when the whole cluster was idle last round.
             self._drain(IDLE_POLL_MS if idle and not self.waiting else 0)
+            if self.control_from_leader:
+                self._share_control()
             admitted = self._admit()
             local = self._local_time(admitted)
             if local > 0:
