@@ -147,6 +147,26 @@ def _check_aborts(server, n: int = 12, max_new: int = 400):
     assert run_job(server.url, Job(9998, 16, 5, "generate"))["tokens"] == 5  # and it still serves
 
 
+def _check_batch_placed_in_one_call(server, n: int = 16):
+    # A batch of prompts in one /generate call reaches the controller as one message:
+    # its requests are read in one turn of the loop and placed in one policy call.
+    def totals():
+        lines = read_stats(server.log_path.read_text(errors="replace"))
+        return sum(x["placed"] for x in lines), sum(x["calls"] for x in lines)
+
+    time.sleep(2.5)  # (the window of the earlier tests' requests is logged by then)
+    placed0, calls0 = totals()
+    payload = {"input_ids": [list(range(10, 30 + 9 * i)) for i in range(n)],
+               "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}
+    r = requests.post(server.url + "/generate", json=payload, timeout=120)
+    r.raise_for_status()
+    assert [len(x["output_ids"]) for x in r.json()] == [6] * n
+    deadline = time.monotonic() + 10
+    while totals()[0] < placed0 + n and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert totals() == (placed0 + n, calls0 + 1), (placed0, calls0, totals(), server.log_tail())
+
+
 def _idle_controller_cpu(server, seconds: float = 5.0) -> float:
     ctrl = server.controller()
     time.sleep(1.0)  # let the last reports drain
@@ -238,6 +258,9 @@ class TestBfioImmediate:
             x["placed"] for x in lines)
         assert all(x["p99_ms"] is not None for x in lines if x["calls"])
         print("\n" + STATS_LINE.search(server.log_path.read_text(errors="replace")).group(0))
+
+    def test_a_batch_of_prompts_is_placed_in_one_call(self, server):
+        _check_batch_placed_in_one_call(server)
 
     def test_pinned_rank_is_honoured(self, server):
         _check_pinned(server)
