@@ -146,7 +146,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         return view
 
     def bind_now(ids: np.ndarray) -> None:
-        """Immediate binding: one policy call per request, as SGLang dispatches."""
+        """Immediate binding: one policy call per request, as SGLang dispatches (the live
+        controller places a burst read at once in one call, on the same ranks)."""
         nonlocal q_id, q_rank
         for i in ids:
             view = view_of()
