@@ -399,13 +399,24 @@ class BalancedDispatch:
             logger.exception("sglang-ext: policy %s failed; falling back to the least-loaded rank", self.cfg.policy)
             if not must_place:
                 return np.full(len(rows), -1, dtype=np.int64)  # stay pooled; the deadline places them
-            loads = np.array([self.reports[g].kv_tokens if self.reports[g] else 0 for g in range(self.num_ranks)])
-            loads = np.where(active, loads, np.iinfo(np.int64).max)
-            return np.full(len(rows), int(np.argmin(loads)), dtype=np.int64)
+            return self._least_tokens(rows, active)
         for i, g in enumerate(ranks):
             if g >= 0 and not active[g]:  # defensive: a policy must never strand a request on a dead rank
                 ranks[i] = int(np.flatnonzero(active)[0]) if must_place else -1
         return ranks
+
+    def _least_tokens(self, rows: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """The fallback when the policy fails: each request, in order, to the active rank
+        with the fewest KV tokens reported plus sent since, counting those before it
+        (plain Python over the raw state: no view, no estimator, nothing that failed)."""
+        loads = np.array([(r.kv_tokens if r is not None else 0) + sum(t[0] for t in q)
+                          for r, q in zip(self.reports, self.inflight)], dtype=np.float64)
+        loads[~active] = np.inf
+        out = np.empty(len(rows), dtype=np.int64)
+        for i, prompt in enumerate(rows[:, 0].tolist()):  # (each sees the ones before it)
+            out[i] = g = int(np.argmin(loads))
+            loads[g] += max(prompt, 1)
+        return out
 
     def _send(self, g: int, req, row: tuple[int, int, bool]) -> None:
         from sglang.srt.managers.io_struct import sock_send

@@ -194,6 +194,17 @@ def test_policy_failure_falls_back_instead_of_losing_the_request(fake_controller
     monkeypatch.setattr(bal.policy, "assign", lambda *a, **k: 1 / 0)
     bal.dispatch(_req(10))
     assert len(sent) == 1
+    # A burst read in one turn falls back as a whole, spread by what each request adds
+    # (rank 0 is down, rank 1 reported the most tokens; what was just sent counts).
+    bal.ctrl._active_workers = [1, 2, 3]
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=4, run_kv=np.array([kv]),
+                               run_generated=np.array([1]), run_cap=np.array([50]))
+                    for g, kv in enumerate((0, 5000, 100, 120))])
+    bal._arrivals = []
+    for i in range(6):
+        bal.dispatch(_req(100, rid=f"b{i}"))
+    bal.place_arrivals()
+    assert len(sent) == 7 and [g for g, _ in sent[1:]] == [2, 3, 2, 3, 2, 3]
 
 
 # ---- scheduler patch ---------------------------------------------------------------------------
