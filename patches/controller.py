@@ -143,6 +143,8 @@ class _Reported:
     req_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     req_kv: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     req_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # what the policy computes once from the reported requests (`ClusterView.projection_cache`)
+    projection_cache: dict = field(default_factory=dict)
 
 
 class BalancedDispatch:
@@ -222,6 +224,7 @@ class BalancedDispatch:
                 raise RuntimeError("torch.cuda.is_available() is False in the controller")
             G = self.num_ranks
             view = self.build_view()
+            view.projection_cache = None  # (its requests are these, not the reported ones)
             view.req_rank = torch.arange(G, device="cuda")
             view.req_kv = torch.full((G,), 10, dtype=torch.int64, device="cuda")
             view.req_remaining = torch.full((G,), 5, dtype=torch.int64, device="cuda")
@@ -363,7 +366,8 @@ class BalancedDispatch:
             arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
                            req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                           pending_prefill=pending, slot_limit=rep.slot_limit, active=active)
+                           pending_prefill=pending, slot_limit=rep.slot_limit, active=active,
+                           projection_cache=rep.projection_cache, cached_requests=rep.req_rank.shape[0])
 
     @property
     def _scenarios(self) -> int:
@@ -504,13 +508,16 @@ class BalancedDispatch:
             self._send_now(p.req, p.row)
 
     def prepare(self) -> bool:
-        """Estimate what the reports say now, ahead of the next placement (at G=256 with
-        64k requests running: several ms that an arrival would otherwise wait for).
+        """Estimate what the reports say now, and let the policy compute what it reads of
+        them (bfio: their projection), ahead of the next placement (at G=256 with 64k
+        requests running: several ms that an arrival would otherwise wait for).
         True if there was a new batch of reports to estimate."""
         if not self._fresh.any():  # (nothing new: `_reported` is current, or was tried)
             return False
         try:
             self._reported_state()
+            # and what the policy reads of the reported requests (bfio: their projection)
+            self.policy.warm(self.build_view(), must_place=not self.pool_mode)
         except Exception:  # noqa: BLE001  (the next placement retries it and falls back if it fails)
             logger.exception("sglang-ext: estimating the ranks' reports failed")
             return False

@@ -11,7 +11,9 @@ import torch  # noqa: E402
 
 from sglang_ext.triton_kernels import (  # noqa: E402
     Projection,
+    combine_counts,
     project_cost,
+    project_counts,
     project_cost_reference,
     project_cost_triton,
 )
@@ -263,6 +265,23 @@ def test_project_cost_backends_and_inputs():
     assert tt.backend == "torch"
     exact(tt.cost, ref)
     assert tt.cost.shape == (9, 4) and tt.cost.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("growth", [True, False])
+def test_counts_of_two_parts_add_up_to_the_projection_of_both(backend, growth):
+    # A caller keeps the counts of requests that stay and adds a few new ones': the
+    # combined cost must be project_cost's for all of them, to the last bit.
+    rng = np.random.default_rng(4)
+    for horizon in (12, np.array([0, 1, 3, 7, 20, 60])):
+        rank, kv, rem = random_inputs(rng, 300, 7, H=30)
+        for split in (0, 1, 150, 300):
+            a, b, c = 0.3, 0.7, 1e-3
+            kept = project_counts(rank[split:], kv[split:], rem[split:], 7, horizon, growth, backend)
+            new = project_counts(rank[:split], kv[:split], rem[:split], 7, horizon, growth, backend)
+            assert kept[2] == new[2] == backend
+            cost = combine_counts(kept[0] + new[0], kept[1] + new[1], a, b, c)
+            exact(cost, project_cost(rank, kv, rem, 7, horizon, a, b, c, growth, backend).cost)
 
 
 def test_package_import_does_not_need_triton():

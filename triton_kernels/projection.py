@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Projection", "project_cost", "project_cost_reference", "project_cost_triton"]
+__all__ = ["Projection", "combine_counts", "project_cost", "project_cost_reference", "project_cost_triton",
+           "project_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +172,16 @@ def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool, steps=None):
     return cnt, kvs
 
 
-def _reference(rank, kv, rem, G, hs, a, b, c, growth) -> torch.Tensor:
+def _reference_counts(rank, kv, rem, G, hs, growth) -> tuple[torch.Tensor, torch.Tensor]:
     H, steps = hs
     if G == 0 or rank.numel() == 0:
         z = torch.zeros((H + 1, G), dtype=torch.int64, device=rank.device)
-        return _combine(z, z, a, b, c)
-    cnt, kvs = _counts_torch(rank, kv, rem, G, H, growth, steps)
-    return _combine(cnt, kvs, a, b, c)
+        return z, z.clone()
+    return _counts_torch(rank, kv, rem, G, H, growth, steps)
+
+
+def _reference(rank, kv, rem, G, hs, a, b, c, growth) -> torch.Tensor:
+    return _combine(*_reference_counts(rank, kv, rem, G, hs, growth), a, b, c)
 
 
 def project_cost_reference(
@@ -293,6 +297,10 @@ def _next_pow2(x: int) -> int:
 
 
 def _triton_impl(rank, kv, rem, G, hs, a, b, c, growth) -> torch.Tensor:
+    return _combine(*_triton_counts(rank, kv, rem, G, hs, growth), a, b, c)
+
+
+def _triton_counts(rank, kv, rem, G, hs, growth) -> tuple[torch.Tensor, torch.Tensor]:
     H, steps = hs
     interpret, (bucket_kernel, suffix_kernel) = _kernels()
     if rank.is_cuda and interpret:
@@ -323,7 +331,7 @@ def _triton_impl(rank, kv, rem, G, hs, a, b, c, growth) -> torch.Tensor:
                 cnt, kvs, cnt if steps is None else steps.contiguous(), G, H, triton.cdiv(H + 1, block_h),
                 GROWTH=bool(growth), STEPS=steps is not None, BLOCK_H=block_h, BLOCK_G=block_g, **_LAUNCH,
             )
-    return _combine(cnt, kvs, a, b, c)
+    return cnt, kvs
 
 
 def project_cost_triton(
@@ -382,6 +390,18 @@ def project_cost(
     or "triton" (CUDA, or CPU with TRITON_INTERPRET=1).
     Raises ValueError for a rank outside [0, num_ranks) or an unknown backend.
     """
+    cnt, kvs, chosen = project_counts(req_rank, req_kv, req_remaining, num_ranks, horizon, growth, backend)
+    return Projection(cost=_combine(cnt, kvs, a, b, c), backend=chosen)
+
+
+def project_counts(req_rank, req_kv, req_remaining, num_ranks: int, horizon, growth: bool = True,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The exact parts of `project_cost`: int64 n(h, g) and S(h, g) (see the module
+    docstring) and the backend used. Both are sums over requests, so the counts of
+    two sets of requests add up to those of their union, exactly: a caller may keep
+    the counts of requests that stay and add those of a few new ones
+    (`combine_counts` then gives what `project_cost` gives for all of them).
+    Same arguments and errors as `project_cost`."""
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(_BACKENDS)}")
     rank, kv, rem, G, hs = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
@@ -398,8 +418,12 @@ def project_cost(
     else:
         chosen, why = backend, "requested"
     _log_choice(chosen, why)
-    if chosen == "triton":
-        cost = _triton_impl(rank, kv, rem, G, hs, a, b, c, growth)
-    else:
-        cost = _reference(rank, kv, rem, G, hs, a, b, c, growth)
-    return Projection(cost=cost, backend=chosen)
+    counts = _triton_counts if chosen == "triton" else _reference_counts
+    return (*counts(rank, kv, rem, G, hs, growth), chosen)
+
+
+def combine_counts(cnt: torch.Tensor, kvs: torch.Tensor, a: float = 0.0, b: float = 0.0,
+                   c: float = 1.0) -> torch.Tensor:
+    """cost = a + b*n + c*S in float64 from `project_counts`' n and S: the values
+    `project_cost` returns, to the last bit."""
+    return _combine(cnt, kvs, a, b, c)

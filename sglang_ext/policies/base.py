@@ -54,6 +54,11 @@ class ClusterView:
     # (G,) ranks that may take a request (None: all). A rank that is down has no free
     # slot, and must not be chosen either when every rank is full.
     active: np.ndarray | None = None
+    # Requests that outlive this view: the last `cached_requests` of the req_* arrays
+    # are the same (and in the same order) in every view that shares this dict, where a
+    # policy may keep what it computed from them (bfio: their projection's counts).
+    projection_cache: dict | None = None
+    cached_requests: int = 0
 
     def __post_init__(self):
         self.free_slots = np.asarray(self.free_slots, dtype=np.int64)
@@ -82,6 +87,10 @@ class Policy:
 
     def assign(self, view: ClusterView, cands: Candidates, must_place: bool = False) -> np.ndarray:
         raise NotImplementedError
+
+    def warm(self, view: ClusterView, must_place: bool) -> None:
+        """Compute ahead, while the caller is idle, what a later call on a view that
+        shares this one's projection_cache will need (default: nothing)."""
 
     def reset(self) -> None:
         """Forget state kept across calls (round-robin cursor, RNG)."""

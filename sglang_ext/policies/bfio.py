@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ..triton_kernels import project_cost
+from ..triton_kernels import combine_counts, project_counts
 from .base import Candidates, ClusterView, Policy, pick_order
 from .search import imbalance, improve
 from .sums import weighted_cross, weighted_rows, weighted_sum
@@ -230,30 +230,53 @@ class BFIO(Policy):
         # full_wait reads where a slot frees first from the view, once per call
         return not self.full_wait
 
+    def warm(self, view: ClusterView, must_place: bool) -> None:
+        # the counts of the requests that outlive the view, for the horizon the call will use
+        if view.projection_cache is not None and view.cached_requests and view.req_rank.size:
+            self._counts(view, (self._imm if must_place else self._pool).axis)
+
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H=None) -> np.ndarray:
         """(H+1, G) projected cost of what each rank already holds (H: the
         horizon, default the pool's; or the steps to project at, one row each)."""
         G = view.num_ranks
         H = self.horizon if H is None else H
-        a, b, c = self.weights
+        _, b, c = self.weights
         if view.req_rank.size or not view.kv_tokens.any():
-            rank, kv, rem = view.req_rank, view.req_kv, view.req_remaining  # numpy, or torch on a GPU
-            if rem.ndim == 2:
-                # k equally likely scenarios of remaining steps: the expected
-                # cost is the mean of k projections, i.e. one projection of the
-                # requests repeated k times, divided by k.
-                k = rem.shape[0]
-                tile = (lambda x: np.tile(x, k)) if isinstance(rank, np.ndarray) else (lambda x: x.repeat(k))
-                proj = project_cost(tile(rank), tile(kv), rem.reshape(-1), G, H,
-                                    a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
-                return proj.cost.cpu().numpy() / k
-            proj = project_cost(rank, kv, rem, G, H,
-                                a=0.0, b=b, c=c, growth=self.growth, backend=self.backend)
-            return proj.cost.cpu().numpy()
+            cost = combine_counts(*self._counts(view, H), a=0.0, b=b, c=c).cpu().numpy()
+            # k equally likely scenarios of remaining steps: the expected cost is the
+            # mean of k projections, i.e. one of the requests repeated k times, over k
+            return cost / view.req_remaining.shape[0] if view.req_remaining.ndim == 2 else cost
         # No per-request detail (e.g. a coarse load report): hold today's load flat.
         rows = H + 1 if np.isscalar(H) else len(H)
         return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (rows, G)).astype(np.float64)
+
+    def _counts(self, view: ClusterView, H):
+        """The projection's exact int64 counts (n, S) of the view's requests (each
+        scenario a copy of its request). Those the view says outlive it (its last
+        `cached_requests`, under `projection_cache`) are counted once per horizon and
+        kept; each call adds the others': the same sums, so the same projection."""
+        rank, kv, rem = view.req_rank, view.req_kv, view.req_remaining  # numpy, or torch on a GPU
+        k = rem.shape[0] if rem.ndim == 2 else 0
+        tile = (lambda x: np.tile(x, k)) if isinstance(rank, np.ndarray) else (lambda x: x.repeat(k))
+
+        def counts(part: slice):
+            r, v, t = rank[part], kv[part], rem[..., part]
+            if k:
+                r, v, t = tile(r), tile(v), t.reshape(-1)
+            return project_counts(r, v, t, view.num_ranks, H, growth=self.growth, backend=self.backend)[:2]
+
+        n, m = rank.shape[0], view.cached_requests if view.projection_cache is not None else 0
+        if not 0 < m <= n:
+            return counts(slice(None))
+        key = (H if np.isscalar(H) else tuple(np.asarray(H).tolist()), self.growth, k, self.backend)
+        kept = view.projection_cache.get(key)
+        if kept is None:
+            kept = view.projection_cache[key] = counts(slice(n - m, n))
+        if m == n:
+            return kept
+        cnt, kvs = counts(slice(0, n - m))
+        return kept[0] + cnt, kept[1] + kvs
 
     def profiles(self, cands: Candidates, H=None) -> np.ndarray:
         """(n, H+1) cost each candidate adds at each horizon step (H: the
