@@ -147,7 +147,7 @@ def _end_rows(rem, steps):
 
 def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool, steps=None):
     R = H + 1
-    # Equals the O((H+1) * N) formula
+    # Equals the O((H+1) * N) formula (used as it is for fewer requests than ranks)
     #     active = rem[None, :] > arange(H+1)[:, None]                  # (H+1, N)
     #     n[h, g] = (active & (rank == g)).sum(1)
     #     S[h, g] = ((kv + h * growth) * (active & (rank == g))).sum(1)
@@ -158,6 +158,15 @@ def _counts_torch(rank, kv, rem, G: int, H: int, growth: bool, steps=None):
     # per active request, i.e. h * n. All int64, so exact.
     # With explicit steps h_k, row k is step h_k: request i is active at rows
     # k < e_i = #{k : h_k < rem_i}, and growth adds h_k per active request.
+    if rank.numel() < G:
+        # Fewer requests than ranks (a few sent since the last report): the formula
+        # itself, O((H+1) * N), beats the O(G*H) sums. The same int64 counts.
+        h = torch.arange(R, dtype=torch.int64, device=kv.device) if steps is None else steps
+        active = (h.unsqueeze(1) < rem.unsqueeze(0)).to(torch.int64)  # (R, N)
+        cnt = torch.zeros((R, G), dtype=torch.int64, device=kv.device).index_add_(1, rank, active)
+        load = kv.unsqueeze(0) + h.unsqueeze(1) if growth else kv.unsqueeze(0).expand(R, -1)
+        kvs = torch.zeros((R, G), dtype=torch.int64, device=kv.device).index_add_(1, rank, active * load)
+        return cnt, kvs
     end = rem.clamp(0, R) if steps is None else _end_rows(rem, steps)
     flat = torch.add(rank, end, alpha=G)  # e_i * G + rank_i, in [0, (H+2)*G)
     nb = (R + 1) * G
