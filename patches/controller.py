@@ -24,7 +24,6 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -404,9 +403,9 @@ class BalancedDispatch:
             if not must_place:
                 return np.full(len(rows), -1, dtype=np.int64)  # stay pooled; the deadline places them
             return self._least_tokens(rows, active)
-        for i, g in enumerate(ranks):
-            if g >= 0 and not active[g]:  # defensive: a policy must never strand a request on a dead rank
-                ranks[i] = int(np.flatnonzero(active)[0]) if must_place else -1
+        stranded = (ranks >= 0) & ~active[np.maximum(ranks, 0)]  # defensive: a policy must never
+        if stranded.any():  # strand a request on a dead rank
+            ranks[stranded] = int(np.flatnonzero(active)[0]) if must_place else -1
         return ranks
 
     def _least_tokens(self, rows: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -446,14 +445,16 @@ class BalancedDispatch:
         if not batch:
             return
         self._arrivals = []
-        if len(batch) == 1 or not self.policy.places_arrivals_together:
-            sends = [(self._send_now, req, row) for req, row in batch]
-        else:  # (`_place` never raises for a policy failure: it falls back)
-            ranks = self._place(np.array([row for _, row in batch], dtype=np.int64), must_place=True)
-            sends = [(partial(self._send, g), req, row) for (req, row), g in zip(batch, ranks.tolist())]
-        for send, req, row in sends:
+        ranks = [None] * len(batch)  # None: placed by a call of its own as it is sent
+        if len(batch) > 1 and self.policy.places_arrivals_together:
+            # (`_place` never raises for a policy failure: it falls back)
+            ranks = self._place(np.array([row for _, row in batch], dtype=np.int64), must_place=True).tolist()
+        for (req, row), g in zip(batch, ranks):
             try:
-                send(req, row)
+                if g is None:
+                    self._send_now(req, row)
+                else:
+                    self._send(g, req, row)
             except Exception:  # noqa: BLE001  (one failed send must not cost the others theirs)
                 logger.exception("sglang-ext: failed to send request %s", getattr(req, "rid", "?"))
 

@@ -8,6 +8,7 @@ apart.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import time
@@ -22,6 +23,7 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 _NONE = np.zeros(0, dtype=bool)
 
 
+@functools.cache
 def request_types() -> tuple[type, ...]:
     """The messages SGLang handles as work (one request, or a batch of them); every
     other message from the tokenizer is a control message (an abort, a flush, ...)."""

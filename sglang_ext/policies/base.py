@@ -69,6 +69,11 @@ class ClusterView:
     def num_ranks(self) -> int:
         return int(self.free_slots.shape[0])
 
+    @property
+    def active_ranks(self) -> np.ndarray:
+        """(G,) bool: the ranks that may take a request."""
+        return np.ones(self.num_ranks, bool) if self.active is None else np.asarray(self.active, dtype=bool)
+
 
 class Policy:
     """Base class: subclasses implement `assign`. Registered by `name`."""

@@ -69,7 +69,7 @@ class RoundRobin(Policy):
             cursor = (int(seq[-1]) + 1) % G
         if must_place and seq.size < n:
             # Nowhere free: keep dealing over every active rank (they queue there).
-            active = np.flatnonzero(pick_order(np.zeros(G, np.int64), True, view.active))
+            active = np.flatnonzero(view.active_ranks)
             if active.size:
                 start = int(np.searchsorted(active, cursor)) % active.size
                 extra = active[(start + np.arange(n - seq.size)) % active.size]
@@ -109,8 +109,7 @@ class _LeastLoaded(Policy):
                 if not must_place:
                     break
                 # Nowhere free: every active rank is eligible from here on (requests queue there).
-                ok = pick_order(np.zeros(len(key), np.int64), True, view.active)
-                heap = [(k, g) for g, k in enumerate(key) if ok[g]]
+                heap = [(k, g) for g, (k, ok) in enumerate(zip(key, view.active_ranks.tolist())) if ok]
                 if not heap:
                     break
                 heapq.heapify(heap)
@@ -188,8 +187,7 @@ def _least_requests(view: ClusterView, cands: Candidates, start: int, placed: np
     """Candidates from `start` on, one after another, to the ranks holding the fewest
     requests, counting those this call `placed` already."""
     key = (view.num_requests + np.bincount(placed, minlength=view.num_ranks)).astype(np.float64)
-    if view.active is not None:
-        key[~np.asarray(view.active, dtype=bool)] = np.inf
+    key[~view.active_ranks] = np.inf
     out = np.empty(len(cands) - start, dtype=np.int64)
     for i in range(out.shape[0]):
         g = int(np.argmin(key))

@@ -322,12 +322,9 @@ class BFIO(Policy):
             if self.full_wait and n == 1 and not (free > 0).any() and view.slot_limit and view.req_rank.size:
                 # Every rank is full: the request waits for a slot wherever it
                 # goes. Send it where one frees first (then least growth).
-                wait = self._slot_wait(view)
-                if view.active is not None:  # (a rank that is down frees nothing for it)
-                    wait[~np.asarray(view.active, dtype=bool)] = np.inf
-                free = (wait == wait.min()).astype(np.int64)
-                if view.active is not None:
-                    free[~np.asarray(view.active, dtype=bool)] = 0
+                active = view.active_ranks
+                wait = np.where(active, self._slot_wait(view), np.inf)  # (a rank that is down frees nothing for it)
+                free = ((wait == wait.min()) & active).astype(np.int64)
             return self._place_each(hz, L, X, free, out, range(n), view.active)
         slots = int(np.maximum(free, 0).sum())
         if slots == 0:
