@@ -18,8 +18,10 @@ from sglang_ext.traces import load_trace, paper_order
 
 REPO = Path(__file__).resolve().parents[1]
 REF = REPO / "data/reference/paper_mode_baselines.json"
-POLICIES = ["fcfs", "round_robin", "jsq", "total_tokens", "bfio:horizon=0", "bfio:horizon=20"]
-REF_KEY = {"bfio:horizon=0": "paper_bfio_h0", "bfio:horizon=20": "paper_bfio_h20"}
+POLICIES = ["fcfs", "round_robin", "jsq", "total_tokens", "bfio:variant=paper:horizon=0",
+            "bfio:variant=paper:horizon=20", "bfio:horizon=0", "bfio:horizon=20"]
+# bfio rows, ours and the paper's heuristic (variant=paper), against the paper's BF-IO at the same H
+REF_KEY = {f"bfio:{v}horizon={H}": f"paper_bfio_h{H}" for v in ("", "variant=paper:") for H in (0, 20)}
 TRACES = REPO / "data" / "traces"
 
 

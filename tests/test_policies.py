@@ -21,6 +21,14 @@ def test_registry_names_and_errors():
     assert parse_policy_spec("bfio:horizon=0:decay=0.5") == ("bfio", {"horizon": 0, "decay": 0.5})
     with pytest.raises(ValueError, match="not key=value"):
         parse_policy_spec("bfio:horizon")
+    # a parameter the policy does not take is an error, not a run of the defaults under its name
+    with pytest.raises(ValueError, match="bfio takes no parameter 'horizn'; valid: horizon, decay"):
+        parse_policy_spec("bfio:horizn=40")
+    with pytest.raises(ValueError, match="jsq takes no parameter 'horizon'; valid: none"):
+        parse_policy_spec("jsq:horizon=3")
+    assert parse_policy_spec("power_of_two:seed=3") == ("power_of_two", {"seed": 3})
+    with pytest.raises(ValueError, match="variant must be one of default, paper"):
+        make_policy("bfio", variant="papr")
 
 
 def test_fcfs_fills_rank_zero_first():
@@ -188,10 +196,12 @@ def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
     assert p._matchable(np.zeros((511, 8))) is None and p._matchable(np.zeros((600, 200))) is None
 
 
-@pytest.mark.parametrize("name", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two", "bfio"])
-def test_every_policy_obeys_slots_and_must_place(name):
+@pytest.mark.parametrize("spec", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two", "bfio",
+                                  "bfio:variant=paper"])
+def test_every_policy_obeys_slots_and_must_place(spec):
     rng = np.random.default_rng(1)
-    p = make_policy(name, horizon=4, seed=0)
+    name, kw = parse_policy_spec(spec)
+    p = make_policy(name, horizon=4, seed=0, **kw)
     for _ in range(20):
         G = int(rng.integers(1, 6))
         free = rng.integers(0, 3, G)
@@ -209,7 +219,7 @@ def test_every_policy_obeys_slots_and_must_place(name):
 
 
 @pytest.mark.parametrize("spec", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two",
-                                  "bfio", "bfio:full_wait=true"])
+                                  "bfio", "bfio:full_wait=true", "bfio:variant=paper"])
 def test_a_rank_that_is_down_takes_nothing_even_when_every_rank_is_full(spec):
     # Every rank full, the lightest one down: must-place requests queue on active ranks
     # only, one request at a time or several in one call.

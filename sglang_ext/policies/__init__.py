@@ -3,7 +3,8 @@
     policy = make_policy("bfio", horizon=20)
     ranks = policy.assign(view, candidates, must_place=True)
 
-A variant is a parameter: `parse_policy_spec("bfio:horizon=0:variant=paper")`.
+A variant is a parameter: `parse_policy_spec("bfio:horizon=0:variant=paper")` (the
+paper's own heuristic at H=0); a parameter the policy does not take is an error.
 """
 from __future__ import annotations
 
@@ -32,16 +33,22 @@ def policy_names() -> list[str]:
     return list(REGISTRY)
 
 
-def make_policy(name: str, **params) -> Policy:
-    """Build a registered policy; parameters it does not take are ignored, so a
-    caller can pass the common ones (horizon, seed, cost) to every policy."""
+def _parameters(name: str) -> list[str]:
+    """The parameters a registered policy takes (those of its constructor)."""
     try:
         cls = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}") from None
-    accepted = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in params.items() if k in accepted}
-    return cls(**kwargs)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [k for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self" and p.kind in named]
+
+
+def make_policy(name: str, **params) -> Policy:
+    """Build a registered policy; parameters it does not take are ignored, so a
+    caller can pass the common ones (horizon, seed, cost) to every policy. (A
+    user's spec is checked by `parse_policy_spec`, which rejects them.)"""
+    accepted = _parameters(name)
+    return REGISTRY[name](**{k: v for k, v in params.items() if k in accepted})
 
 
 def _coerce(text: str):
@@ -56,7 +63,8 @@ def _coerce(text: str):
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
-    """'bfio:horizon=0:variant=paper' -> ('bfio', {'horizon': 0, 'variant': 'paper'})."""
+    """'bfio:horizon=0:variant=paper' -> ('bfio', {'horizon': 0, 'variant': 'paper'}); a
+    parameter the policy does not take raises ValueError, naming those it takes."""
     name, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, rest.split(":")):
@@ -64,8 +72,10 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
         if not eq:
             raise ValueError(f"policy parameter {item!r} in {spec!r} is not key=value")
         params[key.strip().replace("-", "_")] = _coerce(val.strip())
-    if name not in REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}")
+    accepted = _parameters(name)
+    unknown = [k for k in params if k not in accepted]
+    if unknown:  # a typo would otherwise run the defaults under the typo's name
+        raise ValueError(f"{name} takes no parameter {unknown[0]!r}; valid: {', '.join(accepted) or 'none'}")
     return name, params
 
 

@@ -51,10 +51,14 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..triton_kernels import combine_counts, project_counts
+from . import paper_heuristic
 from .base import Candidates, ClusterView, Policy, pick_order
 from .search import imbalance, improve
 from .sums import weighted_cross, weighted_rows, weighted_sum
 
+
+#: "default": this package's heuristic; "paper": the paper's (policies/paper_heuristic.py)
+VARIANTS = ("default", "paper")
 
 #: pool_tail for pool decisions on a server (online simulator, plugin): where
 #: requests arrive over time, a rank's load far out is what its placements
@@ -144,7 +148,9 @@ class BFIO(Policy):
                  sequential_limit: int = 0, round_split: int = 2, round_cap: int = 32, bulk_after: int = 128,
                  prune_after: int = 512, levels: int = 1,
                  search: bool = False, search_kicks: int = 60, search_ms: float = 2.0,
-                 scenarios: int = 0, full_wait: bool = False, backend: str = "auto"):
+                 scenarios: int = 0, full_wait: bool = False, backend: str = "auto", variant: str = "default"):
+        if variant not in VARIANTS:
+            raise ValueError(f"bfio variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         if horizon < 0 or immediate_horizon < 0:
             raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1 or not 0 < tail_decay <= 1:
@@ -155,8 +161,11 @@ class BFIO(Policy):
         if pool_tail < 0 or immediate_near < 0:
             raise ValueError(f"bfio pool_tail and immediate_near must be >= 0, got {pool_tail} and {immediate_near}")
         self.horizon = int(horizon)
-        self.growth = bool(growth)
-        self.weights = (float(a), float(b), float(c))
+        # variant="paper": the paper's own heuristic (policies/paper_heuristic.py), on
+        # its projection (no growth, cost = KV tokens), for comparison
+        self.variant = variant
+        self.growth = bool(growth) and variant != "paper"
+        self.weights = (float(a), float(b), float(c)) if variant != "paper" else (0.0, 0.0, 1.0)
         # Cost of prefilling one prompt token, in the units of c. With the view's
         # pending_prefill, the next step (h=0) carries each rank's prefill: a
         # prefill step lasts as long as the rank with the most prompt tokens to
@@ -311,6 +320,9 @@ class BFIO(Policy):
         out = np.full(n, -1, dtype=np.int64)
         if n == 0:
             return out
+        if self.variant == "paper":
+            return paper_heuristic.assign(self.project(view, self.horizon), cands.prompt_len, cands.output_est,
+                                          view.free_slots, self.horizon, must_place, view.active)
         hz = self._imm if must_place else self._pool
         L = self.project(view, hz.axis).copy()  # (rows, G)
         X = self.profiles(cands, hz.axis)  # (n, rows)

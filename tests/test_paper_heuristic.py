@@ -1,0 +1,102 @@
+"""The paper's BF-IO heuristic (`bfio:variant=paper`, policies/paper_heuristic.py):
+its subset-sum program, score, phases and projection, and how close it comes to
+the released simulator's figures in paper mode."""
+import itertools
+
+import numpy as np
+import pytest
+
+from sglang_ext.policies import Candidates, ClusterView, make_policy
+from sglang_ext.policies import paper_heuristic as ph
+from sglang_ext.sim.paper import PaperConfig, simulate_paper
+from sglang_ext.traces import load_trace, paper_order
+from sglang_ext.triton_kernels import project_cost_reference
+
+
+def test_fill_closest_finds_the_subset_sum_nearest_the_target():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 9))
+        sizes = rng.integers(1, 120, n)
+        count = int(rng.integers(1, n + 1))
+        target = float(rng.integers(0, 400))  # deficit + longest prompt < DP_BINS: sums resolved exactly
+        picked = ph.fill_closest(sizes, count, target)
+        assert picked.size == min(count, n) and np.unique(picked).size == picked.size
+        best = min(abs(sum(c) - target) for c in itertools.combinations(sizes.tolist(), min(count, n)))
+        assert abs(sizes[picked].sum() - target) == best
+
+
+def test_fill_closest_in_bins_stays_near_the_best():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        sizes = rng.integers(1, 30_000, 7)
+        target = float(rng.integers(10_000, 60_000))
+        picked = ph.fill_closest(sizes, 3, target)
+        best = min(abs(sum(c) - target) for c in itertools.combinations(sizes.tolist(), 3))
+        bin_width = np.ceil((target + sizes.max()) / ph.DP_BINS)
+        assert abs(sizes[picked].sum() - target) <= best + 3 * bin_width
+
+
+def test_score_rewards_what_fits_and_penalises_the_overflow():
+    load, env, w = np.full(3, 100.0), np.full(3, 1000.0), np.ones(3)
+    X = np.array([[500.0] * 3, [2000.0] * 3, [2000.0, 0.0, 0.0]])
+    s = ph.scores(load, env, X, w)
+    assert s.tolist() == [1500.0, 3 * (900 - 43 * 1100), 900 - 43 * 1100]
+
+
+def _view(loads, free, remaining=50):
+    G = len(loads)
+    return ClusterView(free_slots=np.asarray(free), kv_tokens=np.asarray(loads), num_requests=np.ones(G, np.int64),
+                       req_rank=np.arange(G), req_kv=np.asarray(loads), req_remaining=np.full(G, remaining))
+
+
+def test_fine_phase_fills_a_rank_up_to_the_envelope():
+    # 2 free slots in all (the fine phase): rank 1 is 600 tokens below the envelope
+    p = make_policy("bfio", variant="paper", horizon=5)
+    out = p.assign(_view([1000, 400], [0, 2]), Candidates(prompt_len=[100, 250, 350, 500], output_est=[40] * 4))
+    assert out.tolist() == [-1, 1, 1, -1]  # 250 + 350 = 600
+
+
+def test_greedy_phase_fills_the_rank_with_most_free_slots_with_what_fits():
+    # 9 free slots (> 7): rank 0 (the most) takes the best-scoring candidate first, the
+    # one that fits under the envelope, never the one that overflows it
+    p = make_policy("bfio", variant="paper", horizon=5)
+    prompts = [5000, 300] + [10] * 6
+    out = p.assign(_view([100, 1000], [8, 1]), Candidates(prompt_len=prompts, output_est=[40] * 8))
+    assert out[1] == 0 and (out >= 0).sum() == 8
+    assert ph.scores(np.full(6, 100.0), np.full(6, 1000.0), np.array([[300.0] * 6]), np.ones(6))[0] > 0
+
+
+def test_only_the_first_4g_candidates_are_considered():
+    p = make_policy("bfio", variant="paper", horizon=3)
+    out = p.assign(_view([0], [10]), Candidates(prompt_len=np.arange(1, 11) * 10, output_est=[5] * 10))
+    assert out.tolist() == [0] * 4 + [-1] * 6
+
+
+def test_projection_holds_each_request_at_its_length_until_it_leaves():
+    rng = np.random.default_rng(3)
+    n, G = 40, 5
+    v = ClusterView(free_slots=np.ones(G, np.int64), kv_tokens=np.zeros(G, np.int64), num_requests=np.zeros(G),
+                    req_rank=rng.integers(0, G, n), req_kv=rng.integers(1, 1000, n), req_remaining=rng.integers(1, 30, n))
+    p = make_policy("bfio", variant="paper", horizon=20, growth=True, a=3.0, b=2.0)  # (the paper's projection wins)
+    ref = project_cost_reference(v.req_rank, v.req_kv, v.req_remaining, G, 20, growth=False).numpy()
+    np.testing.assert_array_equal(p.project(v, 20), ref)
+    assert ph.candidate_profiles(np.array([7]), np.array([3]), 5).tolist() == [[7, 7, 7, 0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def burstgpt():
+    from conftest import TRACES
+
+    return paper_order(load_trace(TRACES / "burstgpt_lengths_8000.json"), 8000, 42)
+
+
+@pytest.mark.parametrize("H", [0, 20])
+def test_paper_mode_comes_close_to_the_released_simulator(burstgpt, reference, H):
+    paper = reference["burstgpt_lengths_8000.json"][f"paper_bfio_h{H}"]
+    r = simulate_paper(burstgpt, make_policy("bfio", horizon=H, variant="paper"), PaperConfig(ranks=32, batch=72))
+    assert r.requests_finished == 8000
+    assert r.idle_fraction == pytest.approx(paper["idle_fraction"], rel=0.01)
+    assert r.throughput_tok_s == pytest.approx(paper["throughput_tok_s"], rel=0.005)
+    ours = simulate_paper(burstgpt, make_policy("bfio", horizon=H), PaperConfig(ranks=32, batch=72))
+    assert ours.idle_fraction < r.idle_fraction and ours.throughput_tok_s > r.throughput_tok_s
