@@ -209,7 +209,7 @@ class BalancedDispatch:
         return make_policy(self.cfg.policy, horizon=self.cfg.horizon, seed=self.cfg.seed, backend=backend,
                            prefill=self.cfg.prefill_weight, scenarios=self.cfg.scenarios,
                            full_wait=self.cfg.full_wait, pool_tail=self.cfg.pool_tail,
-                           tail_horizon=self.cfg.pool_tail_horizon)
+                           tail_horizon=self.cfg.pool_tail_horizon, variant=self.cfg.variant)
 
     def _cuda_projection_works(self) -> bool:
         """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Paper-mode reproduction (G=32, B=72, N=8000, seed 42, exact output lengths):
 our fcfs / round_robin / jsq against the released simulator's figures, and
-bfio against the paper's BF-IO. Prints a markdown table; --plot writes a PNG."""
+bfio, ours and the paper's heuristic as design.md outlines it (variant=paper),
+against the paper's BF-IO. Prints a markdown table."""
 from __future__ import annotations
 
 import argparse

@@ -48,6 +48,8 @@ def test_cli_defaults_and_values():
     assert (cfg.scenarios, cfg.full_wait) == (0, False)
     cfg = _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-scenarios", "8", "--balancer-full-wait"])
     assert (cfg.scenarios, cfg.full_wait) == (8, True)
+    assert (cfg.variant, _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-variant", "paper"]).variant) == (
+        "default", "paper")
     from sglang_ext.policies.bfio import ONLINE_POOL_TAIL
 
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).pool_tail == ONLINE_POOL_TAIL
@@ -80,6 +82,11 @@ def test_cli_rejects_bad_flags(capsys):
         _parse(["--balancer-full-wait"])
     with pytest.raises(SystemExit, match="--balancer-inline-refit only apply"):
         _parse(["--balancer-inline-refit"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-variant", "papr"])
+    assert "--balancer-variant" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--balancer-variant only apply"):
+        _parse(["--balancer-variant", "paper"])
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-pool-tail", "-0.5"])
     assert "--balancer-pool-tail" in capsys.readouterr().err
@@ -163,8 +170,10 @@ def test_pinned_request_is_honoured_and_counted(fake_controller):
     assert sent[-1][0] == 3 and len(bal.inflight[3]) == 1 and bal.stats["pinned"] == 1
 
 
-def test_pool_fills_free_slots_then_deadline_places_the_rest(fake_controller):
-    bal, sent = fake_controller("bfio", binding="pool", max_wait=0.05)
+@pytest.mark.parametrize("variant", ["default", "paper"])
+def test_pool_fills_free_slots_then_deadline_places_the_rest(fake_controller, variant):
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=0.05, variant=variant)
+    assert bal.policy.variant == variant
     for g in range(4):
         bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=1)])
     for i in range(10):

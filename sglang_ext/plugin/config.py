@@ -41,6 +41,7 @@ class BalancerConfig:
     prefill_weight: float = 0.0  # bfio: cost of prefilling a prompt token / one KV token of decode
     scenarios: int = 0  # bfio: remaining lengths as this many equally likely scenarios (0: point guesses)
     full_wait: bool = False  # bfio: with every rank full, place where a slot frees first
+    variant: str = "default"  # bfio: "paper" runs the paper's own heuristic, for comparison
     pool_tail: float = 0.002  # bfio, pool binding: weight of the long lookahead (policies.bfio.ONLINE_POOL_TAIL)
     pool_tail_horizon: int = 2000  # bfio, pool binding: steps the long lookahead covers (a request's whole life)
     binding: str = "immediate"
@@ -125,6 +126,15 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "steps as K equally likely scenarios (quantiles of the residual life of finished "
         "requests) and project the expected load instead of the load under one guess "
         "(default: 0 = one guess; 8 is a good value).",
+    )
+    group.add_argument(
+        "--balancer-variant",
+        type=str,
+        default=None,
+        choices=("default", "paper"),
+        help="bfio: 'paper' places with the paper's own BF-IO heuristic (its projection without "
+        "KV growth, its greedy and subset-sum phases), for comparison with this package's "
+        "(default: default).",
     )
     group.add_argument(
         "--balancer-full-wait",
@@ -280,6 +290,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
         needing = [
             f"--{k.replace('_', '-')}"
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
+                      "balancer_variant",
                       "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait",
                       "balancer_device", "balancer_estimator", "balancer_inline_refit", "balancer_report_addr",
                       "balancer_seed", "balancer_stats_interval")
@@ -292,6 +303,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
     cfg = BalancerConfig(policy=policy)
     for field, key in (("horizon", "balancer_horizon"), ("prefill_weight", "balancer_prefill_weight"),
                        ("scenarios", "balancer_scenarios"), ("full_wait", "balancer_full_wait"),
+                       ("variant", "balancer_variant"),
                        ("pool_tail", "balancer_pool_tail"), ("pool_tail_horizon", "balancer_pool_tail_horizon"),
                        ("binding", "balancer_binding"),
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("device", "balancer_device"),
