@@ -1,5 +1,5 @@
 """The paper's BF-IO heuristic (`bfio:variant=paper`, policies/paper_heuristic.py):
-its subset-sum program, score, phases and projection, and how close it comes to
+its subset-sum fill, score, phases and projection, and how close it comes to
 the released simulator's figures in paper mode."""
 import itertools
 
@@ -13,28 +13,36 @@ from sglang_ext.traces import load_trace, paper_order
 from sglang_ext.triton_kernels import project_cost_reference
 
 
-def test_fill_closest_finds_the_subset_sum_nearest_the_target():
+def _best_fill(sizes, count, capacity):
+    sums = [sum(c) for c in itertools.combinations(sizes.tolist(), count)]
+    fits = [x for x in sums if x <= capacity]
+    return max(fits) if fits else min(sums)
+
+
+def test_fill_up_to_finds_the_largest_subset_sum_that_fits():
     rng = np.random.default_rng(0)
-    for _ in range(200):
+    for _ in range(300):
         n = int(rng.integers(1, 9))
         sizes = rng.integers(1, 120, n)
         count = int(rng.integers(1, n + 1))
-        target = float(rng.integers(0, 400))  # deficit + longest prompt < DP_BINS: sums resolved exactly
-        picked = ph.fill_closest(sizes, count, target)
+        capacity = float(rng.integers(0, 400))  # capacity + largest size < DP_BINS: sums resolved exactly
+        picked = ph.fill_up_to(sizes, count, capacity)
         assert picked.size == min(count, n) and np.unique(picked).size == picked.size
-        best = min(abs(sum(c) - target) for c in itertools.combinations(sizes.tolist(), min(count, n)))
-        assert abs(sizes[picked].sum() - target) == best
+        assert sizes[picked].sum() == _best_fill(sizes, min(count, n), capacity)
 
 
-def test_fill_closest_in_bins_stays_near_the_best():
+def test_fill_up_to_in_bins_stays_near_the_best():
     rng = np.random.default_rng(1)
     for _ in range(50):
         sizes = rng.integers(1, 30_000, 7)
-        target = float(rng.integers(10_000, 60_000))
-        picked = ph.fill_closest(sizes, 3, target)
-        best = min(abs(sum(c) - target) for c in itertools.combinations(sizes.tolist(), 3))
-        bin_width = np.ceil((target + sizes.max()) / ph.DP_BINS)
-        assert abs(sizes[picked].sum() - target) <= best + 3 * bin_width
+        capacity = float(rng.integers(10_000, 60_000))
+        picked = ph.fill_up_to(sizes, 3, capacity)
+        got = sizes[picked].sum()
+        slack = 3 * np.ceil((capacity + sizes.max()) / ph.DP_BINS) / 2  # three sizes rounded to bins
+        # as full as any choice that fits with room for the rounding, and over by the rounding at most
+        sure = _best_fill(sizes, 3, capacity - slack)
+        if sure <= capacity - slack:
+            assert sure - 2 * slack <= got <= capacity + slack
 
 
 def test_score_rewards_what_fits_and_penalises_the_overflow():
@@ -85,18 +93,26 @@ def test_projection_holds_each_request_at_its_length_until_it_leaves():
 
 
 @pytest.fixture(scope="module")
-def burstgpt():
+def ordered():
     from conftest import TRACES
 
-    return paper_order(load_trace(TRACES / "burstgpt_lengths_8000.json"), 8000, 42)
+    return {f: paper_order(load_trace(TRACES / f), 8000, 42) for f in ("burstgpt_lengths_8000.json",
+                                                                       "arxiv_lengths_8000.json")}
 
 
+# how close this reading of the outline comes to the released simulator's figures (idle, throughput)
+CLOSE = {"burstgpt_lengths_8000.json": (0.01, 0.002), "arxiv_lengths_8000.json": (0.05, 0.015)}
+
+
+@pytest.mark.parametrize("trace", sorted(CLOSE))
 @pytest.mark.parametrize("H", [0, 20])
-def test_paper_mode_comes_close_to_the_released_simulator(burstgpt, reference, H):
-    paper = reference["burstgpt_lengths_8000.json"][f"paper_bfio_h{H}"]
-    r = simulate_paper(burstgpt, make_policy("bfio", horizon=H, variant="paper"), PaperConfig(ranks=32, batch=72))
+def test_paper_mode_comes_close_to_the_released_simulator(ordered, reference, trace, H):
+    paper = reference[trace][f"paper_bfio_h{H}"]
+    r = simulate_paper(ordered[trace], make_policy("bfio", horizon=H, variant="paper"), PaperConfig(ranks=32, batch=72))
     assert r.requests_finished == 8000
-    assert r.idle_fraction == pytest.approx(paper["idle_fraction"], rel=0.01)
-    assert r.throughput_tok_s == pytest.approx(paper["throughput_tok_s"], rel=0.005)
-    ours = simulate_paper(burstgpt, make_policy("bfio", horizon=H), PaperConfig(ranks=32, batch=72))
-    assert ours.idle_fraction < r.idle_fraction and ours.throughput_tok_s > r.throughput_tok_s
+    idle_rel, tput_rel = CLOSE[trace]
+    assert r.idle_fraction == pytest.approx(paper["idle_fraction"], rel=idle_rel)
+    assert r.throughput_tok_s == pytest.approx(paper["throughput_tok_s"], rel=tput_rel)
+    if H == 20:  # and ours beats it
+        ours = simulate_paper(ordered[trace], make_policy("bfio", horizon=H), PaperConfig(ranks=32, batch=72))
+        assert ours.idle_fraction < r.idle_fraction and ours.throughput_tok_s > r.throughput_tok_s

@@ -19,7 +19,8 @@ It follows the outline of the paper's released heuristic in design.md section 3:
 Where the outline is silent, the choices are these: the blend is the mean of
 the load now and at step H; a rank in the fine phase takes exactly as many
 candidates as it has free slots (or as are left), those whose prompts (what
-it adds now) sum closest to its deficit to the envelope now, the sums
+it adds now) have the largest sum not above its deficit to the envelope now
+(the classic subset-sum fill; the smallest ones when none fits), the sums
 resolved to 1/DP_BINS of that deficit plus the longest prompt. The released
 simulator's figures (data/reference/paper_mode_baselines.json) are the
 yardstick: docs/benchmarks.md section 1 shows how close this reading comes
@@ -42,7 +43,7 @@ WINDOW_PER_RANK = 4  # candidates considered: the first 4*G
 BLEND = 0.5  # fine-phase key: BLEND * load now + (1 - BLEND) * load at step H
 DP_BINS = 512  # resolution of the subset-sum program
 
-__all__ = ["assign", "candidate_profiles", "scores", "fill_closest"]
+__all__ = ["assign", "candidate_profiles", "scores", "fill_up_to"]
 
 
 def candidate_profiles(prompt: np.ndarray, est: np.ndarray, H: int) -> np.ndarray:
@@ -60,13 +61,15 @@ def scores(load: np.ndarray, envelope: np.ndarray, X: np.ndarray, w: np.ndarray)
     return weighted_rows(ALPHA * (X - over) - BETA * over, w)
 
 
-def fill_closest(sizes: np.ndarray, count: int, target: float) -> np.ndarray:
-    """Indices of exactly `count` of `sizes` whose sum is closest to `target`
-    (a 0/1 subset-sum program over (items taken, sum), sums in bins)."""
+def fill_up_to(sizes: np.ndarray, count: int, capacity: float) -> np.ndarray:
+    """Indices of exactly `count` of `sizes` with the largest sum not above
+    `capacity` (the `count` smallest when none fits): a 0/1 subset-sum program
+    over (items taken, sum), sums in bins of 1/DP_BINS of capacity plus the
+    largest size."""
     sizes = np.asarray(sizes, dtype=np.int64)
     if count >= sizes.size:
         return np.arange(sizes.size)
-    top = max(float(target), 0.0) + float(sizes.max())
+    top = max(float(capacity), 0.0) + float(sizes.max())
     q = max(1.0, np.ceil(top / DP_BINS))
     sq = np.rint(sizes / q).astype(np.int64)
     S = int(np.ceil(top / q))
@@ -80,9 +83,10 @@ def fill_closest(sizes: np.ndarray, count: int, target: float) -> np.ndarray:
         first[1:, p:][new] = i
         reach[1:, p:] |= new
     ok = np.flatnonzero(reach[count])
-    if ok.size == 0:  # every choice overshoots the range: the smallest ones
+    ok = ok[ok * q <= capacity]
+    if ok.size == 0:
         return np.argsort(sizes, kind="stable")[:count]
-    s = int(ok[np.argmin(np.abs(ok * q - target))])
+    s = int(ok.max())
     picked = []
     for k in range(count, 0, -1):
         # (the state one item back was reachable before item i: its first item is earlier)
@@ -126,7 +130,7 @@ def assign(L: np.ndarray, prompt: np.ndarray, est: np.ndarray, free: np.ndarray,
         open_ = np.flatnonzero(free > 0)
         g = int(open_[np.argmin(key[open_])])
         js = np.flatnonzero(left)
-        take = js[fill_closest(prompt[js], int(free[g]), L[0].max() - L[0, g])]
+        take = js[fill_up_to(prompt[js], int(free[g]), L[0].max() - L[0, g])]
         out[take], left[take] = g, False
         free[g] -= take.size
         L[:, g] += X[take].sum(axis=0)
