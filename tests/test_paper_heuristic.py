@@ -48,8 +48,11 @@ def test_fill_up_to_in_bins_stays_near_the_best():
 def test_score_rewards_what_fits_and_penalises_the_overflow():
     load, env, w = np.full(3, 100.0), np.full(3, 1000.0), np.ones(3)
     X = np.array([[500.0] * 3, [2000.0] * 3, [2000.0, 0.0, 0.0]])
-    s = ph.scores(load, env, X, w)
+    s = ph.scores(load[None, :], X, env, w)
     assert s.tolist() == [1500.0, 3 * (900 - 43 * 1100), 900 - 43 * 1100]
+    # one candidate on many ranks: the same rule, rank by rank
+    loads = np.array([[100.0] * 3, [600.0] * 3, [1000.0] * 3])
+    assert ph.scores(loads, X[:1], env, w).tolist() == [1500.0, 3 * (400 - 43 * 100), 3 * (0 - 43 * 500)]
 
 
 def _view(loads, free, remaining=50):
@@ -72,7 +75,7 @@ def test_greedy_phase_fills_the_rank_with_most_free_slots_with_what_fits():
     prompts = [5000, 300] + [10] * 6
     out = p.assign(_view([100, 1000], [8, 1]), Candidates(prompt_len=prompts, output_est=[40] * 8))
     assert out[1] == 0 and (out >= 0).sum() == 8
-    assert ph.scores(np.full(6, 100.0), np.full(6, 1000.0), np.array([[300.0] * 6]), np.ones(6))[0] > 0
+    assert ph.scores(np.full((1, 6), 100.0), np.array([[300.0] * 6]), np.full(6, 1000.0), np.ones(6))[0] > 0
 
 
 def test_only_the_first_4g_candidates_are_considered():

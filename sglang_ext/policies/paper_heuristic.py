@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import pick_order
-from .sums import weighted_rows, weighted_sum
+from .sums import weighted_rows
 
 ALPHA, BETA, DECAY = 1.0, 43.0, 0.86
 GREEDY_ABOVE = 7  # free slots in all above which the greedy phase runs
@@ -54,10 +54,11 @@ def candidate_profiles(prompt: np.ndarray, est: np.ndarray, H: int) -> np.ndarra
     return np.where(h[None, :] < np.asarray(est)[:, None], np.asarray(prompt, np.float64)[:, None], 0.0)
 
 
-def scores(load: np.ndarray, envelope: np.ndarray, X: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Score of each candidate (rows of X) on a rank with projected load `load`
-    (H+1,): sum_h w_h [alpha * fit - beta * overflow]."""
-    over = np.maximum(load[None, :] + X - envelope[None, :], 0.0)
+def scores(load: np.ndarray, X: np.ndarray, envelope: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """sum_h w_h [alpha * fit - beta * overflow] of adding the profiles X to the
+    projected loads `load` (rows, (k, H+1), broadcast: one rank's load and many
+    candidates, or one candidate and many ranks' loads)."""
+    over = np.maximum(load + X - envelope, 0.0)
     return weighted_rows(ALPHA * (X - over) - BETA * over, w)
 
 
@@ -108,9 +109,7 @@ def assign(L: np.ndarray, prompt: np.ndarray, est: np.ndarray, free: np.ndarray,
     if must_place:
         for j in range(n):
             ok = np.flatnonzero(pick_order(free, True, active))
-            x = X[j][:, None]
-            over = np.maximum(L[:, ok] + x - L.max(axis=1)[:, None], 0.0)  # (H+1, ranks)
-            g = int(ok[np.argmax(weighted_sum(w, ALPHA * (x - over) - BETA * over))])
+            g = int(ok[np.argmax(scores(L[:, ok].T, X[j:j + 1], L.max(axis=1), w))])
             out[j], free[g] = g, free[g] - 1
             L[:, g] += X[j]
         return out
@@ -121,7 +120,7 @@ def assign(L: np.ndarray, prompt: np.ndarray, est: np.ndarray, free: np.ndarray,
         most = open_[free[open_] == free[open_].max()]
         g = int(most[np.argmin(L[0, most])])
         js = np.flatnonzero(left)
-        j = int(js[np.argmax(scores(L[:, g], L.max(axis=1), X[js], w))])
+        j = int(js[np.argmax(scores(L[:, g][None, :], X[js], L.max(axis=1), w))])
         out[j], left[j] = g, False
         free[g] -= 1
         L[:, g] += X[j]
