@@ -406,7 +406,7 @@ def test_idle_loop_estimates_the_reports_before_the_next_arrival(fake_controller
 
 @pytest.mark.parametrize("policy,kw", [
     ("bfio", {}), ("bfio", {"scenarios": 8}), ("bfio", {"prefill_weight": 0.0625}), ("bfio", {"full_wait": True}),
-    ("total_tokens", {}), ("jsq", {}), ("total_requests", {}), ("round_robin", {}), ("power_of_two", {}),
+    ("bfio", {"variant": "paper"}), ("total_tokens", {}), ("jsq", {}), ("total_requests", {}), ("round_robin", {}), ("power_of_two", {}),
     ("fcfs", {})])
 def test_arrivals_placed_together_land_where_one_call_each_would_put_them(fake_controller, policy, kw):
     # A burst read in one turn of the loop is placed in one policy call; each request
