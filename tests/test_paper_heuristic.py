@@ -64,18 +64,19 @@ def _view(loads, free, remaining=50):
 def test_fine_phase_fills_a_rank_up_to_the_envelope():
     # 2 free slots in all (the fine phase): rank 1 is 600 tokens below the envelope
     p = make_policy("bfio", variant="paper", horizon=5)
-    out = p.assign(_view([1000, 400], [0, 2]), Candidates(prompt_len=[100, 250, 350, 500], output_est=[40] * 4))
-    assert out.tolist() == [-1, 1, 1, -1]  # 250 + 350 = 600
+    out = p.assign(_view([1000, 400], [0, 2]), Candidates(prompt_len=[100, 250, 350, 520], output_est=[40] * 4))
+    assert out.tolist() == [-1, 1, 1, -1]  # 250 + 350 = 600; 100 + 520 would overshoot
 
 
-def test_greedy_phase_fills_the_rank_with_most_free_slots_with_what_fits():
-    # 9 free slots (> 7): rank 0 (the most) takes the best-scoring candidate first, the
-    # one that fits under the envelope, never the one that overflows it
+def test_greedy_phase_gives_the_rank_the_candidate_that_fits_best():
+    # 8 free slots (> 7): the greedy phase first gives rank 0 its best-scoring candidate,
+    # the largest one under the envelope (850 of a 900 deficit), not the one far above it
+    # (5000); the fine phase then fills the last 7 slots with the smallest (none fits the
+    # 50 left). The fine phase alone would have taken 300 and 7 small ones instead.
     p = make_policy("bfio", variant="paper", horizon=5)
-    prompts = [5000, 300] + [10] * 6
-    out = p.assign(_view([100, 1000], [8, 1]), Candidates(prompt_len=prompts, output_est=[40] * 8))
-    assert out[1] == 0 and (out >= 0).sum() == 8
-    assert ph.scores(np.full((1, 6), 100.0), np.array([[300.0] * 6]), np.full(6, 1000.0), np.ones(6))[0] > 0
+    prompts = [5000, 850, 300] + [10] * 8  # (3 ranks: all eleven are in the window of 4G)
+    out = p.assign(_view([100, 1000, 1000], [8, 0, 0]), Candidates(prompt_len=prompts, output_est=[40] * 11))
+    assert out[:3].tolist() == [-1, 0, -1] and (out == 0).sum() == 8
 
 
 def test_only_the_first_4g_candidates_are_considered():
