@@ -239,10 +239,16 @@ class BFIO(Policy):
         # full_wait reads where a slot frees first from the view, once per call
         return not self.full_wait
 
+    def _call_axis(self, must_place: bool):
+        """The steps a call projects at (the paper's heuristic: its own horizon)."""
+        if self.variant == "paper":
+            return self.horizon
+        return (self._imm if must_place else self._pool).axis
+
     def warm(self, view: ClusterView, must_place: bool) -> None:
-        # the counts of the requests that outlive the view, for the horizon the call will use
+        # the counts of the requests that outlive the view, for the steps the call will use
         if view.projection_cache is not None and view.cached_requests and view.req_rank.size:
-            self._counts(view, (self._imm if must_place else self._pool).axis)
+            self._counts(view, self._call_axis(must_place))
 
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H=None) -> np.ndarray:
@@ -321,10 +327,11 @@ class BFIO(Policy):
         if n == 0:
             return out
         if self.variant == "paper":
-            return paper_heuristic.assign(self.project(view, self.horizon), cands.prompt_len, cands.output_est,
-                                          view.free_slots, self.horizon, must_place, view.active)
+            L = self.project(view, self._call_axis(must_place))
+            return paper_heuristic.assign(L, cands.prompt_len, cands.output_est, view.free_slots, self.horizon,
+                                          must_place, view.active)
         hz = self._imm if must_place else self._pool
-        L = self.project(view, hz.axis).copy()  # (rows, G)
+        L = self.project(view, self._call_axis(must_place)).copy()  # (rows, G)
         X = self.profiles(cands, hz.axis)  # (n, rows)
         if self.prefill > 0 and view.pending_prefill is not None:
             L[0] += self.prefill * np.asarray(view.pending_prefill, dtype=np.float64)
