@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from sglang_ext.argtypes import comma_list, positive_float, positive_int, run_main, trace_file
+from sglang_ext.argtypes import output_file, comma_list, positive_float, positive_int, run_main, trace_file
 from sglang_ext.plugin.config import BalancerConfig
 from sglang_ext.plugin.protocol import RankReport
 from sglang_ext.policies import policy_names
@@ -183,7 +183,7 @@ def main():
                     help="Where the estimator refits: in a worker thread (the live default) or inside "
                     "the timed call (--balancer-inline-refit).")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="Write the rows here as JSON.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")

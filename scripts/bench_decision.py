@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import comma_list, nonneg_float, nonneg_int, positive_float, positive_int, run_main, trace_file
+from sglang_ext.argtypes import output_file, comma_list, nonneg_float, nonneg_int, positive_float, positive_int, run_main, trace_file
 from sglang_ext.policies import Candidates, ClusterView, make_policy
 from sglang_ext.traces import load_trace
 
@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=output_file, default=None)
     args = ap.parse_args()
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sglang_ext.argtypes import (ONLINE_TRACES, comma_list, estimator_spec, nonneg_int, positive_int, run_main,
+from sglang_ext.argtypes import (output_file, ONLINE_TRACES, comma_list, estimator_spec, nonneg_int, positive_int, run_main,
                                  trace_file)
 from sglang_ext.errors import UsageError
 from sglang_ext.estimators import make_estimator
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--test", type=positive_int, default=4096, help="Requests predicted (the ones after those).")
     ap.add_argument("--ages", type=comma_list(nonneg_int), default="20,100",
                     help="Comma list of ages (tokens generated) at which to predict the residual life.")
-    ap.add_argument("--json", default=None, help="Write the rows here.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here.")
     args = ap.parse_args()
     if "cap" in args.estimators:
         raise UsageError("--estimators cap: traces carry no max_new_tokens to predict from")

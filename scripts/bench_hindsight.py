@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_deep_queue, add_online_grid, add_online_model,
+from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, add_online_model,
                                  check_online_model, comma_list, nonneg_int,
                                  positive_float, run_main)
 from sglang_ext.cost import cost_preset, power_preset
@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--swaps", type=nonneg_int, default=20000,
                     help="Swaps tried by the hindsight re-placement after its greedy start.")
     add_online_model(ap, power=False)
-    ap.add_argument("--json", default=None, help="Write the rows here.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here.")
     args = ap.parse_args()
     check_online_model(ap, args)
     if args.estimator != "oracle":

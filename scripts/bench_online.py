@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_online_grid, add_online_model,
+from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, positive_float,
                                  positive_int, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
@@ -40,7 +40,7 @@ def main():
                          "(under a queue deeper than this, the pool turns into delayed immediate binding).")
     ap.add_argument("--runs", type=run_specs, default=RUNS,
                     help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=output_file, default=None)
     ap.add_argument("--summary-from", type=existing_file, default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
     check_online_model(ap, args)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import (existing_file, nonneg_int, policy_spec, positive_float, positive_int,  # noqa: E402
+from sglang_ext.argtypes import (output_file, existing_file, nonneg_int, policy_spec, positive_float, positive_int,  # noqa: E402
                                  run_main, trace_file)
 from sglang_ext.optimal import feasible, instance_from_view, objective, solve_exact  # noqa: E402
 from sglang_ext.policies import Candidates, ClusterView, make_policy, parse_policy_spec  # noqa: E402
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=positive_float, default=10.0, help="MILP time limit per instance (s)")
     ap.add_argument("--extra", type=policy_spec, action="append", default=None,
                     help=f"extra policy spec, e.g. bfio:reward=2 (repeatable; default {DEFAULT_EXTRA})")
-    ap.add_argument("--json", dest="json_out", help="write per-instance results and the summary here")
+    ap.add_argument("--json", type=output_file, dest="json_out", help="write per-instance results and the summary here")
     ap.add_argument("--summary-from", type=existing_file, help="re-print the table from a JSON written by --json (no solving)")
     args = ap.parse_args(argv)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_deep_queue, add_online_grid, add_online_model, check_online_model,
+from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, add_online_model, check_online_model,
                                  positive_float, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--load", type=positive_float, default=1.3, help="Arrival rate / capacity.")
     add_deep_queue(ap)
     add_online_model(ap, power=False)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=output_file, default=None)
     args = ap.parse_args()
     check_online_model(ap, args)
     runs = args.runs

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import comma_list, positive_int, run_main
+from sglang_ext.argtypes import output_file, comma_list, positive_int, run_main
 from sglang_ext.estimators import EmpiricalEstimator
 
 
@@ -78,7 +78,7 @@ def main():
     ap.add_argument("--window", type=positive_int, default=4096, help="Finished lengths the estimator keeps.")
     ap.add_argument("--calls", type=positive_int, default=7, help="Timed refits per cell and mode.")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="Write the rows here as JSON.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     cells = [(L, n) for L in args.longest for n in args.running]
     rows = [time_cell(L, n, args) for L, n in tqdm(cells, desc="cells")]

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (add_online_grid, add_online_model,
+from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, nonneg_int,
                                  positive_float, positive_int, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
@@ -55,10 +55,10 @@ def main():
     ap.add_argument("--pool-window", type=nonneg_int, default=0,
                     help="Candidates offered per pool call (0: the simulator's default, 4 x G).")
     add_online_model(ap)
-    ap.add_argument("--json", default=None, help="Write every run's metrics here.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write every run's metrics here.")
     ap.add_argument("--summary-from", type=existing_file, default=None,
                     help="Print the summary of a saved --json file (its runs, in their order) and exit.")
-    ap.add_argument("--plot", default=None,
+    ap.add_argument("--plot", type=output_file, default=None,
                     help="Write a PNG: each run's ratio to the baseline with its 95%% interval, per cell and metric.")
     args = ap.parse_args()
     check_online_model(ap, args)

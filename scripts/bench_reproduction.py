@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import comma_list, estimator_spec, nonneg_int, policy_spec, positive_int, run_main, trace_file
+from sglang_ext.argtypes import output_file, comma_list, estimator_spec, nonneg_int, policy_spec, positive_int, run_main, trace_file
 from sglang_ext.estimators import make_estimator
 from sglang_ext.policies import make_policy, parse_policy_spec
 from sglang_ext.sim.paper import PaperConfig, simulate_paper
@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--estimator", type=estimator_spec, default="oracle", help="oracle, noisy:<delta>, empirical, empirical-prompt")
     ap.add_argument("--estimator-seed", type=nonneg_int, default=42, help="Seed of the noisy estimator's draws.")
     ap.add_argument("--max-prompt-len", type=positive_int, default=131072, help="Context limit for clipping (longbench).")
-    ap.add_argument("--json", default=None, help="Write every run's metrics here.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write every run's metrics here.")
     args = ap.parse_args()
     ref = json.loads(REF.read_text())["results"]
     rows = {}

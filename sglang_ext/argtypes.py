@@ -65,6 +65,34 @@ def trace_file(trace_dir: Path):
     return parse
 
 
+def _writable(text: str, want_dir: bool) -> str:
+    """text, if a file (or, want_dir, a directory) can be written there: checked before a
+    run, so a long benchmark does not end in an unwritable path and lose its results."""
+    p = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path")
+    if p.exists() and p.is_dir() != want_dir:
+        raise argparse.ArgumentTypeError(f"{text!r} is {'not ' if want_dir else ''}a directory")
+    above = p if p.exists() else p.parent
+    while not above.exists():  # (the run creates the missing directories)
+        above = above.parent
+    if not above.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(above)!r} is not a directory")
+    if not os.access(above if above != p else p, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(above)!r} is not writable")
+    return text
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file to write (its missing directories are created)."""
+    return _writable(text, want_dir=False)
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a directory to write into (created if missing)."""
+    return _writable(text, want_dir=True)
+
+
 def _valid(text: str, check) -> str:
     """text, if check(text) raises no ValueError; else argparse's error with its message."""
     try:

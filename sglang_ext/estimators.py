@@ -413,8 +413,8 @@ def make_estimator(spec: str, seed: int = 0, background: bool = False) -> Estima
         try:
             return NoisyEstimator(float(arg), seed=seed)
         except ValueError as exc:
-            raise ValueError(f"--estimator {spec!r}: {exc}" if arg else
-                             f"--estimator {spec!r}: give a delta, e.g. noisy:0.5") from None
+            raise ValueError(f"estimator {spec!r}: {exc}" if arg else
+                             f"estimator {spec!r}: give a delta, e.g. noisy:0.5") from None
     if name == "cap" and not arg:
         return CapEstimator()
     if name in ("empirical", "empirical-prompt"):
@@ -422,6 +422,6 @@ def make_estimator(spec: str, seed: int = 0, background: bool = False) -> Estima
         if not arg:
             return EmpiricalEstimator(by_prompt=by_prompt, background=background)
         if not arg.isdigit() or int(arg) < 1:
-            raise ValueError(f"--estimator {spec!r}: the prior must be a whole number of tokens >= 1")
+            raise ValueError(f"estimator {spec!r}: the prior must be a whole number of tokens >= 1")
         return EmpiricalEstimator(prior=int(arg), by_prompt=by_prompt, background=background)
     raise ValueError(f"unknown estimator {spec!r}; choose from {', '.join(ESTIMATORS)}")

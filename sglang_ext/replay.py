@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .argtypes import output_dir
 from .errors import UsageError
 from .plugin.protocol import ANSWER_LEN_KEY
 
@@ -409,7 +410,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--duration", type=float, default=None,
                    help="send only requests whose scaled arrival is within S seconds; in-flight ones are awaited")
-    p.add_argument("--out", default=None, help="output directory (default runs/replay-<time>)")
+    p.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/replay-<time>)")
     p.add_argument("--retries", type=int, default=3, help="retries per request on 5xx/connection errors/timeouts")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="per attempt: seconds to connect and longest silence between stream chunks (default 60)")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .argtypes import output_dir, output_file
 from .errors import UsageError
 from .telemetry import rank_files
 
@@ -397,9 +398,9 @@ def report(dirs: list[str], out: str | None = None, json_out: str | None = None,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR",
                    help="run directories (telemetry rank*.jsonl and/or replay requests.jsonl, summary.json)")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", type=output_dir, default=None,
                    help="directory for the PNG plots (default DIR/plots for one run, ./report for several)")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics as JSON to this file")
+    p.add_argument("--json", type=output_file, default=None, metavar="OUT", help="also write the metrics as JSON to this file")
     p.add_argument("--no-plots", action="store_true", help="print the table only")
 
 

@@ -48,6 +48,7 @@ def test_simulate_online_runs(tmp_path, traces_dir):
     (["--estimator", "cap"], "--estimator cap: give --max-new-tokens"),
     (["--max-new-tokens", "64"], "--max-new-tokens: online mode only"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--policies", "bfio:horizon=abc"], "bfio parameter 'horizon' takes an integer"),
 ])
 def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):
     base = ["simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--requests", "50"]
@@ -55,6 +56,27 @@ def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):
     assert p.returncode == 2
     assert needle in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_unwritable_outputs_are_refused_before_the_run(tmp_path, traces_dir):
+    # a long run must not end in a path it cannot write: the flag is named up front
+    base = ["simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--requests", "50"]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for flag, path, needle in [
+        ("--plot", blocker / "sub" / "p.png", "is not a directory"),
+        ("--json", tmp_path, "is a directory"),
+        ("--json", "", "empty path"),
+    ]:
+        p = run_cli(*base, flag, str(path))
+        assert p.returncode == 2, (flag, p.stderr)
+        assert f"argument {flag}" in p.stderr and needle in p.stderr
+        assert "Traceback" not in p.stderr
+    # a missing directory is fine: the run creates it
+    out = tmp_path / "new" / "deeper" / "r.json"
+    p = run_cli(*base, "--policies", "fcfs", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(out.read_text())["results"]["fcfs"]
 
 
 def test_bad_trace_row_names_line(tmp_path):

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -29,6 +31,27 @@ def test_registry_names_and_errors():
     assert parse_policy_spec("power_of_two:seed=3") == ("power_of_two", {"seed": 3})
     with pytest.raises(ValueError, match="variant must be one of default, paper"):
         make_policy("bfio", variant="papr")
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("bfio:horizon=abc", "bfio parameter 'horizon' takes an integer, got 'abc'"),
+    ("bfio:horizon=0.5", "bfio parameter 'horizon' takes an integer, got 0.5"),
+    ("bfio:decay=x", "bfio parameter 'decay' takes a number, got 'x'"),
+    ("bfio:overflow=x", "bfio parameter 'overflow' takes a number"),
+    ("bfio:search=1", "bfio parameter 'search' takes true or false, got 1"),
+    ("round_robin:restart=3", "round_robin parameter 'restart' takes true or false"),
+])
+def test_a_parameter_of_the_wrong_type_is_named_before_the_constructor_runs(spec, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        parse_policy_spec(spec)
+
+
+def test_parameters_are_returned_in_their_type():
+    # an integer where a number is wanted is that number; a float default stays a float
+    name, kw = parse_policy_spec("bfio:decay=1:overflow=3:search=true:variant=paper")
+    assert kw == {"decay": 1.0, "overflow": 3.0, "search": True, "variant": "paper"}
+    assert isinstance(kw["decay"], float) and isinstance(kw["overflow"], float)
+    make_policy(name, **kw)  # and the constructor accepts them
 
 
 def test_fcfs_fills_rank_zero_first():

@@ -33,14 +33,43 @@ def policy_names() -> list[str]:
     return list(REGISTRY)
 
 
-def _parameters(name: str) -> list[str]:
-    """The parameters a registered policy takes (those of its constructor)."""
+def _signature(name: str) -> dict[str, inspect.Parameter]:
+    """The parameters a registered policy takes (those of its constructor), by name."""
     try:
         cls = REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; valid: {', '.join(REGISTRY)}") from None
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [k for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self" and p.kind in named]
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self" and p.kind in named}
+
+
+def _parameters(name: str) -> list[str]:
+    return list(_signature(name))
+
+
+def _typed(name: str, key: str, value, param: inspect.Parameter):
+    """`value` (as `_coerce` read it) in the parameter's type (its default's, or for a
+    default of None its annotation's), or a ValueError naming the parameter:
+    `horizon=abc` must not reach the constructor."""
+    want = type(param.default)
+    if param.default is None:  # e.g. `overflow: float | None = None`
+        text = str(param.annotation)
+        want = next((t for t in (bool, int, float) if t.__name__ in text), str)
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        kind = "true or false"
+    elif want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        kind = "an integer"
+    elif want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        kind = "a number"
+    else:
+        return value if isinstance(value, str) else str(value)
+    raise ValueError(f"{name} parameter {key!r} takes {kind}, got {value!r}")
 
 
 def make_policy(name: str, **params) -> Policy:
@@ -64,7 +93,8 @@ def _coerce(text: str):
 
 def parse_policy_spec(spec: str) -> tuple[str, dict]:
     """'bfio:horizon=0:variant=paper' -> ('bfio', {'horizon': 0, 'variant': 'paper'}); a
-    parameter the policy does not take raises ValueError, naming those it takes."""
+    parameter the policy does not take, or a value not of its type (that of its
+    default), raises ValueError naming it."""
     name, _, rest = spec.partition(":")
     params = {}
     for item in filter(None, rest.split(":")):
@@ -72,11 +102,11 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
         if not eq:
             raise ValueError(f"policy parameter {item!r} in {spec!r} is not key=value")
         params[key.strip().replace("-", "_")] = _coerce(val.strip())
-    accepted = _parameters(name)
+    accepted = _signature(name)
     unknown = [k for k in params if k not in accepted]
     if unknown:  # a typo would otherwise run the defaults under the typo's name
         raise ValueError(f"{name} takes no parameter {unknown[0]!r}; valid: {', '.join(accepted) or 'none'}")
-    return name, params
+    return name, {k: _typed(name, k, v, accepted[k]) for k, v in params.items()}
 
 
 __all__ = [

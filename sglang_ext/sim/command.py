@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..argtypes import nonneg_int, positive_float, positive_int
+from ..argtypes import output_file, nonneg_int, positive_float, positive_int
 from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
 from ..estimators import make_estimator
@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-preset", default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
     p.add_argument("--power-preset", default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
     p.add_argument("--skip-bad-rows", action="store_true", help="Skip malformed trace rows (counted) instead of failing.")
-    p.add_argument("--json", dest="json_out", default=None, help="Write results JSON here.")
-    p.add_argument("--plot", default=None, help="Write a comparison plot (PNG) here.")
+    p.add_argument("--json", type=output_file, dest="json_out", default=None, help="Write results JSON here.")
+    p.add_argument("--plot", type=output_file, default=None, help="Write a comparison plot (PNG) here.")
     p.add_argument("--progress", action="store_true", help="Show a progress bar per policy.")
 
 
