@@ -410,11 +410,16 @@ def make_estimator(spec: str, seed: int = 0, background: bool = False) -> Estima
     if name == "oracle" and not arg:
         return OracleEstimator()
     if name == "noisy":
+        if not arg:
+            raise ValueError(f"estimator {spec!r}: give a delta, e.g. noisy:0.5")
         try:
-            return NoisyEstimator(float(arg), seed=seed)
+            delta = float(arg)
+        except ValueError:
+            raise ValueError(f"estimator {spec!r}: the delta must be a number in [0, 1), got {arg!r}") from None
+        try:
+            return NoisyEstimator(delta, seed=seed)
         except ValueError as exc:
-            raise ValueError(f"estimator {spec!r}: {exc}" if arg else
-                             f"estimator {spec!r}: give a delta, e.g. noisy:0.5") from None
+            raise ValueError(f"estimator {spec!r}: {exc}") from None
     if name == "cap" and not arg:
         return CapEstimator()
     if name in ("empirical", "empirical-prompt"):
