@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--refit", choices=("background", "inline"), default="background",
                     help="Where the estimator refits: in a worker thread (the live default) or inside "
                     "the timed call (--balancer-inline-refit).")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     if args.free_frac >= 1:

@@ -40,7 +40,7 @@ def main():
                          "(under a queue deeper than this, the pool turns into delayed immediate binding).")
     ap.add_argument("--runs", type=run_specs, default=RUNS,
                     help="Comma list of POLICY[:key=val...]@BINDING, e.g. bfio:prefill=8e-7@immediate (default: all).")
-    ap.add_argument("--json", type=output_file, default=None)
+    ap.add_argument("--json", type=output_file, default=None, help="Write every cell's metrics here (read back by --summary-from).")
     ap.add_argument("--summary-from", type=existing_file, default=None, help="Print the comparison summary of a saved --json run and exit.")
     args = ap.parse_args()
     check_online_model(ap, args)

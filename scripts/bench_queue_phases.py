@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--load", type=positive_float, default=1.3, help="Arrival rate / capacity.")
     add_deep_queue(ap)
     add_online_model(ap, power=False)
-    ap.add_argument("--json", type=output_file, default=None)
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     check_online_model(ap, args)
     runs = args.runs
