@@ -31,7 +31,7 @@ import zmq
 
 from sglang_ext.plugin.config import BalancerConfig, get_config
 from sglang_ext.estimators import make_estimator
-from sglang_ext.plugin.protocol import RankReport, recv_reports, request_types, runs_to_cap
+from sglang_ext.plugin.protocol import RankReport, allow_ipv6, recv_reports, request_types, runs_to_cap
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class BalancedDispatch:
 
         self.sock = controller.context.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
+        allow_ipv6(self.sock, cfg.report_addr)
         self.sock.bind(cfg.report_addr)
         logger.info(
             "sglang-ext balancer: policy=%s binding=%s horizon=%d device=%s estimator=%s scenarios=%d "

@@ -104,9 +104,33 @@ def test_cli_rejects_bad_flags(capsys):
         _parse(["--balancer-stats-interval", "10"])
 
 
+def test_cli_flag_combinations_that_cannot_run_exit_2_with_the_flag_named(capsys, tmp_path):
+    for argv, needle in [
+        (["--balancer-horizon", "5"], "--balancer-horizon only apply with --balancer"),
+        (["--dp-size", "4", "--nnodes", "2", "--balancer", "bfio"], "needs --dist-init-addr"),
+        (["--dp-size", "4", "--nnodes", "2", "--dist-init-addr", "10.0.0.1", "--balancer", "bfio"],
+         "--dist-init-addr '10.0.0.1': expected HOST:PORT"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            _parse(argv)
+        assert exc.value.code == 2, argv
+        assert needle in capsys.readouterr().err
+    # the telemetry directory is checked before the server starts, not when a rank first writes
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-log", str(blocker)])
+    assert exc.value.code == 2
+    assert "--balancer-log" in capsys.readouterr().err
+    cfg = _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-log", str(tmp_path / "new" / "telemetry")])
+    assert cfg.log_dir == str(tmp_path / "new" / "telemetry")
+
+
 def test_cli_multinode_report_addr_is_tcp():
     cfg = _parse(["--dp-size", "4", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:5000", "--balancer", "bfio"])
     assert cfg.report_addr == f"tcp://10.0.0.1:{5000 + config.REPORT_PORT_DELTA}"
+    cfg = _parse(["--dp-size", "4", "--nnodes", "2", "--dist-init-addr", "[fd00::1]:5000", "--balancer", "bfio"])
+    assert cfg.report_addr == f"tcp://[fd00::1]:{5000 + config.REPORT_PORT_DELTA}"
 
 
 # ---- controller ------------------------------------------------------------------------------
@@ -259,6 +283,30 @@ def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     assert rep.finished_lengths.tolist() == [8] and rep.finished_prompts.tolist() == [32]
     assert rep.run_exact.tolist() == [False, True] and rep.wait_exact.tolist() == [False]
     assert rep.finished_exact.tolist() == [True]
+    pull.close(linger=0)
+
+
+def test_reports_travel_over_ipv6_tcp():
+    # a multi-node server on IPv6 (--dist-init-addr [fd00::1]:5000) reports over tcp://[host]:port
+    import zmq
+
+    from sglang_ext.plugin.protocol import ReportSender, allow_ipv6
+
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    allow_ipv6(pull, "tcp://[::1]:0")
+    pull.bind("tcp://[::1]:0")
+    addr = pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+    assert addr.startswith("tcp://[::1]:")
+    sender = ReportSender(addr, dp_rank=3)
+    report = RankReport(dp_rank=3, step=7, free_slots=2, received=0,
+                        run_kv=np.array([5], np.int64), run_generated=np.array([1], np.int64),
+                        run_cap=np.array([9], np.int64), wait_prompt=np.zeros(0, np.int64))
+    got, deadline = [], time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        sender.send(report)
+        time.sleep(0.01)
+        got = recv_reports(pull)
+    assert got and (got[0].dp_rank, got[0].step, got[0].run_kv.tolist()) == (3, 7, [5])
     pull.close(linger=0)
 
 

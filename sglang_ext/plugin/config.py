@@ -13,11 +13,12 @@ import argparse
 import atexit
 import logging
 import os
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
 
-from ..argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+from ..argtypes import nonneg_float, nonneg_int, output_dir, positive_float, positive_int
 from .ports import free_rendezvous_port
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
     group.add_argument(
         "--balancer-log",
-        type=str,
+        type=output_dir,
         default=None,
         metavar="DIR",
         help="Write per-step telemetry of every DP rank (step time, KV tokens, barrier idle) under DIR.",
@@ -262,6 +263,24 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     )
 
 
+class FlagError(SystemExit):
+    """A combination of flags that cannot run: exit status 2 (argparse's), the
+    message already on stderr; str() is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _flag_error(message: str) -> FlagError:
+    # (raised after parsing, in the ServerArgs hook: no parser at hand to call .error())
+    print(f"error: {message}", file=sys.stderr)
+    return FlagError(message)
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -274,9 +293,15 @@ def _default_report_addr(args: argparse.Namespace) -> str:
     dist = getattr(args, "dist_init_addr", None)
     if nnodes > 1:
         if not dist:
-            raise SystemExit("error: --balancer with --nnodes > 1 needs --dist-init-addr or --balancer-report-addr")
+            raise _flag_error("--balancer with --nnodes > 1 needs --dist-init-addr or --balancer-report-addr")
         host, _, port = dist.rpartition(":")
-        return f"tcp://{host.strip('[]')}:{int(port) + REPORT_PORT_DELTA}"
+        if not host or not port.isdigit():
+            raise _flag_error(f"--dist-init-addr {dist!r}: expected HOST:PORT (the balancer's reports go to "
+                              f"PORT + {REPORT_PORT_DELTA}; or give --balancer-report-addr)")
+        host = host.strip("[]")
+        if ":" in host:  # IPv6: ZMQ wants it bracketed
+            host = f"[{host}]"
+        return f"tcp://{host}:{int(port) + REPORT_PORT_DELTA}"
     # Same directory as SGLang's own IPC files, so one TMPDIR cleanup covers both.
     return f"ipc://{tempfile.gettempdir()}/sglang_ext_balancer_{uuid.uuid4().hex[:12]}"
 
@@ -297,7 +322,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
             if getattr(args, k, None) is not None
         ]
         if needing:
-            raise SystemExit(f"error: {', '.join(needing)} only apply with --balancer {{{','.join(_policy_choices())}}}")
+            raise _flag_error(f"{', '.join(needing)} only apply with --balancer {{{','.join(_policy_choices())}}}")
         if sim is None and getattr(args, "balancer_log", None) is None:
             return None  # the plugin stays out entirely
     cfg = BalancerConfig(policy=policy)

@@ -101,6 +101,13 @@ def is_health_check_rid(rid) -> bool:
     return isinstance(rid, str) and rid.startswith("HEALTH_CHECK")
 
 
+def allow_ipv6(sock: zmq.Socket, addr: str) -> None:
+    """A tcp address with a bracketed host (tcp://[fd00::1]:port) is IPv6, which a
+    ZMQ socket refuses unless told."""
+    if addr.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 class ReportSender:
     """PUSH side: never blocks the scheduler; a report that cannot go now is dropped
     (the next step's report supersedes it)."""
@@ -111,6 +118,7 @@ class ReportSender:
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.SNDHWM, 64)
         self._sock.setsockopt(zmq.LINGER, 0)
+        allow_ipv6(self._sock, addr)
         self._sock.connect(addr)
         self.dropped = 0
         # Finished lengths (with their prompts and ignore_eos flags) of a dropped
