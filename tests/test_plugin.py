@@ -115,6 +115,13 @@ def test_cli_flag_combinations_that_cannot_run_exit_2_with_the_flag_named(capsys
             _parse(argv)
         assert exc.value.code == 2, argv
         assert needle in capsys.readouterr().err
+    for bad in ("localhost:5000", "tcp://localhost", "tcp://h:99999", "ipc://", "udp://h:1"):
+        with pytest.raises(SystemExit) as exc:
+            _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-report-addr", bad])
+        assert exc.value.code == 2
+        assert "--balancer-report-addr" in capsys.readouterr().err
+    for good in ("tcp://10.0.0.1:6000", "tcp://[fd00::1]:6000", "ipc:///tmp/reports"):
+        assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-report-addr", good]).report_addr == good
     # the telemetry directory is checked before the server starts, not when a rank first writes
     blocker = tmp_path / "a_file"
     blocker.write_text("")

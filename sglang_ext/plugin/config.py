@@ -230,7 +230,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-report-addr",
         metavar="ADDR",
-        type=str,
+        type=report_address,
         default=None,
         help="ZMQ address the controller binds for the per-step rank reports (tcp://host:port "
         "or ipc://path). Default: an ipc path in TMPDIR on one node; with --nnodes > 1, "
@@ -261,6 +261,19 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         help="Multiply the stand-in's simulated step times by this factor when sleeping "
         "(default: 1.0; smaller runs faster).",
     )
+
+
+def report_address(text: str) -> str:
+    """argparse type for --balancer-report-addr: tcp://HOST:PORT or ipc://PATH, checked
+    here rather than when the controller binds it inside a subprocess."""
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme == "ipc" and rest:
+        return text
+    if sep and scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return text
+    raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT or ipc://PATH, got {text!r}")
 
 
 class FlagError(SystemExit):
