@@ -93,6 +93,22 @@ def output_dir(text: str) -> str:
     return _writable(text, want_dir=True)
 
 
+def server_url(text: str) -> str:
+    """argparse type: an http(s) base URL with a host, e.g. http://127.0.0.1:30000 (a typo
+    would otherwise turn into one failed request per trace row)."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(text)
+        port = u.port  # (raises ValueError when not a number in range)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT (or https://), got {text!r}")
+    del port
+    return text.rstrip("/")
+
+
 def _valid(text: str, check) -> str:
     """text, if check(text) raises no ValueError; else argparse's error with its message."""
     try:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .argtypes import output_dir
+from .argtypes import output_dir, server_url
 from .errors import UsageError
 from .plugin.protocol import ANSWER_LEN_KEY
 
@@ -402,7 +402,7 @@ def replay(cfg: ReplayConfig, specs: list[RequestSpec] | None = None) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:30000")
+    p.add_argument("--url", required=True, type=server_url, help="server base URL, e.g. http://127.0.0.1:30000")
     p.add_argument("--trace", required=True, help="trace file (.csv Azure, .jsonl Mooncake, .json lengths)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="arrival times are multiplied by this: 0.5 replays twice as fast, 2 half as fast, "

@@ -219,3 +219,21 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     rc = cli.main(["replay", "--url", "http://127.0.0.1:1", "--trace", str(write_trace(tmp_path / "t.csv")),
                    "--time-scale", "-1", "--no-progress"])
     assert rc == 2
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("127.0.0.1:30000", "expected http://HOST:PORT"),
+    ("ftp://host:21", "expected http://HOST:PORT"),
+    ("http://", "expected http://HOST:PORT"),
+    ("http://host:99999", "Port out of range"),
+])
+def test_cli_bad_url_exits_2_before_sending(tmp_path, capsys, url, needle):
+    # a mistyped URL is one error naming the flag, not a failed request per trace row
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["replay", "--url", url, "--trace", str(write_trace(tmp_path / "t.csv")),
+                  "--out", str(out), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --url" in err and needle in err
+    assert not out.exists()
