@@ -144,7 +144,8 @@ def _load_replay(run: RunData) -> None:
 def load_run(d: str | os.PathLike, name: str | None = None) -> RunData:
     path = Path(d)
     if not path.is_dir():
-        raise UsageError(f"{path}: no such run directory")
+        raise UsageError(f"{path}: not a directory (a run directory holds rank*.jsonl or requests.jsonl)"
+                         if path.exists() else f"{path}: no such run directory")
     run = RunData(name or path.name or str(path), path)
     _load_telemetry(run)
     _load_replay(run)

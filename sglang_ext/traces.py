@@ -129,7 +129,9 @@ def load_azure_csv(path: Path, skip_bad: bool = False) -> Trace:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         need = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if not reader.fieldnames:
+            raise TraceError(f"{path}: empty file (expected a header line {','.join(need)})")
+        missing = [c for c in need if c not in reader.fieldnames]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} (expected {', '.join(need)})")
         for i, row in enumerate(reader, start=2):

@@ -107,6 +107,9 @@ def test_truncated_last_line_tolerated_bad_middle_line_named(tmp_path):
 def test_missing_and_empty_dirs_exit_2(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "absent")]) == 2
     assert "absent: no such run directory" in capsys.readouterr().err
+    (tmp_path / "summary.json").write_text("{}")  # a run's file given instead of its directory
+    assert cli.main(["report", str(tmp_path / "summary.json")]) == 2
+    assert "summary.json: not a directory" in capsys.readouterr().err
     (tmp_path / "empty" / "telemetry").mkdir(parents=True)
     assert cli.main(["report", str(tmp_path / "empty")]) == 2
     assert "empty: no telemetry" in capsys.readouterr().err

@@ -54,6 +54,7 @@ def test_length_json_and_paper_order(traces_dir):
          r"bad\.csv:3: field 'TIMESTAMP': timestamp goes backwards"),
         ("TIMESTAMP,ContextTokens,GeneratedTokens\n,10,5\n", r"bad\.csv:2: field 'TIMESTAMP': missing"),
         ("TIMESTAMP,Context\n", r"bad\.csv:1: missing column"),
+        ("", r"bad\.csv: empty file \(expected a header line TIMESTAMP,ContextTokens,GeneratedTokens\)"),
     ],
 )
 def test_bad_csv_rows_name_file_line_field(tmp_path, body, where):
