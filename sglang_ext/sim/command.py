@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..argtypes import output_file, nonneg_int, positive_float, positive_int
+from ..argtypes import cost_preset_name, nonneg_int, output_file, positive_float, positive_int, power_preset_name
 from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
 from ..estimators import make_estimator
@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="Online: every request's max_new_tokens (longer outputs stop there; the cap estimator reads it).")
     p.add_argument("--estimator", default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical, empirical-prompt.")
-    p.add_argument("--cost-preset", default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
-    p.add_argument("--power-preset", default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
+    p.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
+    p.add_argument("--power-preset", type=power_preset_name, default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
     p.add_argument("--skip-bad-rows", action="store_true", help="Skip malformed trace rows (counted) instead of failing.")
     p.add_argument("--json", type=output_file, dest="json_out", default=None, help="Write results JSON here.")
     p.add_argument("--plot", type=output_file, default=None, help="Write a comparison plot (PNG) here.")
@@ -78,11 +78,8 @@ def run(args) -> dict:
         estimator_probe = make_estimator(args.estimator, seed=args.seed)
     except ValueError as exc:
         raise UsageError(f"--estimator: {exc}") from None
-    try:
-        cost = cost_preset(args.cost_preset, args.batch)
-        power = power_preset(args.power_preset)
-    except ValueError as exc:
-        raise UsageError(f"--cost-preset/--power-preset: {exc}") from None
+    cost = cost_preset(args.cost_preset, args.batch)  # names checked by argparse
+    power = power_preset(args.power_preset)
     trace = load_trace(args.trace, skip_bad=args.skip_bad_rows)
     if args.max_new_tokens and args.mode != "online":
         raise UsageError("--max-new-tokens: online mode only (paper mode replays the lengths as they are)")
