@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..argtypes import cost_preset_name, nonneg_int, output_file, positive_float, positive_int, power_preset_name
+from ..argtypes import cost_preset_name, estimator_spec, nonneg_int, output_file, positive_float, positive_int, power_preset_name
 from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
 from ..estimators import make_estimator
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-len", type=positive_int, default=None, help="Clip prompts to this context limit (e.g. longbench).")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="Online: every request's max_new_tokens (longer outputs stop there; the cap estimator reads it).")
-    p.add_argument("--estimator", default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical, empirical-prompt.")
+    p.add_argument("--estimator", type=estimator_spec, default="oracle", help="Output-length estimator: oracle, noisy:<delta>, cap, empirical, empirical-prompt.")
     p.add_argument("--cost-preset", type=cost_preset_name, default="paper-dsv3", help=f"Cost model: {', '.join(PRESETS)}.")
     p.add_argument("--power-preset", type=power_preset_name, default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
     p.add_argument("--skip-bad-rows", action="store_true", help="Skip malformed trace rows (counted) instead of failing.")
@@ -74,10 +74,7 @@ def parse_policies(text: str) -> list[tuple[str, str, dict]]:
 
 def run(args) -> dict:
     policies = parse_policies(args.policies)
-    try:
-        estimator_probe = make_estimator(args.estimator, seed=args.seed)
-    except ValueError as exc:
-        raise UsageError(f"--estimator: {exc}") from None
+    estimator_probe = make_estimator(args.estimator, seed=args.seed)  # spec checked by argparse
     cost = cost_preset(args.cost_preset, args.batch)  # names checked by argparse
     power = power_preset(args.power_preset)
     trace = load_trace(args.trace, skip_bad=args.skip_bad_rows)
