@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, add_online_model,
                                  check_online_model, comma_list, nonneg_int,
-                                 positive_float, run_main)
+                                 positive_float, repeat_note, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.policies import Policy
@@ -80,7 +80,7 @@ def main():
     power = power_preset("h100")
     rows = []
     for path, G, load in tqdm([(p, G, x) for p in args.traces for G in args.ranks for x in args.loads], desc="cells"):
-        trace = load_trace(path).head(args.requests_per_rank * G)
+        trace = load_trace(path).repeat(args.trace_repeat).head(args.requests_per_rank * G)
         scale = load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens) / native_rate(trace)
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
@@ -107,7 +107,7 @@ def main():
                            / (G * (time_s - as_run.time_s + hind.time_s)))
             rows.append(row)
     print(f"\nN = min(trace, {args.requests_per_rank} x G), pool max wait {args.max_pool_wait:g} s, "
-          f"cost preset {cost.name}, {args.swaps} swaps\n")
+          f"cost preset {cost.name}, {args.swaps} swaps{repeat_note(args.trace_repeat)}\n")
     print("| trace | G | load | run | idle | / total_tokens | held at the last placement | drain after it (s) "
           "| idle there as placed | with hindsight | run idle, hindsight drain | / total_tokens | floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

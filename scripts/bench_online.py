@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, positive_float,
-                                 positive_int, run_main, run_specs)
+                                 positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -52,12 +52,13 @@ def main():
     cost = cost_preset(args.cost_preset, args.batch)
     print(f"cost preset {cost.name} (a={cost.a*1e3:.3f} ms, b={cost.b*1e3:.4f} ms, c={cost.c*1e6:.4f} us/token, "
           f"prefill {cost.prefill_per_token*1e6:.2f} us/token); power {power.name}: busy {power.busy_w:.0f} W, "
-          f"barrier-wait {power.wait_w:.0f} W, idle {power.idle_w:.0f} W; estimator {args.estimator}")
+          f"barrier-wait {power.wait_w:.0f} W, idle {power.idle_w:.0f} W; estimator {args.estimator}"
+          f"{repeat_note(args.trace_repeat)}")
     results = []
     cells = [(path, G, load) for path in args.traces for G in args.ranks for load in args.loads]
     for path, G, load in tqdm(cells, desc="cells"):
         tname = path.name
-        trace = load_trace(path).head(args.requests_per_rank * G)
+        trace = load_trace(path).repeat(args.trace_repeat).head(args.requests_per_rank * G)
         cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens)
         scale = load * cap / native_rate(trace)
         rows = []

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, add_online_model, check_online_model,
-                                 positive_float, run_main)
+                                 positive_float, repeat_note, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -44,7 +44,7 @@ def main():
     cells = [(path, G) for path in args.traces for G in args.ranks]
     rows = []
     for path, G in tqdm(cells, desc="cells"):
-        tname, trace = path.name, load_trace(path).head(args.requests_per_rank * G)
+        tname, trace = path.name, load_trace(path).repeat(args.trace_repeat).head(args.requests_per_rank * G)
         scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens) / native_rate(trace)
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
@@ -53,7 +53,7 @@ def main():
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
             rows.append(dict(trace=tname, G=G, N=len(trace), load=args.load, run=spec.text, **r.to_dict(), **r.extra))
     print(f"\nload {args.load}, N = min(trace, {args.requests_per_rank} x G), pool max wait {args.max_pool_wait:g} s, "
-          f"cost preset {cost.name}\n")
+          f"cost preset {cost.name}{repeat_note(args.trace_repeat)}\n")
     # Two splits of each run's decode time. A split gives: the share of decode
     # time in the part the first column names, the idle fraction in the two
     # columns' parts, and the share of decode time in the second one.

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, nonneg_int,
-                                 positive_float, positive_int, run_main, run_specs)
+                                 positive_float, positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
@@ -85,7 +85,7 @@ def main():
 
     jobs = []
     for path in args.traces:
-        tname, full = path.name, load_trace(path)
+        tname, full = path.name, load_trace(path).repeat(args.trace_repeat)
         for G in args.ranks:
             n = args.requests_per_rank * G
             for w in range(min(args.max_windows, max(1, len(full) // n))):
@@ -101,11 +101,11 @@ def main():
                               max_pool_wait_s=args.max_pool_wait,
                               pool_window=args.pool_window or None)
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
-            rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), load=load, run=label,
+            rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), trace_repeat=args.trace_repeat, load=load, run=label,
                              **r.to_dict(), **r.extra))
     print(f"\ncost preset {cost.name}, estimator {args.estimator}, loads {','.join(f'{x:g}' for x in loads)}, windows of "
           f"{args.requests_per_rank} x G requests (at most {args.max_windows}), pool max wait {args.max_pool_wait:g} s, "
-          f"control: {runs[0]} at x{1 + args.control_jitter:g} arrival rate\n")
+          f"control: {runs[0]} at x{1 + args.control_jitter:g} arrival rate{repeat_note(args.trace_repeat)}\n")
     print(summarize(rows, runs, metrics))
     if args.plot:
         plot(rows, runs, metrics, args.plot)

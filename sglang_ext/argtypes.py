@@ -156,6 +156,14 @@ def add_online_grid(ap: argparse.ArgumentParser, trace_dir: Path) -> None:
                     help="Comma list of trace files (names under data/traces, or paths).")
     ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
     ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    ap.add_argument("--trace-repeat", type=positive_int, default=1,
+                    help="Replay each trace this many times back to back (same rate): a longer run, so its "
+                         "steady state outweighs the drain after the last arrival.")
+
+
+def repeat_note(k: int) -> str:
+    """The words a script's header adds for --trace-repeat (nothing for one pass)."""
+    return "" if k == 1 else f", each trace replayed {k} times back to back"
 
 
 def run_specs(text: str):

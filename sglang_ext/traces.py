@@ -51,6 +51,24 @@ class Trace:
             w.arrival_s = w.arrival_s - w.arrival_s[0]
         return w
 
+    def repeat(self, k: int) -> "Trace":
+        """`k` copies back to back: a longer replay of the same traffic, so a
+        run's steady state outweighs the drain at its end. Each copy starts one
+        mean inter-arrival gap after the previous copy's last request, which
+        keeps the recorded rate (and so the load a rate scale gives)."""
+        if k < 1:
+            raise ValueError(f"repeat count must be at least 1, got {k}")
+        if k == 1:
+            return self
+        arr = None
+        if self.arrival_s is not None:
+            t = self.arrival_s - self.arrival_s[0]
+            span = float(t[-1])
+            period = span + (span / (len(t) - 1) if len(t) > 1 and span > 0 else 1.0)
+            arr = (t[None, :] + period * np.arange(k)[:, None]).ravel()
+        return Trace(self.name, np.tile(self.prompt_len, k), np.tile(self.output_len, k), arr,
+                     self.skipped, dict(self.skip_reasons))
+
 
 class _Rows:
     """Collects validated rows; raises or skips on the first bad field."""

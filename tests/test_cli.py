@@ -36,6 +36,25 @@ def test_simulate_online_runs(tmp_path, traces_dir):
     doc = json.loads(out.read_text())
     assert doc["config"]["estimator"] == "empirical"
     assert doc["results"]["bfio"]["ttft_ms_p99"] is not None
+    assert "trace_repeat" not in doc["config"]  # one pass: the contract as before
+
+
+def test_simulate_online_trace_repeat(tmp_path, traces_dir):
+    from sglang_ext.traces import load_trace
+
+    path = traces_dir / "azure_code_2023.csv"
+    n = len(load_trace(path)) + 50  # more requests than one pass of the trace holds
+    finished = {}
+    for k in (1, 2):
+        out = tmp_path / f"r{k}.json"
+        p = run_cli("simulate", "--trace", str(path), "--mode", "online", "--ranks", "4", "--batch", "32",
+                    "--policies", "total_tokens", "--requests", str(n), "--trace-repeat", str(k), "--load", "0.7",
+                    "--json", str(out))
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(out.read_text())
+        finished[k] = doc["results"]["total_tokens"]["requests_finished"]
+        assert doc["config"].get("trace_repeat") == (None if k == 1 else 2)
+    assert finished == {1: n - 50, 2: n}  # one pass ends with the trace; two go on into the second copy
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -49,6 +68,8 @@ def test_simulate_online_runs(tmp_path, traces_dir):
     (["--estimator", "cap"], "--estimator cap: give --max-new-tokens"),
     (["--max-new-tokens", "64"], "--max-new-tokens: online mode only"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--trace-repeat", "2"], "--trace-repeat: online mode only"),
+    (["--trace-repeat", "0"], "--trace-repeat"),
     (["--policies", "bfio:horizon=abc"], "bfio parameter 'horizon' takes an integer"),
 ])
 def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):

@@ -39,6 +39,7 @@ CASES = [
     ("bench_online.py", ["--runs", "bfio"], "--runs"),
     ("bench_online.py", ["--estimator", "cap"], "--max-new-tokens"),
     ("bench_repeats.py", ["--max-new-tokens", "0"], "--max-new-tokens"),
+    ("bench_repeats.py", ["--trace-repeat", "0"], "--trace-repeat"),
     ("demo_live.py", ["--policies", "bfio:estimator=psychic"], "--policies"),
     ("demo_live.py", ["--policies", "bfio:horizon"], "--policies"),
     ("demo_live.py", ["--max-new-tokens", "0"], "--max-new-tokens"),

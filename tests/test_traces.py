@@ -33,6 +33,28 @@ def test_window_takes_rows_and_counts_time_from_its_first(traces_dir):
     assert t.arrival_s[1000] > 0  # the trace itself is untouched
 
 
+def test_repeat_replays_back_to_back_at_the_recorded_rate(traces_dir):
+    from sglang_ext.sim.online import native_rate
+
+    t = load_trace(traces_dir / "azure_code_2023.csv").window(0, 400)
+    r = t.repeat(3)
+    assert len(r) == 1200
+    for k in range(3):
+        np.testing.assert_array_equal(r.prompt_len[400 * k:400 * (k + 1)], t.prompt_len)
+        np.testing.assert_array_equal(r.output_len[400 * k:400 * (k + 1)], t.output_len)
+        # each copy keeps the gaps between its requests
+        np.testing.assert_allclose(np.diff(r.arrival_s[400 * k:400 * (k + 1)]), np.diff(t.arrival_s))
+    assert np.all(np.diff(r.arrival_s) > 0)  # copies follow each other, no overlap
+    gap = t.arrival_s[-1] / 399  # the next copy starts one mean gap after the last request
+    assert r.arrival_s[400] - r.arrival_s[399] == pytest.approx(gap)
+    assert native_rate(r) == pytest.approx(native_rate(t))
+    assert t.repeat(1) is t
+    untimed = load_trace(traces_dir / "burstgpt_lengths_8000.json").head(10).repeat(2)
+    assert untimed.arrival_s is None and len(untimed) == 20
+    with pytest.raises(ValueError, match="at least 1"):
+        t.repeat(0)
+
+
 def test_length_json_and_paper_order(traces_dir):
     t = load_trace(traces_dir / "burstgpt_lengths_8000.json")
     assert t.arrival_s is None and len(t) == 8000

@@ -2,7 +2,7 @@
 
     sglang-ext simulate --trace PATH --mode {paper,online} --ranks G --batch B
         --policies p1,p2,... [--horizon H] [--seed S] [--requests N]
-        [--rate-scale X] [--estimator NAME] [--max-new-tokens N] [--cost-preset NAME]
+        [--rate-scale X] [--trace-repeat K] [--estimator NAME] [--max-new-tokens N] [--cost-preset NAME]
         [--json OUT.json] [--plot OUT.png]
 
 Prints one row per policy and writes the JSON contract
@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=nonneg_int, default=20, help="Lookahead H of bfio (steps).")
     p.add_argument("--seed", type=int, default=42, help="Request-order seed (paper mode) and policy/estimator seed.")
     p.add_argument("--requests", type=positive_int, default=None, help="Use the first N requests (paper: N drawn in the paper's order).")
+    p.add_argument("--trace-repeat", type=positive_int, default=1,
+                   help="Online: replay the trace this many times back to back (same rate), so the steady state "
+                        "outweighs the drain after the last arrival.")
     p.add_argument("--rate-scale", type=positive_float, default=1.0, help="Online: multiply the recorded arrival rate by X.")
     p.add_argument("--load", type=positive_float, default=None,
                    help="Online: set the arrival rate to X times the ranks' capacity (overrides --rate-scale).")
@@ -80,6 +83,8 @@ def run(args) -> dict:
     trace = load_trace(args.trace, skip_bad=args.skip_bad_rows)
     if args.max_new_tokens and args.mode != "online":
         raise UsageError("--max-new-tokens: online mode only (paper mode replays the lengths as they are)")
+    if args.trace_repeat > 1 and args.mode != "online":
+        raise UsageError("--trace-repeat: online mode only (paper mode draws its requests from the trace)")
     if args.estimator == "cap" and not args.max_new_tokens:
         raise UsageError("--estimator cap: give --max-new-tokens in online mode (traces carry no max_new_tokens "
                          "of their own)")
@@ -98,7 +103,9 @@ def run(args) -> dict:
     else:
         if trace.arrival_s is None:
             raise UsageError(f"--trace {args.trace}: online mode needs a timed trace (.csv or .jsonl)")
-        trace = trace.head(args.requests)
+        trace = trace.repeat(args.trace_repeat).head(args.requests)
+        if args.trace_repeat > 1:
+            config["trace_repeat"] = args.trace_repeat
         cap = capacity_rps(trace, cost, args.ranks, args.batch, args.max_prompt_len, args.max_new_tokens)
         rate = native_rate(trace)
         if args.load is not None:
