@@ -63,6 +63,7 @@ class ReplayConfig:
     out: str
     time_scale: float = 1.0
     max_requests: int | None = None
+    trace_repeat: int = 1  # replay the trace this many times back to back
     duration: float | None = None
     retries: int = 3
     timeout: float = 60.0  # per attempt: connect, and the longest silence between stream chunks
@@ -142,11 +143,13 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
         raise UsageError(f"--max-output-len must be >= 1 (got {cfg.max_output_len})")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
+    if cfg.trace_repeat < 1:
+        raise UsageError(f"--trace-repeat must be >= 1 (got {cfg.trace_repeat})")
     if cfg.retries < 0:
         raise UsageError(f"--retries must be >= 0 (got {cfg.retries})")
     if cfg.timeout <= 0:
         raise UsageError(f"--timeout must be > 0 (got {cfg.timeout})")
-    trace = load_trace(cfg.trace, skip_bad=cfg.skip_bad).head(cfg.max_requests)
+    trace = load_trace(cfg.trace, skip_bad=cfg.skip_bad).repeat(cfg.trace_repeat).head(cfg.max_requests)
     n = len(trace)
     # Length-only traces describe a saturated server: everything arrives at t=0.
     arrival = np.zeros(n) if trace.arrival_s is None else (trace.arrival_s - trace.arrival_s[0]) * cfg.time_scale
@@ -408,6 +411,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="arrival times are multiplied by this: 0.5 replays twice as fast, 2 half as fast, "
                    "0 sends everything at once (default 1)")
     p.add_argument("--max-requests", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--trace-repeat", type=int, default=1,
+                   help="replay the trace this many times back to back at its recorded rate (each copy starts one "
+                        "mean inter-arrival gap after the last request of the one before; --max-requests and "
+                        "--duration count over the whole replay)")
     p.add_argument("--duration", type=float, default=None,
                    help="send only requests whose scaled arrival is within S seconds; in-flight ones are awaited")
     p.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/replay-<time>)")
@@ -432,6 +439,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
     out = args.out or os.path.join("runs", time.strftime("replay-%Y%m%d-%H%M%S"))
     return ReplayConfig(
         url=args.url, trace=args.trace, out=out, time_scale=args.time_scale, max_requests=args.max_requests,
+        trace_repeat=args.trace_repeat,
         duration=args.duration, retries=args.retries, timeout=args.timeout, total_timeout=args.total_timeout,
         backoff=args.backoff, max_prompt_len=args.max_prompt_len, max_output_len=args.max_output_len,
         max_new_tokens=args.max_new_tokens, vocab=args.vocab, seed=args.seed, skip_bad=args.skip_bad, progress=not args.no_progress,

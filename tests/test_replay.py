@@ -182,6 +182,18 @@ def test_plan_scaling_clipping_duration(tmp_path, trace):
     assert [s.index for s in plan_requests(cfg)] == [0, 1, 2, 3]
 
 
+def test_plan_trace_repeat(tmp_path, trace):
+    cfg = ReplayConfig(url="http://x", trace=str(trace), out="", trace_repeat=3)
+    specs = plan_requests(cfg)
+    assert [s.index for s in specs] == list(range(3 * N_REQUESTS))  # one id per request, none reused
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(specs, specs[1:])]
+    assert gaps == pytest.approx([0.020] * len(gaps), abs=1e-6)  # the copies keep the 20 ms rhythm
+    assert [s.prompt_len for s in specs[N_REQUESTS:2 * N_REQUESTS]] == [s.prompt_len for s in specs[:N_REQUESTS]]
+    cfg.trace_repeat = 0
+    with pytest.raises(Exception, match="--trace-repeat"):
+        plan_requests(cfg)
+
+
 def test_hidden_lengths_send_the_cap_and_the_answer_length_apart(tmp_path):
     """--max-new-tokens: the server is asked for up to N tokens without ignore_eos,
     and the recorded length rides in custom_params for the stand-in model; a
