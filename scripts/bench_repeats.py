@@ -101,8 +101,8 @@ def main():
                               max_pool_wait_s=args.max_pool_wait,
                               pool_window=args.pool_window or None)
             r = simulate_online(trace, spec.make_policy(cost), cfg, make_estimator(args.estimator, seed=0))
-            rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), trace_repeat=args.trace_repeat, load=load, run=label,
-                             **r.to_dict(), **r.extra))
+            rows.append(dict(trace=tname, G=G, window=w, requests=len(trace), trace_repeat=args.trace_repeat,
+                             load=load, run=label, **r.to_dict(), **r.extra))
     print(f"\ncost preset {cost.name}, estimator {args.estimator}, loads {','.join(f'{x:g}' for x in loads)}, windows of "
           f"{args.requests_per_rank} x G requests (at most {args.max_windows}), pool max wait {args.max_pool_wait:g} s, "
           f"control: {runs[0]} at x{1 + args.control_jitter:g} arrival rate{repeat_note(args.trace_repeat)}\n")
