@@ -145,10 +145,20 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
         raise UsageError(f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
     if cfg.trace_repeat < 1:
         raise UsageError(f"--trace-repeat must be >= 1 (got {cfg.trace_repeat})")
+    if cfg.max_requests is not None and cfg.max_requests < 1:
+        raise UsageError(f"--max-requests must be >= 1 (got {cfg.max_requests})")
+    if cfg.duration is not None and not (math.isfinite(cfg.duration) and cfg.duration > 0):
+        raise UsageError(f"--duration must be a finite number > 0 (got {cfg.duration})")
     if cfg.retries < 0:
         raise UsageError(f"--retries must be >= 0 (got {cfg.retries})")
-    if cfg.timeout <= 0:
-        raise UsageError(f"--timeout must be > 0 (got {cfg.timeout})")
+    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
+        raise UsageError(f"--timeout must be a finite number > 0 (got {cfg.timeout})")
+    if cfg.total_timeout is not None and not (math.isfinite(cfg.total_timeout) and cfg.total_timeout > 0):
+        raise UsageError(f"--total-timeout must be a finite number > 0 (got {cfg.total_timeout})")
+    if not (math.isfinite(cfg.backoff) and cfg.backoff >= 0):
+        raise UsageError(f"--backoff must be a finite number >= 0 (got {cfg.backoff})")
+    if cfg.vocab < 2:
+        raise UsageError(f"--vocab must be >= 2 (token ids are drawn from [1, VOCAB); got {cfg.vocab})")
     trace = load_trace(cfg.trace, skip_bad=cfg.skip_bad).repeat(cfg.trace_repeat).head(cfg.max_requests)
     n = len(trace)
     # Length-only traces describe a saturated server: everything arrives at t=0.

@@ -233,6 +233,22 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert rc == 2
 
 
+@pytest.mark.parametrize("flag, value", [
+    ("--max-requests", "0"), ("--max-requests", "-5"), ("--duration", "0"), ("--duration", "nan"),
+    ("--timeout", "nan"), ("--total-timeout", "0"), ("--backoff", "-1"), ("--vocab", "1"),
+    ("--trace-repeat", "0"), ("--retries", "-1"),
+])
+def test_cli_bad_number_exits_2_naming_the_flag(tmp_path, capsys, flag, value):
+    # each would otherwise replay nothing and exit 0, or fail every request
+    out = tmp_path / "o"
+    rc = cli.main(["replay", "--url", "http://127.0.0.1:1", "--trace", str(write_trace(tmp_path / "t.csv")),
+                   "--out", str(out), "--no-progress", flag, value])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be" in err and "Traceback" not in err
+    assert not (out / "requests.jsonl").exists()
+
+
 @pytest.mark.parametrize("url, needle", [
     ("127.0.0.1:30000", "expected http://HOST:PORT"),
     ("ftp://host:21", "expected http://HOST:PORT"),
