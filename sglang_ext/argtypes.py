@@ -3,6 +3,7 @@ reported by argparse with the flag's name (exit status 2, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,13 +12,17 @@ from .errors import UsageError
 
 
 def number(kind, ok, need: str):
-    """argparse type: parse with `kind`, then require ok(value) (message: need)."""
+    """argparse type: parse with `kind`, then require ok(value) (message: need).
+    Floats must be finite: an inf or nan would pass a bound check (or fail none)
+    and then break arithmetic far from the flag (an inf pool deadline, a nan load)."""
 
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if not ok(v):
             raise argparse.ArgumentTypeError(f"must be {need}, got {v}")
         return v

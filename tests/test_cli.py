@@ -70,6 +70,7 @@ def test_simulate_online_trace_repeat(tmp_path, traces_dir):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--trace-repeat", "2"], "--trace-repeat: online mode only"),
     (["--trace-repeat", "0"], "--trace-repeat"),
+    (["--rate-scale", "inf"], "--rate-scale: must be a finite number"),
     (["--policies", "bfio:horizon=abc"], "bfio parameter 'horizon' takes an integer"),
 ])
 def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):

@@ -36,8 +36,10 @@ def test_registry_names_and_errors():
 @pytest.mark.parametrize("spec, needle", [
     ("bfio:horizon=abc", "bfio parameter 'horizon' takes an integer, got 'abc'"),
     ("bfio:horizon=0.5", "bfio parameter 'horizon' takes an integer, got 0.5"),
-    ("bfio:decay=x", "bfio parameter 'decay' takes a number, got 'x'"),
-    ("bfio:overflow=x", "bfio parameter 'overflow' takes a number"),
+    ("bfio:decay=x", "bfio parameter 'decay' takes a finite number, got 'x'"),
+    ("bfio:reward=inf", "bfio parameter 'reward' takes a finite number, got inf"),
+    ("bfio:pool_tail=nan", "bfio parameter 'pool_tail' takes a finite number, got nan"),
+    ("bfio:overflow=x", "bfio parameter 'overflow' takes a finite number"),
     ("bfio:search=1", "bfio parameter 'search' takes true or false, got 1"),
     ("round_robin:restart=3", "round_robin parameter 'restart' takes true or false"),
 ])

@@ -40,6 +40,7 @@ CASES = [
     ("bench_online.py", ["--estimator", "cap"], "--max-new-tokens"),
     ("bench_repeats.py", ["--max-new-tokens", "0"], "--max-new-tokens"),
     ("bench_repeats.py", ["--trace-repeat", "0"], "--trace-repeat"),
+    ("bench_repeats.py", ["--max-pool-wait", "inf"], "--max-pool-wait"),
     ("demo_live.py", ["--policies", "bfio:estimator=psychic"], "--policies"),
     ("demo_live.py", ["--policies", "bfio:horizon"], "--policies"),
     ("demo_live.py", ["--max-new-tokens", "0"], "--max-new-tokens"),

@@ -9,6 +9,7 @@ paper's own heuristic at H=0); a parameter the policy does not take is an error.
 from __future__ import annotations
 
 import inspect
+import math
 
 from .base import Candidates, ClusterView, Policy
 from .baselines import FCFS, JSQ, PowerOfTwo, RoundRobin, TotalRequests, TotalTokens
@@ -64,9 +65,9 @@ def _typed(name: str, key: str, value, param: inspect.Parameter):
             return value
         kind = "an integer"
     elif want is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        kind = "a number"
+        kind = "a finite number"
     else:
         return value if isinstance(value, str) else str(value)
     raise ValueError(f"{name} parameter {key!r} takes {kind}, got {value!r}")
