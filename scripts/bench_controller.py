@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, positive_float, positive_int, run_main, trace_file
+from sglang_ext.argtypes import output_file, comma_list, nonneg_int, positive_float, positive_int, run_main, trace_file
 from sglang_ext.plugin.config import BalancerConfig
 from sglang_ext.plugin.protocol import RankReport
 from sglang_ext.policies import policy_names
@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--refit", choices=("background", "inline"), default="background",
                     help="Where the estimator refits: in a worker thread (the live default) or inside "
                     "the timed call (--balancer-inline-refit).")
-    ap.add_argument("--seed", type=int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     if args.free_frac >= 1:

@@ -64,7 +64,7 @@ def main():
                          "pool calls also project a request's whole life (2000 steps) at 16 steps past H.")
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
-    ap.add_argument("--seed", type=int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     if args.free_frac >= 1:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, positive_int, run_main
+from sglang_ext.argtypes import output_file, comma_list, nonneg_int, positive_int, run_main
 from sglang_ext.estimators import EmpiricalEstimator
 
 
@@ -77,7 +77,7 @@ def main():
                     help="Comma-separated numbers of running requests (G x B: 32 x 256, 256 x 256).")
     ap.add_argument("--window", type=positive_int, default=4096, help="Finished lengths the estimator keeps.")
     ap.add_argument("--calls", type=positive_int, default=7, help="Timed refits per cell and mode.")
-    ap.add_argument("--seed", type=int, default=0, help="Seed of the synthetic learning histories (default 0).")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the synthetic learning histories (default 0).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
     cells = [(L, n) for L in args.longest for n in args.running]

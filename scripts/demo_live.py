@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import output_dir  # noqa: E402
+from sglang_ext.argtypes import nonneg_float, nonneg_int, output_dir, positive_float, positive_int  # noqa: E402
 from sglang_ext.patches.controller import read_stats  # noqa: E402
 from sglang_ext.plugin.ports import free_server_port  # noqa: E402
 from sglang_ext.replay import ReplayConfig, replay  # noqa: E402
@@ -327,26 +327,26 @@ def parse_args(argv=None) -> DemoConfig:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--python", default=default_python(), help="interpreter with SGLang and sglang-ext installed")
     ap.add_argument("--trace", default=default_trace(), help="timed trace to replay")
-    ap.add_argument("--requests", type=int, default=300, help="replay the first N requests of the trace")
-    ap.add_argument("--arrival-span", type=float, default=40.0,
+    ap.add_argument("--requests", type=positive_int, default=300, help="replay the first N requests of the trace")
+    ap.add_argument("--arrival-span", type=positive_float, default=40.0,
                     help="scale arrival times so the slice's arrivals span this many seconds")
-    ap.add_argument("--time-scale", type=float, default=None,
+    ap.add_argument("--time-scale", type=nonneg_float, default=None,
                     help="multiply arrival times by this instead (overrides --arrival-span)")
     ap.add_argument("--policies", default="round_robin,bfio",
                     help="comma-separated --balancer policies, in order; POLICY:key=value also passes "
                          "--balancer-key value (e.g. bfio:estimator=empirical-prompt)")
-    ap.add_argument("--dp-size", type=int, default=4, help="DP ranks of the server")
+    ap.add_argument("--dp-size", type=positive_int, default=4, help="DP ranks of the server")
     ap.add_argument("--sim-backend", default="paper-dsv3", help="stand-in cost preset (--balancer-sim-backend)")
-    ap.add_argument("--sim-time-scale", type=float, default=1.0,
+    ap.add_argument("--sim-time-scale", type=positive_float, default=1.0,
                     help="stand-in step-time multiplier (--balancer-sim-time-scale); smaller runs faster")
-    ap.add_argument("--max-prompt-len", type=int, default=8192, help="clip prompts to this many tokens")
-    ap.add_argument("--max-output-len", type=int, default=512,
+    ap.add_argument("--max-prompt-len", type=positive_int, default=8192, help="clip prompts to this many tokens")
+    ap.add_argument("--max-output-len", type=nonneg_int, default=512,
                     help="clip outputs to this many tokens (bounds the run's tail); 0 = no clipping")
-    ap.add_argument("--max-new-tokens", type=int, default=None,
+    ap.add_argument("--max-new-tokens", type=positive_int, default=None,
                     help="hide the output lengths from the server: every request asks for up to this many tokens "
                          "and the stand-in model ends it with EOS at its recorded length (replay --max-new-tokens)")
-    ap.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for /health")
-    ap.add_argument("--request-timeout", type=float, default=120.0,
+    ap.add_argument("--health-timeout", type=positive_float, default=300.0, help="seconds to wait for /health")
+    ap.add_argument("--request-timeout", type=positive_float, default=120.0,
                     help="replay: longest silence between stream chunks before a retry")
     ap.add_argument("--model-path", default=None, help="model directory (default: a temp dir with a tiny config.json)")
     ap.add_argument("--server-args", default="", help="extra server flags, one shell-quoted string")
@@ -363,8 +363,6 @@ def parse_args(argv=None) -> DemoConfig:
             ap.error(f"--policies {spec}: {exc}")
     if len({rundir_name(p) for p in policies}) != len(policies):
         ap.error("--policies: each policy at most once")
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        ap.error(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(a.out or REPO / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     return DemoConfig(

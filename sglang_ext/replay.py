@@ -157,6 +157,8 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
         raise UsageError(f"--total-timeout must be a finite number > 0 (got {cfg.total_timeout})")
     if not (math.isfinite(cfg.backoff) and cfg.backoff >= 0):
         raise UsageError(f"--backoff must be a finite number >= 0 (got {cfg.backoff})")
+    if cfg.seed < 0:
+        raise UsageError(f"--seed must be >= 0 (got {cfg.seed})")
     if cfg.vocab < 2:
         raise UsageError(f"--vocab must be >= 2 (token ids are drawn from [1, VOCAB); got {cfg.vocab})")
     trace = load_trace(cfg.trace, skip_bad=cfg.skip_bad).repeat(cfg.trace_repeat).head(cfg.max_requests)

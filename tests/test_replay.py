@@ -236,7 +236,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("flag, value", [
     ("--max-requests", "0"), ("--max-requests", "-5"), ("--duration", "0"), ("--duration", "nan"),
     ("--timeout", "nan"), ("--total-timeout", "0"), ("--backoff", "-1"), ("--vocab", "1"),
-    ("--trace-repeat", "0"), ("--retries", "-1"),
+    ("--trace-repeat", "0"), ("--retries", "-1"), ("--seed", "-1"),
 ])
 def test_cli_bad_number_exits_2_naming_the_flag(tmp_path, capsys, flag, value):
     # each would otherwise replay nothing and exit 0, or fail every request

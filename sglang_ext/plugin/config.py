@@ -239,7 +239,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-seed",
         metavar="SEED",
-        type=int,
+        type=nonneg_int,
         default=None,
         help="Seed of randomized policies such as power_of_two (default: 0).",
     )

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default="fcfs,round_robin,jsq,bfio",
                    help=f"Comma-separated policies, each NAME or NAME:key=val:key=val. Valid: {', '.join(REGISTRY)}.")
     p.add_argument("--horizon", type=nonneg_int, default=20, help="Lookahead H of bfio (steps).")
-    p.add_argument("--seed", type=int, default=42, help="Request-order seed (paper mode) and policy/estimator seed.")
+    p.add_argument("--seed", type=nonneg_int, default=42, help="Request-order seed (paper mode) and policy/estimator seed.")
     p.add_argument("--requests", type=positive_int, default=None, help="Use the first N requests (paper: N drawn in the paper's order).")
     p.add_argument("--trace-repeat", type=positive_int, default=1,
                    help="Online: replay the trace this many times back to back (same rate), so the steady state "
