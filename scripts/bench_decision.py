@@ -5,7 +5,10 @@ Each snapshot: G ranks, each holding B minus its free slots running requests
 (KV and remaining steps drawn from a trace), a visible window of 4*G waiting
 candidates, and a fraction of slots free (departures since the last step).
 Prints p50/p99 microseconds per policy call for a grid of G, B and H, with
-jsq on the same snapshots as the myopic reference.
+jsq on the same snapshots as the myopic reference. With --device cuda the
+running requests are CUDA tensors, as the live controller hands them to the
+policy on a GPU server (`--balancer-device`): the projection then runs the
+compiled Triton kernel.
 """
 from __future__ import annotations
 
@@ -65,8 +68,16 @@ def main():
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="Where the running requests live: cpu (numpy, the torch reference projection) or cuda "
+                         "(CUDA tensors, the compiled Triton kernel).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device")
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
     trace = load_trace(args.trace)
@@ -76,15 +87,22 @@ def main():
     for G, B, H, W in tqdm(cells, desc="cells"):
         rng = np.random.default_rng(args.seed)
         snaps = [snapshot(rng, trace, G, B, args.free_frac) for _ in range(args.calls)]
+        if args.device == "cuda":
+            for view, _ in snaps:
+                view.req_rank, view.req_kv, view.req_remaining = (
+                    torch.from_numpy(x).cuda() for x in (view.req_rank, view.req_kv, view.req_remaining))
         bfio = make_policy("bfio", horizon=H, pool_tail=W)
         time_calls(bfio, snaps[:2])  # warm-up
         p50, p99 = time_calls(bfio, snaps)
         i50, i99 = time_calls(bfio, snaps, must_place=True)
         j50, _ = time_calls(make_policy("jsq"), snaps)
         slots = float(np.mean([v.free_slots.sum() for v, _ in snaps]))
-        rows.append(dict(G=G, B=B, H=H, pool_tail=W, free_slots=slots, candidates=4 * G, pool_p50_us=p50,
+        rows.append(dict(G=G, B=B, H=H, pool_tail=W, device=args.device, free_slots=slots, candidates=4 * G, pool_p50_us=p50,
                          pool_p99_us=p99, immediate_p50_us=i50, immediate_p99_us=i99, jsq_p50_us=j50))
-    print(f"\nbfio decision time per call (free slots ~{args.free_frac:.0%} of G*B, 4G candidates; "
+    where = "CPU (numpy views, torch reference projection)"
+    if args.device == "cuda":
+        where = f"{torch.cuda.get_device_name()} (CUDA views, compiled Triton projection)"
+    print(f"\nbfio decision time per call on {where} (free slots ~{args.free_frac:.0%} of G*B, 4G candidates; "
           "immediate = one arriving request)\n")
     print("| G | B | H | pool tail | free slots | pool p50 us | pool p99 us | immediate p50 us | immediate p99 us "
           "| jsq pool p50 us |")

@@ -1,9 +1,16 @@
-"""Cost-projection kernel: Triton (CPU interpreter) == torch reference == brute force."""
+"""Cost-projection kernel: Triton == torch reference == brute force.
+
+By default the kernel runs under Triton's interpreter on CPU tensors. On a GPU
+machine, `SGLANG_EXT_KERNEL_DEVICE=cuda TRITON_INTERPRET=0 pytest
+tests/test_projection_kernel.py` runs the same cases with the kernel compiled
+on CUDA tensors (the reference and the brute force stay on the CPU)."""
 import os
 
-# Before anything imports Triton (the kernels are decorated on first use, and
-# Triton reads this then): run them with the interpreter on CPU tensors.
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = "cuda" if os.environ.get("SGLANG_EXT_KERNEL_DEVICE") == "cuda" else "cpu"
+if DEVICE == "cpu":
+    # Before anything imports Triton (the kernels are decorated on first use, and
+    # Triton reads this then): run them with the interpreter on CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -44,6 +51,20 @@ def random_inputs(rng, N, G, max_kv=4096, max_rem=None, H=10):
     )
 
 
+if DEVICE == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("SGLANG_EXT_KERNEL_DEVICE=cuda, but torch sees no CUDA device")
+
+
+def on_device(*xs):
+    """Inputs for the Triton kernel: CPU tensors for the interpreter, or CUDA tensors."""
+    return [torch.as_tensor(np.asarray(x)).to(DEVICE) for x in xs]
+
+
+def triton_cost(rank, kv, rem, G, H, **kw):
+    """The Triton kernel's projection (interpreted, or compiled on the GPU), on the CPU."""
+    return project_cost_triton(*on_device(rank, kv, rem), G, H, **kw).cpu()
+
+
 def exact(actual, expected):
     assert actual.dtype == torch.float64
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
@@ -52,7 +73,7 @@ def exact(actual, expected):
 def both(rank, kv, rem, G, H, **kw):
     """Reference and Triton results, asserted identical; returns the reference."""
     ref = project_cost_reference(rank, kv, rem, G, H, **kw)
-    tri = project_cost_triton(rank, kv, rem, G, H, **kw)
+    tri = triton_cost(rank, kv, rem, G, H, **kw)
     assert ref.shape == (H + 1, G)
     exact(tri, ref)
     return ref
@@ -97,7 +118,7 @@ def test_steps_are_the_dense_rows(G, N, H, P, growth):
         ref = project_cost_reference(rank, kv, rem, G, steps, growth=growth, **w)
         assert ref.shape == (P, G)
         exact(ref, dense[torch.from_numpy(steps)])
-        exact(project_cost_triton(rank, kv, rem, G, steps, growth=growth, **w), ref)
+        exact(triton_cost(rank, kv, rem, G, steps, growth=growth, **w), ref)
         exact(project_cost(rank, kv, rem, G, torch.from_numpy(steps), growth=growth, **w).cost, ref)
 
 
@@ -106,7 +127,7 @@ def test_steps_edges():
     # a step past every request: only the long one is left, grown by that step
     got = project_cost_reference(rank, kv, rem, 2, [0, 4, 5, 999, 1000])
     assert got.tolist() == [[0.0, 50.0], [0.0, 58.0], [0.0, 35.0], [0.0, 1029.0], [0.0, 0.0]]
-    exact(project_cost_triton(rank, kv, rem, 2, [0, 4, 5, 999, 1000]), got)
+    exact(triton_cost(rank, kv, rem, 2, [0, 4, 5, 999, 1000]), got)
     # one step
     exact(project_cost_reference(rank, kv, rem, 2, [3]), project_cost_reference(rank, kv, rem, 2, 3)[3:])
     for bad in ([], [3, 3], [5, 2], [-1, 2], [[1, 2]], [0.5, 1.5]):
@@ -231,7 +252,7 @@ def test_out_of_range_rank_raises():
         with pytest.raises(ValueError):
             project_cost_reference(rank, kv, rem, 3, 4)
         with pytest.raises(ValueError):
-            project_cost_triton(rank, kv, rem, 3, 4)
+            project_cost_triton(*on_device(rank, kv, rem), 3, 4)
 
 
 def test_bad_arguments_raise():
@@ -256,9 +277,13 @@ def test_project_cost_backends_and_inputs():
     assert isinstance(auto, Projection) and auto.backend == "torch"
     exact(auto.cost, ref)
 
-    tri = project_cost(rank, kv, rem, 4, 8, backend="triton", **kw)  # interpreter
+    tri = project_cost(*on_device(rank, kv, rem), 4, 8, backend="triton", **kw)  # interpreter, or compiled
     assert tri.backend == "triton"
-    exact(tri.cost, ref)
+    exact(tri.cost.cpu(), ref)
+    if DEVICE == "cuda":  # CUDA inputs: auto picks the compiled kernel
+        auto = project_cost(*on_device(rank, kv, rem), 4, 8, **kw)
+        assert auto.backend == "triton"
+        exact(auto.cost.cpu(), ref)
 
     # torch tensors (int32 ranks / remaining too) give the same result
     tt = project_cost(torch.from_numpy(rank).to(torch.int32), torch.from_numpy(kv),
@@ -278,11 +303,12 @@ def test_counts_of_two_parts_add_up_to_the_projection_of_both(backend, growth):
         rank, kv, rem = random_inputs(rng, 300, 7, H=30)
         for split in (0, 1, 150, 300):
             a, b, c = 0.3, 0.7, 1e-3
-            kept = project_counts(rank[split:], kv[split:], rem[split:], 7, horizon, growth, backend)
-            new = project_counts(rank[:split], kv[:split], rem[:split], 7, horizon, growth, backend)
+            part = (lambda *xs: on_device(*xs)) if backend == "triton" else (lambda *xs: xs)
+            kept = project_counts(*part(rank[split:], kv[split:], rem[split:]), 7, horizon, growth, backend)
+            new = project_counts(*part(rank[:split], kv[:split], rem[:split]), 7, horizon, growth, backend)
             assert kept[2] == new[2] == backend
-            cost = combine_counts(kept[0] + new[0], kept[1] + new[1], a, b, c)
-            exact(cost, project_cost(rank, kv, rem, 7, horizon, a, b, c, growth, backend).cost)
+            cost = combine_counts(kept[0] + new[0], kept[1] + new[1], a, b, c).cpu()
+            exact(cost, project_cost(*part(rank, kv, rem), 7, horizon, a, b, c, growth, backend).cost.cpu())
 
 
 def test_package_import_does_not_need_triton():

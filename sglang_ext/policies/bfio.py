@@ -247,7 +247,7 @@ class BFIO(Policy):
 
     def warm(self, view: ClusterView, must_place: bool) -> None:
         # the counts of the requests that outlive the view, for the steps the call will use
-        if view.projection_cache is not None and view.cached_requests and view.req_rank.size:
+        if view.projection_cache is not None and view.cached_requests and view.req_rank.shape[0]:
             self._counts(view, self._call_axis(must_place))
 
     # -- projection -------------------------------------------------------
@@ -257,7 +257,7 @@ class BFIO(Policy):
         G = view.num_ranks
         H = self.horizon if H is None else H
         _, b, c = self.weights
-        if view.req_rank.size or not view.kv_tokens.any():
+        if view.req_rank.shape[0] or not view.kv_tokens.any():
             cost = combine_counts(*self._counts(view, H), a=0.0, b=b, c=c).cpu().numpy()
             # k equally likely scenarios of remaining steps: the expected cost is the
             # mean of k projections, i.e. one of the requests repeated k times, over k
@@ -338,7 +338,7 @@ class BFIO(Policy):
             X[:, 0] += self.prefill * cands.prompt_len
         free = view.free_slots.copy()
         if must_place:
-            if self.full_wait and n == 1 and not (free > 0).any() and view.slot_limit and view.req_rank.size:
+            if self.full_wait and n == 1 and not (free > 0).any() and view.slot_limit and view.req_rank.shape[0]:
                 # Every rank is full: the request waits for a slot wherever it
                 # goes. Send it where one frees first (then least growth).
                 active = view.active_ranks
