@@ -236,6 +236,21 @@ def test_cuda_device_falls_back_to_cpu_when_unusable(fake_controller):
     assert len(sent) == 1
 
 
+def test_auto_device_projects_on_the_gpu_only_for_many_ranks(fake_controller, monkeypatch):
+    import torch
+
+    from sglang_ext.patches import controller as patch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU server
+    assert patch._resolve_device("auto", 32) == "cpu"  # small: the CPU path is faster
+    assert patch._resolve_device("auto", patch.AUTO_CUDA_MIN_RANKS) == "cuda"
+    assert patch._resolve_device("cuda", 4) == "cuda" and patch._resolve_device("cpu", 256) == "cpu"
+    bal, _ = fake_controller("bfio", device="auto")  # 4 ranks: no CUDA probe, cpu
+    assert bal.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert patch._resolve_device("auto", 256) == "cpu"
+
+
 def test_policy_failure_falls_back_instead_of_losing_the_request(fake_controller, monkeypatch):
     bal, sent = fake_controller("bfio")
     monkeypatch.setattr(bal.policy, "assign", lambda *a, **k: 1 / 0)
