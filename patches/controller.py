@@ -58,11 +58,11 @@ _INACTIVE_LOAD = np.int64(1) << 50
 
 
 #: `--balancer-device auto` projects on the GPU from this many DP ranks. Measured on an
-#: H200 (docs/benchmarks.md section 3): at 32 ranks the CPU path is faster (per pool call
-#: 0.9-1.3 against 1.5-2.1 ms, per arrival 0.24-0.30 against 0.49-0.53 ms: launches and
-#: host syncs cost more than the work), at 256 ranks and B=256 the GPU path (2.2 against
-#: 2.4-3.1 ms, 0.8-1.0 against 1.6 ms); between the two, not measured.
-AUTO_CUDA_MIN_RANKS = 128
+#: H200 (docs/benchmarks.md section 3): up to 64 ranks the CPU path is faster in every
+#: cell (launches and host syncs cost more than the work), at 128 it is as fast or faster
+#: in 6 of 8, at 256 the GPU path is faster in 6 of 8 (B=256: 2.4-3.3 against 4.0-4.1 ms
+#: per pool call, 0.8-0.9 against 1.9-2.1 ms per arrival).
+AUTO_CUDA_MIN_RANKS = 256
 
 
 def _resolve_device(device: str, num_ranks: int) -> str:
