@@ -59,8 +59,8 @@ _INACTIVE_LOAD = np.int64(1) << 50
 
 #: `--balancer-device auto` projects on the GPU from this many DP ranks. Measured on an
 #: H200 (docs/benchmarks.md section 3): up to 64 ranks the CPU path is faster in every
-#: cell (launches and host syncs cost more than the work), at 128 it is as fast or faster
-#: in 6 of 8, at 256 the GPU path is faster in 6 of 8 (B=256: 2.4-3.3 against 4.0-4.1 ms
+#: cell (launches and host syncs cost more than the work), at 128 on every pool call (5 of
+#: 8 cells), at 256 the GPU path is faster in 7 of 8 (B=256: 2.4-3.3 against 4.0-4.1 ms
 #: per pool call, 0.8-0.9 against 1.9-2.1 ms per arrival).
 AUTO_CUDA_MIN_RANKS = 256
 

@@ -187,7 +187,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         default=None,
         choices=DEVICES,
         help="Where the policy's load-projection kernel runs: auto picks cuda from 256 DP ranks when "
-        "available in the controller process (below that the CPU path is as fast or faster), else cpu (default: auto).",
+        "available in the controller process (below that the CPU path was measured faster), else cpu (default: auto).",
     )
     group.add_argument(
         "--balancer-estimator",
