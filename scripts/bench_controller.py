@@ -43,7 +43,8 @@ from sglang_ext.traces import load_trace
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False, tag: str = ""):
+def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False, tag: str = "",
+                    device: str = "cpu"):
     """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
     import sglang.srt.managers.io_struct as io_struct
 
@@ -52,7 +53,7 @@ def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refi
     io_struct.sock_send = lambda sock, obj: None
     ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
                            maybe_external_dp_rank_routing=lambda req: False)
-    cfg = BalancerConfig(policy=policy, binding=binding, device="cpu", inline_refit=inline_refit,
+    cfg = BalancerConfig(policy=policy, binding=binding, device=device, inline_refit=inline_refit,
                          report_addr=f"ipc://{workdir}/reports-{policy}-{binding}{tag}-{G}")
     return BalancedDispatch(ctrl, cfg)
 
@@ -87,11 +88,14 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
     burst_rng = np.random.default_rng(args.seed + 1)  # (the snapshots stay those of --seed)
     inline = args.refit == "inline"
-    immediate = make_controller(policy, "immediate", G, workdir, inline)
-    prepared = make_controller(policy, "immediate", G, workdir, inline, tag="-prepared")
-    pool = make_controller(policy, "pool", G, workdir, inline)
-    each = make_controller(policy, "immediate", G, workdir, inline, tag="-each")
-    together = make_controller(policy, "immediate", G, workdir, inline, tag="-together")
+    dev = args.device
+    immediate = make_controller(policy, "immediate", G, workdir, inline, device=dev)
+    if immediate.device != dev:  # (the controller falls back to cpu when its CUDA probe fails, and logs why)
+        raise SystemExit(f"--device {dev}: the controller runs on {immediate.device} (see the warning above)")
+    prepared = make_controller(policy, "immediate", G, workdir, inline, tag="-prepared", device=dev)
+    pool = make_controller(policy, "pool", G, workdir, inline, device=dev)
+    each = make_controller(policy, "immediate", G, workdir, inline, tag="-each", device=dev)
+    together = make_controller(policy, "immediate", G, workdir, inline, tag="-together", device=dev)
     t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
     t_each, t_together = [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
@@ -182,6 +186,9 @@ def main():
     ap.add_argument("--refit", choices=("background", "inline"), default="background",
                     help="Where the estimator refits: in a worker thread (the live default) or inside "
                     "the timed call (--balancer-inline-refit).")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="The controller's --balancer-device: cpu (numpy views, the torch projection) or cuda "
+                         "(the requests shipped to the GPU, the compiled Triton projection).")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
@@ -205,7 +212,7 @@ def main():
         for G, B in tqdm(cells, desc="cells"):
             for policy in args.policies:
                 rows.append(time_cell(policy, trace, G, B, args, workdir))
-    print(f"\nController time per decision, view included (free slots ~{args.free_frac:.0%}; immediate = one "
+    print(f"\nController time per decision on {args.device}, view included (free slots ~{args.free_frac:.0%}; immediate = one "
           f"arriving request; pool = releasing a 4G-request pool; {args.refit} refit)\n")
     print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us "
           "| next arrival p50 us | idle estimate p50 us | arrival after it p50 us | arrival after it p99 us "
