@@ -194,6 +194,11 @@ def main():
     args = ap.parse_args()
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device")
     cells = []
     for cell in args.cells:
         try:

@@ -59,6 +59,8 @@ CASES = [
     ("bench_controller.py", ["--free-frac", "1"], "--free-frac"),
     ("bench_controller.py", ["--calls", "0"], "--calls"),
     ("bench_controller.py", ["--refit", "lazy"], "--refit"),
+    ("bench_controller.py", ["--device", "gpu"], "--device"),
+    ("bench_decision.py", ["--device", "gpu"], "--device"),
     ("bench_refit.py", ["--longest", "2048,x"], "--longest"),
     ("bench_refit.py", ["--running", "0"], "--running"),
     ("bench_refit.py", ["--calls", "0"], "--calls"),
@@ -71,3 +73,15 @@ def test_bad_flag_exits_2_naming_the_flag(script, argv, flag):
     assert r.returncode == 2, r.stderr
     assert flag in r.stderr and "error:" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("script", ["bench_decision.py", "bench_controller.py"])
+def test_device_cuda_without_a_gpu_exits_2_before_any_work(script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), "--device", "cuda"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--device cuda: torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
