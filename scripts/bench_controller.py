@@ -34,7 +34,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, nonneg_int, positive_float, positive_int, run_main, trace_file
+from sglang_ext.argtypes import output_file, comma_list, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
 from sglang_ext.plugin.config import BalancerConfig
 from sglang_ext.plugin.protocol import RankReport
 from sglang_ext.policies import policy_names
@@ -194,11 +194,7 @@ def main():
     args = ap.parse_args()
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            ap.error("--device cuda: torch sees no CUDA device")
+    require_device(ap, args.device)
     cells = []
     for cell in args.cells:
         try:

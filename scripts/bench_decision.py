@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, nonneg_float, nonneg_int, positive_float, positive_int, run_main, trace_file
+from sglang_ext.argtypes import output_file, comma_list, nonneg_float, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
 from sglang_ext.policies import Candidates, ClusterView, make_policy
 from sglang_ext.traces import load_trace
 
@@ -73,11 +74,7 @@ def main():
                          "(CUDA tensors, the compiled Triton kernel).")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            ap.error("--device cuda: torch sees no CUDA device")
+    require_device(ap, args.device)
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
     trace = load_trace(args.trace)

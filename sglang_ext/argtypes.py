@@ -166,6 +166,15 @@ def add_online_grid(ap: argparse.ArgumentParser, trace_dir: Path) -> None:
                          "steady state outweighs the drain after the last arrival.")
 
 
+def require_device(ap: argparse.ArgumentParser, device: str) -> None:
+    """--device cuda where torch sees no CUDA device: argparse's exit 2, before any work."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device")
+
+
 def repeat_note(k: int) -> str:
     """The words a script's header adds for --trace-repeat (nothing for one pass)."""
     return "" if k == 1 else f", each trace replayed {k} times back to back"

@@ -135,32 +135,27 @@ def plan_requests(cfg: ReplayConfig) -> list[RequestSpec]:
     """Load the trace and turn it into scheduled requests (scaled, clipped, sliced)."""
     from .traces import load_trace
 
-    if cfg.time_scale < 0 or not math.isfinite(cfg.time_scale):
-        raise UsageError(f"--time-scale must be a finite number >= 0 (got {cfg.time_scale})")
-    if cfg.max_prompt_len < 1:
-        raise UsageError(f"--max-prompt-len must be >= 1 (got {cfg.max_prompt_len})")
-    if cfg.max_output_len is not None and cfg.max_output_len < 1:
-        raise UsageError(f"--max-output-len must be >= 1 (got {cfg.max_output_len})")
-    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1 (got {cfg.max_new_tokens})")
-    if cfg.trace_repeat < 1:
-        raise UsageError(f"--trace-repeat must be >= 1 (got {cfg.trace_repeat})")
-    if cfg.max_requests is not None and cfg.max_requests < 1:
-        raise UsageError(f"--max-requests must be >= 1 (got {cfg.max_requests})")
-    if cfg.duration is not None and not (math.isfinite(cfg.duration) and cfg.duration > 0):
-        raise UsageError(f"--duration must be a finite number > 0 (got {cfg.duration})")
-    if cfg.retries < 0:
-        raise UsageError(f"--retries must be >= 0 (got {cfg.retries})")
-    if not (math.isfinite(cfg.timeout) and cfg.timeout > 0):
-        raise UsageError(f"--timeout must be a finite number > 0 (got {cfg.timeout})")
-    if cfg.total_timeout is not None and not (math.isfinite(cfg.total_timeout) and cfg.total_timeout > 0):
-        raise UsageError(f"--total-timeout must be a finite number > 0 (got {cfg.total_timeout})")
-    if not (math.isfinite(cfg.backoff) and cfg.backoff >= 0):
-        raise UsageError(f"--backoff must be a finite number >= 0 (got {cfg.backoff})")
-    if cfg.seed < 0:
-        raise UsageError(f"--seed must be >= 0 (got {cfg.seed})")
-    if cfg.vocab < 2:
-        raise UsageError(f"--vocab must be >= 2 (token ids are drawn from [1, VOCAB); got {cfg.vocab})")
+    def finite(lo_ok):  # a finite number passing lo_ok (inf and nan pass no bound check here)
+        return lambda v: math.isfinite(v) and lo_ok(v)
+
+    checks = (  # (flag, value, ok, what it must be); None where a flag is optional and unset
+        ("--time-scale", cfg.time_scale, finite(lambda v: v >= 0), "a finite number >= 0"),
+        ("--max-prompt-len", cfg.max_prompt_len, lambda v: v >= 1, ">= 1"),
+        ("--max-output-len", cfg.max_output_len, lambda v: v >= 1, ">= 1"),
+        ("--max-new-tokens", cfg.max_new_tokens, lambda v: v >= 1, ">= 1"),
+        ("--trace-repeat", cfg.trace_repeat, lambda v: v >= 1, ">= 1"),
+        ("--max-requests", cfg.max_requests, lambda v: v >= 1, ">= 1"),
+        ("--duration", cfg.duration, finite(lambda v: v > 0), "a finite number > 0"),
+        ("--retries", cfg.retries, lambda v: v >= 0, ">= 0"),
+        ("--timeout", cfg.timeout, finite(lambda v: v > 0), "a finite number > 0"),
+        ("--total-timeout", cfg.total_timeout, finite(lambda v: v > 0), "a finite number > 0"),
+        ("--backoff", cfg.backoff, finite(lambda v: v >= 0), "a finite number >= 0"),
+        ("--seed", cfg.seed, lambda v: v >= 0, ">= 0"),
+        ("--vocab", cfg.vocab, lambda v: v >= 2, ">= 2 (token ids are drawn from [1, VOCAB))"),
+    )
+    for flag, value, ok, need in checks:
+        if value is not None and not ok(value):
+            raise UsageError(f"{flag} must be {need} (got {value})")
     trace = load_trace(cfg.trace, skip_bad=cfg.skip_bad).repeat(cfg.trace_repeat).head(cfg.max_requests)
     n = len(trace)
     # Length-only traces describe a saturated server: everything arrives at t=0.

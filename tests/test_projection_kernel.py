@@ -303,7 +303,7 @@ def test_counts_of_two_parts_add_up_to_the_projection_of_both(backend, growth):
         rank, kv, rem = random_inputs(rng, 300, 7, H=30)
         for split in (0, 1, 150, 300):
             a, b, c = 0.3, 0.7, 1e-3
-            part = (lambda *xs: on_device(*xs)) if backend == "triton" else (lambda *xs: xs)
+            part = on_device if backend == "triton" else (lambda *xs: xs)
             kept = project_counts(*part(rank[split:], kv[split:], rem[split:]), 7, horizon, growth, backend)
             new = project_counts(*part(rank[:split], kv[:split], rem[:split]), 7, horizon, growth, backend)
             assert kept[2] == new[2] == backend
