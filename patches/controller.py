@@ -15,7 +15,11 @@ of arrivals between two reports is not all sent to the same rank. What the
 reports say (every reported request with its remaining-length estimate) is
 computed once per batch of reports, while the loop is idle (between the step's
 last report and the next message) where it can be, so an arrival does not wait
-for it; each placement adds only what is in flight.
+for it; each placement adds only what is in flight. An arrival that comes
+after new reports but before they are estimated is placed on the previous
+estimate plus everything sent since (`--balancer-view-lag`, default one report
+per rank): with DP attention that is one decode step older, and estimating
+the newest first would make it wait (~6 ms at 256 ranks with 64k requests).
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ STATS_LINE = re.compile(
     r"sglang-ext balancer, last (?P<seconds>\d+) s: requests placed (?P<placed>\d+) \(pinned (?P<pinned>\d+), "
     r"at the pool deadline (?P<pool_deadline>\d+)\), pooled now (?P<pooled>\d+); reports (?P<reports>\d+) "
     r"\(estimated while idle (?P<prepared>\d+)\); placement calls (?P<calls>\d+)"
+    r"(?: \(on the previous estimate (?P<lagged>\d+)\))?"
     r"(?:, decision time p50 (?P<p50_ms>[\d.]+) ms, p99 (?P<p99_ms>[\d.]+) ms, max (?P<max_ms>[\d.]+) ms)?")
 #: immediate binding: arrivals read in one turn of the loop are placed together, at most
 #: this many per policy call (bounds the wait of a burst's first request)
@@ -76,6 +81,11 @@ def _resolve_device(device: str, num_ranks: int) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except Exception:
         return "cpu"
+
+
+def _cat(arrays, dtype=np.int64) -> np.ndarray:
+    arrays = list(arrays)
+    return np.concatenate(arrays, dtype=dtype) if arrays else np.zeros(0, dtype)
 
 
 def _max_new_tokens(req) -> int:
@@ -154,6 +164,9 @@ class _Reported:
     req_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # what the policy computes once from the reported requests (`ClusterView.projection_cache`)
     projection_cache: dict = field(default_factory=dict)
+    # the reports and their requests concatenated: (reports, run_kv, run_generated,
+    # wait_prompt, run_rank, wait_rank), what `_estimate_requests` reads
+    parts: tuple = ()
 
 
 class BalancedDispatch:
@@ -180,10 +193,19 @@ class BalancedDispatch:
         self._arrivals: list[tuple[object, tuple[int, int, bool]]] | None = None
         # What the reports say, estimates included: built once per batch of reports (when
         # the loop goes idle, else on the next placement) and reused until the next batch.
+        # Placements that must happen now may use it while no rank has reported more than
+        # cfg.view_lag times since it was built (`_behind`); the in-flight rows then run from
+        # the acknowledgements it was built with (`_est_acked`: the deques are cut to those
+        # only when an estimate is built, so a request acknowledged by a newer report is
+        # still counted until then).
         self._reported: _Reported | None = None
-        self._fresh = np.zeros(G, dtype=bool)  # ranks that reported since the last estimate
+        self._totals: _Reported | None = None  # the newest reports' per-rank totals (`_newest_totals`)
+        self._fresh = np.zeros(G, dtype=bool)  # ranks that reported since the last estimate (tried)
+        self._behind = np.zeros(G, dtype=np.int64)  # reports per rank since the last estimate (built)
+        self._est_acked = np.zeros(G, dtype=np.int64)  # acknowledgements the in-flight deques start after
+        self._to_learn: tuple[list, list] = ([], [])  # finished lengths (and prompts) not yet learned
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0,
-                      "placements": 0}
+                      "placements": 0, "lagged": 0}
         # for the periodic stats line (log_stats): the counters when it was last written,
         # and the time of each placement call since (the latest DECISION_TIMES_KEPT)
         self._stats_since, self._stats_logged = time.monotonic(), dict(self.stats)
@@ -247,7 +269,7 @@ class BalancedDispatch:
     # ---- state -------------------------------------------------------------------
 
     def on_reports(self, reports: list[RankReport]) -> None:
-        lengths, prompts_of = [], []  # natural finished lengths, taught to the estimator in one call
+        lengths, prompts_of = self._to_learn  # natural finished lengths, taught at the next estimate
         for rep in reports:
             g = rep.dp_rank
             if not 0 <= g < self.num_ranks:
@@ -256,11 +278,9 @@ class BalancedDispatch:
             if prev is not None and rep.step < prev.step and rep.received <= prev.received:
                 continue  # stale
             self.reports[g] = rep
-            self._reported = None
+            self._totals = None
             self._fresh[g] = True
-            newly = int(rep.received - self.acked[g])
-            for _ in range(min(max(newly, 0), len(self.inflight[g]))):
-                self.inflight[g].popleft()
+            self._behind[g] += 1
             self.acked[g] = max(self.acked[g], rep.received)
             if rep.finished_lengths.size:
                 # Only answers that ended by themselves teach the estimator (a forced,
@@ -273,9 +293,17 @@ class BalancedDispatch:
                     lengths.append(rep.finished_lengths[natural])
                     prompts_of.append(np.asarray(prompts)[natural] if ok else None)
             self.stats["reports"] += 1
-        # One estimator call per batch, not per report (it is read only after the batch);
-        # a report without prompts (a rare sender) keeps one call per report.
-        if lengths and all(p is not None for p in prompts_of):
+
+    def _learn_finished(self) -> None:
+        """Teach the estimator the lengths reported finished since the last estimate, in one
+        call (a report without prompts, a rare sender, keeps one call per report). Taught
+        when the reports are estimated, not as they come: a placement on the previous
+        estimate then reads the fit it was made with, and does not refit for it."""
+        lengths, prompts_of = self._to_learn
+        if not lengths:
+            return
+        self._to_learn = ([], [])
+        if all(p is not None for p in prompts_of):
             self.estimator.observe(np.concatenate(lengths), np.concatenate(prompts_of))
         else:
             for x, p in zip(lengths, prompts_of):
@@ -286,50 +314,83 @@ class BalancedDispatch:
         mask[[g for g in self.ctrl._active_workers if g < self.num_ranks]] = True
         return mask
 
-    def _inflight_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Requests sent but not acknowledged yet: an (n, 3) array of (prompt_len,
+    def _inflight_rows(self, unacked_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Requests sent but not acknowledged when the current estimate was built (or,
+        unacked_only, by the newest reports): an (n, 3) array of (prompt_len,
         max_new_tokens, ignore_eos), rank by rank, and each rank's row count."""
-        counts = np.fromiter((len(q) for q in self.inflight), np.int64, self.num_ranks)
-        rows = np.array([t for q in self.inflight for t in q], dtype=np.int64).reshape(-1, 3)
+        queues = [self.unacked(g) for g in range(self.num_ranks)] if unacked_only else self.inflight
+        counts = np.fromiter((len(q) for q in queues), np.int64, self.num_ranks)
+        rows = np.array([t for q in queues for t in q], dtype=np.int64).reshape(-1, 3)
         return rows, counts
 
-    def _reported_state(self) -> "_Reported":
-        """The reports' per-rank totals and every reported request (running, then
-        waiting, all ranks concatenated) with its remaining-length estimate. The
-        estimator learns only from reports, so between two batches of reports every
-        placement would compute the same: once per batch (at G=256 with 64k running
-        requests, the estimator's refit and the concatenation cost several ms)."""
-        if self._reported is not None:
-            return self._reported
-        self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
+    def unacked(self, g: int) -> list[tuple[int, int, bool]]:
+        """Rank g's requests not acknowledged by its newest report, oldest first."""
+        return list(islice(self.inflight[g], max(int(self.acked[g] - self._est_acked[g]), 0), None))
+
+    def _view_is_current(self, lagged_ok: bool) -> bool:
+        """Whether the last estimate may stand for the reports: it does when no report
+        came since, or, for a placement that may lag, none more than cfg.view_lag per rank."""
+        if self._reported is None:
+            return False
+        behind = int(self._behind.max())
+        return behind == 0 or (lagged_ok and behind <= self.cfg.view_lag)
+
+    def _newest_totals(self) -> "_Reported":
+        """The newest reports' per-rank totals (ranks that have not reported at their
+        defaults), and in `parts` their requests concatenated for the estimate. Nothing
+        estimated, so cheap; kept until the next reports."""
+        if self._totals is not None:
+            return self._totals
         G = self.num_ranks
         ranks = [g for g, r in enumerate(self.reports) if r is not None]
         reps = [self.reports[g] for g in ranks]
         n_run = np.array([r.run_kv.shape[0] for r in reps], np.int64)
         n_wait = np.array([r.wait_prompt.shape[0] for r in reps], np.int64)
-
-        def cat(arrays, dtype=np.int64):
-            return np.concatenate(list(arrays), dtype=dtype) if reps else np.zeros(0, dtype)
-
-        run_kv, run_gen, wait_prompt = cat(r.run_kv for r in reps), cat(r.run_generated for r in reps), \
-            cat(r.wait_prompt for r in reps)
+        run_kv, run_gen = _cat(r.run_kv for r in reps), _cat(r.run_generated for r in reps)
+        wait_prompt = _cat(r.wait_prompt for r in reps)
         at = np.array(ranks, np.int64)
         run_rank, wait_rank = np.repeat(at, n_run), np.repeat(at, n_wait)
         free, num = np.full(G, DEFAULT_CAPACITY, np.int64), np.zeros(G, np.int64)  # (ranks not reported yet)
         free[at], num[at] = [r.free_slots for r in reps], n_run + n_wait
         pending = np.bincount(wait_rank, weights=wait_prompt, minlength=G).astype(np.int64)
-        state = _Reported(free=free, num=num, pending=pending,
-                          kv=np.bincount(run_rank, weights=run_kv, minlength=G).astype(np.int64) + pending,
-                          slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None))
-        if not self.policy.needs_requests:
-            self._reported = state
-            return state
+        self._totals = _Reported(free=free, num=num, pending=pending,
+                                 kv=np.bincount(run_rank, weights=run_kv, minlength=G).astype(np.int64) + pending,
+                                 slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None),
+                                 parts=(reps, run_kv, run_gen, wait_prompt, run_rank, wait_rank))
+        return self._totals
 
+    def _reported_state(self, lagged_ok: bool = False) -> "_Reported":
+        """The reports' per-rank totals and every reported request (running, then
+        waiting, all ranks concatenated) with its remaining-length estimate. The
+        estimator learns only from reports, so between two batches of reports every
+        placement would compute the same: once per batch (at G=256 with 64k running
+        requests, the estimator's refit and the concatenation cost several ms).
+        lagged_ok: the previous batch's, when it is at most cfg.view_lag reports behind."""
+        if self._view_is_current(lagged_ok):
+            return self._reported
+        self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
+        self._learn_finished()
+        state = self._newest_totals()
+        if self.policy.needs_requests:
+            self._estimate_requests(state, *state.parts)
+        # Built: the requests these reports acknowledge leave the in-flight deques now.
+        for g in np.flatnonzero(self.acked > self._est_acked).tolist():
+            q = self.inflight[g]
+            for _ in range(min(int(self.acked[g] - self._est_acked[g]), len(q))):
+                q.popleft()
+        self._est_acked = self.acked.copy()
+        self._behind[:] = 0
+        self._reported = state
+        return state
+
+    def _estimate_requests(self, state: "_Reported", reps, run_kv, run_gen, wait_prompt, run_rank,
+                           wait_rank) -> None:
+        """Every reported request, running then waiting, with its remaining-length estimate."""
         generated = np.concatenate([run_gen, np.zeros_like(wait_prompt)])
         flags = (getattr(r, k, None) for r in reps for k in ("run_exact", "wait_exact"))
         if any(f is not None and np.size(f) for f in flags):
-            exact = np.concatenate([cat((r.exact("run") for r in reps), bool),
-                                    cat((r.exact("wait") for r in reps), bool)])
+            exact = np.concatenate([_cat((r.exact("run") for r in reps), bool),
+                                    _cat((r.exact("wait") for r in reps), bool)])
         else:  # no ignore_eos flags sent (the common case): skip 2G per-report masks
             exact = np.zeros(generated.shape[0], bool)
         prompt = np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt])
@@ -339,31 +400,38 @@ class BalancedDispatch:
         self.estimator.observe_running(run_gen[natural], prompt[:run_kv.shape[0]][natural])
         state.req_rank = np.concatenate([run_rank, wait_rank])
         state.req_kv = np.concatenate([run_kv, wait_prompt])
-        cap = np.concatenate([cat(r.run_cap for r in reps), cat(r.wait_cap for r in reps)])
+        cap = np.concatenate([_cat(r.run_cap for r in reps), _cat(r.wait_cap for r in reps)])
         state.req_remaining = remaining_steps(self.estimator, generated, cap, self._scenarios, prompt,
                                               exact).astype(np.int64)
-        self._reported = state
-        return state
 
-    def build_view(self):
+    def build_view(self, lagged_ok: bool = False):
+        """The policy's view: what the reports say (`_reported_state`) plus what was
+        sent since."""
         from sglang_ext.policies import ClusterView
 
         G = self.num_ranks
-        rep = self._reported_state()
+        rep = self._reported_state(lagged_ok)
         inflight, fl_count = self._inflight_rows()
         fl_rank = np.repeat(np.arange(G), fl_count)
-        fl_prompt = np.bincount(fl_rank, weights=inflight[:, 0], minlength=G).astype(np.int64)
-        free = rep.free - fl_count
-        kv = rep.kv + fl_prompt
-        num = rep.num + fl_count
-        pending = rep.pending + fl_prompt  # prompt tokens not prefilled yet
+        totals, sent, sent_count, sent_rank = rep, inflight, fl_count, fl_rank
+        if self._behind.any():
+            # The requests' estimate lags; the per-rank totals (slots above all) need none:
+            # the newest reports' plus what they have not acknowledged.
+            totals = self._newest_totals()
+            sent, sent_count = self._inflight_rows(unacked_only=True)
+            sent_rank = np.repeat(np.arange(G), sent_count)
+        sent_prompt = np.bincount(sent_rank, weights=sent[:, 0], minlength=G).astype(np.int64)
+        free = totals.free - sent_count
+        kv = totals.kv + sent_prompt
+        num = totals.num + sent_count
+        pending = totals.pending + sent_prompt  # prompt tokens not prefilled yet
         active = self._active_mask()
         free = np.where(active, np.maximum(free, 0), 0)
         kv = np.where(active, kv, _INACTIVE_LOAD)
         num = np.where(active, num, _INACTIVE_LOAD)
         if not self.policy.needs_requests:
             return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num, pending_prefill=pending,
-                               slot_limit=rep.slot_limit, active=active)
+                               slot_limit=totals.slot_limit, active=active)
 
         # Requests in flight are estimated as they come (the reported ones were, once).
         fl_rem = remaining_steps(self.estimator, np.zeros(inflight.shape[0], np.int64), inflight[:, 1],
@@ -376,7 +444,7 @@ class BalancedDispatch:
             arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
                            req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                           pending_prefill=pending, slot_limit=rep.slot_limit, active=active,
+                           pending_prefill=pending, slot_limit=totals.slot_limit, active=active,
                            projection_cache=rep.projection_cache, cached_requests=rep.req_rank.shape[0])
 
     @property
@@ -398,13 +466,17 @@ class BalancedDispatch:
         return Candidates(prompt_len=prompt, output_est=est.T if est.ndim == 2 else est)
 
     def _place(self, rows: np.ndarray, must_place: bool) -> np.ndarray:
-        """A rank per request (rows of `request_row`), or -1 (stay pooled) unless must_place."""
+        """A rank per request (rows of `request_row`), or -1 (stay pooled) unless must_place.
+        A placement that must happen now may use the previous estimate (`build_view`); a
+        pool release fills the slots the newest reports say are free, so it never does."""
         active = self._active_mask()
         if not active.any():
             raise RuntimeError("No active DP workers are available for routing.")
         t0 = time.perf_counter()
         try:
-            view = self.build_view()
+            lagged = must_place and self._behind.any() and self._view_is_current(True)
+            view = self.build_view(lagged_ok=must_place)
+            self.stats["lagged"] += int(lagged)
             ranks = np.asarray(self.policy.assign(view, self._candidates(rows), must_place=must_place),
                                dtype=np.int64)
             self._decision_s.append(time.perf_counter() - t0)
@@ -423,8 +495,8 @@ class BalancedDispatch:
         """The fallback when the policy fails: each request, in order, to the active rank
         with the fewest KV tokens reported plus sent since, counting those before it
         (plain Python over the raw state: no view, no estimator, nothing that failed)."""
-        loads = np.array([(r.kv_tokens if r is not None else 0) + sum(t[0] for t in q)
-                          for r, q in zip(self.reports, self.inflight)], dtype=np.float64)
+        loads = np.array([(r.kv_tokens if r is not None else 0) + sum(t[0] for t in self.unacked(g))
+                          for g, r in enumerate(self.reports)], dtype=np.float64)
         loads[~active] = np.inf
         out = np.empty(len(rows), dtype=np.int64)
         for i, prompt in enumerate(rows[:, 0].tolist()):  # (each sees the ones before it)
@@ -569,9 +641,10 @@ class BalancedDispatch:
             p50, p99 = np.percentile(calls, [50, 99]) * 1e3
             timing = f", decision time p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {calls.max() * 1e3:.2f} ms"
         logger.info("sglang-ext balancer, last %.0f s: requests placed %d (pinned %d, at the pool deadline %d), "
-                    "pooled now %d; reports %d (estimated while idle %d); placement calls %d%s",
+                    "pooled now %d; reports %d (estimated while idle %d); placement calls %d "
+                    "(on the previous estimate %d)%s",
                     elapsed, done["dispatched"], done["pinned"], done["pool_deadline"], len(self.pool),
-                    done["reports"], done["prepared"], done["placements"], timing)
+                    done["reports"], done["prepared"], done["placements"], done["lagged"], timing)
         return True
 
     def poll_timeout_ms(self) -> int:

@@ -9,9 +9,11 @@ the default empirical-prompt estimator learning from reported finished lengths)
 on steady-state snapshots of a saturated server: G ranks each holding B minus its
 free slots running requests drawn from a trace. Per snapshot it times the
 reading of the G reports (one step's worth), the first arriving request after
-them under immediate binding (the reported requests are estimated, and a
+them under immediate binding when it waits for their estimate (`--balancer-view-lag 0`:
+the reported requests are estimated, and a
 refit of the estimator started, on first use: in a worker thread by default,
-inside the call with --refit inline), the next arrival before the
+inside the call with --refit inline) and when it is placed on the previous
+step's estimate (the default, view lag 1), the next arrival before the
 next reports (the controller reuses what the reports said, so this is the policy
 plus the in-flight requests), the estimate of the reports that the live event
 loop makes while idle (`BalancedDispatch.prepare`: once a step's reports are in
@@ -44,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False, tag: str = "",
-                    device: str = "cpu"):
+                    device: str = "cpu", view_lag: int = 1):
     """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
     import sglang.srt.managers.io_struct as io_struct
 
@@ -53,7 +55,7 @@ def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refi
     io_struct.sock_send = lambda sock, obj: None
     ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
                            maybe_external_dp_rank_routing=lambda req: False)
-    cfg = BalancerConfig(policy=policy, binding=binding, device=device, inline_refit=inline_refit,
+    cfg = BalancerConfig(policy=policy, binding=binding, device=device, inline_refit=inline_refit, view_lag=view_lag,
                          report_addr=f"ipc://{workdir}/reports-{policy}-{binding}{tag}-{G}")
     return BalancedDispatch(ctrl, cfg)
 
@@ -89,15 +91,16 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     burst_rng = np.random.default_rng(args.seed + 1)  # (the snapshots stay those of --seed)
     inline = args.refit == "inline"
     dev = args.device
-    immediate = make_controller(policy, "immediate", G, workdir, inline, device=dev)
+    immediate = make_controller(policy, "immediate", G, workdir, inline, device=dev, view_lag=0)
     if immediate.device != dev:  # (the controller falls back to cpu when its CUDA probe fails, and logs why)
         raise SystemExit(f"--device {dev}: the controller runs on {immediate.device} (see the warning above)")
     prepared = make_controller(policy, "immediate", G, workdir, inline, tag="-prepared", device=dev)
+    lagging = make_controller(policy, "immediate", G, workdir, inline, tag="-lagging", device=dev)
     pool = make_controller(policy, "pool", G, workdir, inline, device=dev)
     each = make_controller(policy, "immediate", G, workdir, inline, tag="-each", device=dev)
     together = make_controller(policy, "immediate", G, workdir, inline, tag="-together", device=dev)
     t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
-    t_each, t_together = [], []
+    t_each, t_together, t_lagged = [], [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
         reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
         prompts = trace.prompt_len[rng.integers(0, len(trace), size=4 * G + 1)]
@@ -110,6 +113,13 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
         immediate.dispatch(request(prompts[-1], args.max_new_tokens))  # the next one, same reports
         t_next_arrival = time.perf_counter() - t2
         clear_sent(immediate)
+
+        lagging.on_reports(reps)  # an arrival before the idle loop estimates them: the previous step's
+        t12 = time.perf_counter()
+        lagging.dispatch(request(prompts[0], args.max_new_tokens))
+        t13 = time.perf_counter()
+        lagging.prepare()  # (then the idle loop estimates them)
+        clear_sent(lagging)
 
         prepared.on_reports(reps)  # the same step, estimated by the idle loop before the arrival
         t5 = time.perf_counter()
@@ -157,11 +167,14 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_release.append(t4 - t3)
             t_each.append((t9 - t8) / len(burst))
             t_together.append((t11 - t10) / len(burst))
+            t_lagged.append(t13 - t12)
             placed.append(int(pool.sent.sum()) - sent_before)
             free.append(sum(r.free_slots for r in reps))
     us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
     return dict(policy=policy, G=G, B=B, requests=int(G * B * (1 - args.free_frac)),
                 reports_p50_us=us(t_reports, 50), dispatch_p50_us=us(t_dispatch, 50), dispatch_p99_us=us(t_dispatch, 99),
+                lagged_dispatch_p50_us=us(t_lagged, 50), lagged_dispatch_p99_us=us(t_lagged, 99),
+                lagged_placements=lagging.stats["lagged"],  # (every snapshot but the first)
                 next_dispatch_p50_us=us(t_next, 50), prepare_p50_us=us(t_prepare, 50),
                 prepared_dispatch_p50_us=us(t_prepared, 50), prepared_dispatch_p99_us=us(t_prepared, 99),
                 release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99), burst=args.burst,
@@ -215,14 +228,15 @@ def main():
                 rows.append(time_cell(policy, trace, G, B, args, workdir))
     print(f"\nController time per decision on {args.device}, view included (free slots ~{args.free_frac:.0%}; immediate = one "
           f"arriving request; pool = releasing a 4G-request pool; {args.refit} refit)\n")
-    print("| G | B | running | policy | G reports p50 us | immediate p50 us | immediate p99 us "
-          "| next arrival p50 us | idle estimate p50 us | arrival after it p50 us | arrival after it p99 us "
+    print("| G | B | running | policy | G reports p50 us | immediate, estimate first, p50 us | its p99 us "
+          "| on the previous estimate p50 us | its p99 us | next arrival p50 us | idle estimate p50 us | arrival after it p50 us | arrival after it p99 us "
           f"| burst of {args.burst}, one call each, p50 us per arrival | burst together, p50 us per arrival "
           "| pool p50 us | pool p99 us | pool placed / free slots |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['reports_p50_us']:.0f} "
-              f"| {r['dispatch_p50_us']:.0f} | {r['dispatch_p99_us']:.0f} | {r['next_dispatch_p50_us']:.0f} "
+              f"| {r['dispatch_p50_us']:.0f} | {r['dispatch_p99_us']:.0f} | {r['lagged_dispatch_p50_us']:.0f} "
+              f"| {r['lagged_dispatch_p99_us']:.0f} | {r['next_dispatch_p50_us']:.0f} "
               f"| {r['prepare_p50_us']:.0f} | {r['prepared_dispatch_p50_us']:.0f} "
               f"| {r['prepared_dispatch_p99_us']:.0f} | {r['burst_each_p50_us']:.0f} "
               f"| {r['burst_together_p50_us']:.0f} | {r['release_p50_us']:.0f} "

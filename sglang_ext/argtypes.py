@@ -78,12 +78,16 @@ def _writable(text: str, want_dir: bool) -> str:
         raise argparse.ArgumentTypeError("empty path")
     if p.exists() and p.is_dir() != want_dir:
         raise argparse.ArgumentTypeError(f"{text!r} is {'not ' if want_dir else ''}a directory")
-    above = p if p.exists() else p.parent
+    if p.exists():  # (of the right kind: overwritten, or written into)
+        if not os.access(p, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is not writable")
+        return text
+    above = p.parent
     while not above.exists():  # (the run creates the missing directories)
         above = above.parent
     if not above.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(above)!r} is not a directory")
-    if not os.access(above if above != p else p, os.W_OK):
+    if not os.access(above, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(above)!r} is not writable")
     return text
 

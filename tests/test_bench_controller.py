@@ -19,6 +19,8 @@ def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
         assert x["dispatch_p50_us"] > 0 and x["release_p50_us"] > 0 and x["reports_p50_us"] > 0
         assert x["next_dispatch_p50_us"] > 0 and x["prepare_p50_us"] > 0 and x["prepared_dispatch_p50_us"] > 0
         assert x["burst"] == 5 and x["burst_each_p50_us"] > 0 and x["burst_together_p50_us"] > 0
+        # an arrival before the idle estimate: placed on the previous snapshot's, every snapshot but the first
+        assert x["lagged_dispatch_p50_us"] > 0 and x["lagged_placements"] == 3 + 2 - 1
         # a 4G-request pool fills the free slots (fewer than 4G here), never more
         assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
         assert f"| {x['G']} | {x['B']} |" in r.stdout

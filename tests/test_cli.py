@@ -100,6 +100,10 @@ def test_unwritable_outputs_are_refused_before_the_run(tmp_path, traces_dir):
     p = run_cli(*base, "--policies", "fcfs", "--json", str(out))
     assert p.returncode == 0, p.stderr
     assert json.loads(out.read_text())["results"]["fcfs"]
+    # and an existing one is overwritten
+    p = run_cli(*base, "--policies", "jsq", "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert list(json.loads(out.read_text())["results"]) == ["jsq"]
 
 
 def test_bad_trace_row_names_line(tmp_path):

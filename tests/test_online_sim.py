@@ -195,3 +195,36 @@ def test_max_new_tokens_cuts_outputs_and_bounds_every_guess():
     assert cap_run.requests_finished == len(tr)
     with pytest.raises(ValueError, match="max_new_tokens"):
         simulate_online(tr, make_policy("bfio", horizon=8), OnlineConfig(ranks=4, batch=16), make_estimator("cap"))
+
+
+def test_view_lag_shows_the_requests_as_they_were_steps_ago():
+    # Rank 0's long prompt finishes (two tokens) just as the third request arrives. With
+    # view_lag=1 (the live controller's --balancer-view-lag, before it estimates the
+    # newest reports) the placement sees the requests one decode step old, request 0
+    # still on rank 0, and the per-rank totals as they are now (read off the reports).
+    def run(lag, arrive):
+        policy, views = make_policy("bfio", horizon=8), []
+        assign = policy.assign
+
+        def spy(view, cands, must_place):
+            views.append((view.kv_tokens.tolist(), view.free_slots.tolist(),
+                          sorted(zip(view.req_rank.tolist(), view.req_kv.tolist()))))
+            return assign(view, cands, must_place=must_place)
+
+        policy.assign = spy
+        tr = Trace("lag", np.array([1000, 10, 10]), np.array([2, 50, 5]), np.array([0.0, 0.0, arrive]))
+        return simulate_online(tr, policy, OnlineConfig(ranks=2, batch=4, view_lag=lag)), views
+
+    first, _ = run(0, 1e3)
+    t = float(first.finish_s[0])  # request 0's last step ends here
+    (now, seen_now), (lagged, seen_lag) = run(0, t), run(1, t)
+    assert seen_now[2] == ([0, 12], [4, 3], [(1, 12)])  # request 1 after a prefill and a decode step
+    assert seen_lag[2] == ([0, 12], [4, 3], [(0, 1001), (1, 11)])  # its requests one step earlier
+    assert seen_now[:2] == seen_lag[:2]
+    assert now.requests_finished == lagged.requests_finished == 3
+    # pool binding reads the newest state (a release fills what the reports free)
+    pool = [simulate_online(small_trace(), make_policy("bfio", horizon=8),
+                            OnlineConfig(ranks=4, batch=16, binding="pool", view_lag=lag)) for lag in (0, 1)]
+    assert np.array_equal(pool[0].finish_s, pool[1].finish_s)
+    with pytest.raises(ValueError, match="view_lag"):
+        simulate_online(small_trace(n=5), make_policy("total_tokens"), OnlineConfig(view_lag=-1))

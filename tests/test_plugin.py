@@ -60,6 +60,8 @@ def test_cli_defaults_and_values():
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-inline-refit"]).inline_refit is True
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).stats_interval_s == 60.0
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-stats-interval", "0"]).stats_interval_s == 0.0
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).view_lag == 1
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-view-lag", "0"]).view_lag == 0
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -102,6 +104,11 @@ def test_cli_rejects_bad_flags(capsys):
     assert "--balancer-stats-interval" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--balancer-stats-interval only apply"):
         _parse(["--balancer-stats-interval", "10"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-view-lag", "-1"])
+    assert "--balancer-view-lag" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--balancer-view-lag only apply"):
+        _parse(["--balancer-view-lag", "2"])
     # an infinite deadline would overflow the controller's poll timeout once a request is pooled
     for flag, value in [("--balancer-pool-max-wait", "inf"), ("--balancer-prefill-weight", "nan"),
                         ("--balancer-sim-time-scale", "inf"), ("--balancer-seed", "-1")]:
@@ -189,11 +196,12 @@ def test_burst_is_spread_by_in_flight_accounting(fake_controller):
     ranks = [g for g, _ in sent]
     assert sorted(np.bincount(ranks, minlength=4)) == [2, 2, 2, 2]
     assert [len(q) for q in bal.inflight] == [2, 2, 2, 2]
-    # a report acknowledging rank 0's two requests clears them from flight
+    # a report acknowledging rank 0's two requests clears them from flight (once it is estimated)
     bal.on_reports([RankReport(dp_rank=0, step=1, received=2, free_slots=70, run_kv=np.array([100, 100]),
                                run_generated=np.array([1, 1]), run_cap=np.array([16, 16]))])
-    assert len(bal.inflight[0]) == 0
+    assert bal.unacked(0) == [] and len(bal.unacked(1)) == 2
     view = bal.build_view()
+    assert len(bal.inflight[0]) == 0
     assert view.kv_tokens[0] == 200 and view.num_requests[0] == 2
     # prompts not prefilled yet: the in-flight ones, plus a rank's reported waiting queue
     assert view.pending_prefill.tolist() == [0, 200, 200, 200]
@@ -463,13 +471,14 @@ def test_idle_loop_estimates_the_reports_before_the_next_arrival(fake_controller
                            finished_lengths=np.full(8, length + 50 * g), finished_prompts=np.full(8, 100))
                 for g in range(4)]
 
-    lazy, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    # (lazy estimates the newest reports before each placement: view_lag=0)
+    lazy, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True, view_lag=0)
     eager, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)  # (same `sent` list)
     assert not eager.prepare()  # nothing reported yet
     for step, length in ((1, 30), (2, 900), (3, 200)):
         lazy.on_reports(batch(step, length))
         eager.on_reports(batch(step, length))
-        assert eager._reported is None and eager.prepare() and not eager.prepare()  # once per batch
+        assert eager._behind.all() and eager.prepare() and not eager.prepare()  # once per batch
         state = eager._reported
         for i in range(3):
             lazy.dispatch(_req(100 + 400 * i, max_new=500 + 300 * i))
@@ -479,6 +488,72 @@ def test_idle_loop_estimates_the_reports_before_the_next_arrival(fake_controller
         assert np.array_equal(lazy._reported.req_remaining, state.req_remaining)
     assert len(sent) == 18 and len({g for g, _ in sent}) > 1
     assert eager.stats["prepared"] == 3 and lazy.stats["prepared"] == 0
+
+
+def test_an_arrival_before_the_estimate_is_placed_on_the_previous_one_plus_all_sent_since(fake_controller):
+    # Reports came, the idle loop has not estimated them yet: a request placed on arrival
+    # reads the previous estimate plus every request sent since (those the new reports
+    # acknowledge included: the previous reports do not hold them), while no rank is more
+    # than view_lag reports ahead of it; a pool release or a rank further ahead estimates first.
+    lag, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    now, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True, view_lag=0)
+
+    def batch(step, received, kvs):
+        return [RankReport(dp_rank=g, step=step, received=received[g], free_slots=72 - len(kv), slot_limit=72,
+                           run_kv=np.array(kv, np.int64), run_generated=np.ones(len(kv), np.int64),
+                           run_cap=np.full(len(kv), 2000), finished_lengths=np.full(4, 300),
+                           finished_prompts=np.full(4, 100)) for g, kv in enumerate(kvs)]
+
+    for b in (lag, now):
+        b.on_reports(batch(1, [0] * 4, [[400, 900], [300], [2000, 100, 100], [50]]))
+        assert b.prepare()
+        for g, prompt in ((0, 500), (1, 700), (1, 20), (3, 1000)):
+            b._record_sent(g, request_row(_req(prompt, max_new=300)))
+        # the next step: rank 1 acknowledges its two (running now), rank 0's 900 finished
+        b.on_reports(batch(2, [0, 2, 0, 0], [[401], [301, 701, 21], [2001, 101, 101], [51]]))
+    first = lag._reported
+    assert lag.unacked(1) == [] and len(lag.inflight[1]) == 2  # acknowledged, still counted
+    view = lag.build_view(lagged_ok=True)
+    assert lag._reported is first and lag._behind.tolist() == [1] * 4  # not estimated again
+    assert lag.estimator._seen.size == 16  # nor learned from: the fit the estimate was made with
+    # the requests: step 1's, then the four sent since (rank 1's two included)
+    assert sorted(zip(view.req_rank.tolist(), view.req_kv.tolist())) == [
+        (0, 400), (0, 500), (0, 900), (1, 20), (1, 300), (1, 700), (2, 100), (2, 100), (2, 2000), (3, 50), (3, 1000)]
+    # the per-rank totals need no estimate: the newest reports' plus what they have not acknowledged
+    assert view.kv_tokens.tolist() == [401 + 500, 1023, 2203, 51 + 1000]
+    assert view.num_requests.tolist() == [2, 3, 3, 2] and view.free_slots.tolist() == [70, 69, 69, 70]
+    newest = now.build_view(lagged_ok=True)  # view_lag=0: the newest reports, estimated first
+    assert newest.kv_tokens.tolist() == view.kv_tokens.tolist() and now.inflight[1] == deque()
+    assert newest.free_slots.tolist() == view.free_slots.tolist()
+    assert sorted(zip(newest.req_rank.tolist(), newest.req_kv.tolist())) == [
+        (0, 401), (0, 500), (1, 21), (1, 301), (1, 701), (2, 101), (2, 101), (2, 2001), (3, 51), (3, 1000)]
+    assert lag.build_view().kv_tokens.tolist() == newest.kv_tokens.tolist()  # asked for the newest: estimated
+    assert lag.estimator._seen.size == 32
+    assert lag._reported is not first and lag.inflight[1] == deque() and not lag._behind.any()
+
+    # Arrivals: counted as placed on the previous estimate; the idle loop then estimates.
+    for b in (lag, now):
+        b.on_reports(batch(3, [0, 2, 0, 0], [[402], [302, 702, 22], [2002, 102, 102], [52]]))
+    second = lag._reported
+    lag.dispatch(_req(100, max_new=300))
+    now.dispatch(_req(100, max_new=300))
+    assert lag.stats["lagged"] == 1 and now.stats["lagged"] == 0 and lag._reported is second
+    assert lag.prepare() and lag._reported is not second and lag.stats["lagged"] == 1
+    # two reports ahead (the loop never went idle): estimated before the arrival is placed
+    for step in (4, 5):
+        lag.on_reports(batch(step, [0, 2, 0, 0], [[403], [303, 703, 23], [2003, 103, 103], [53]]))
+    third = lag._reported
+    lag.dispatch(_req(100, max_new=300))
+    assert lag.stats["lagged"] == 1 and lag._reported is not third and len(sent) == 3
+    # a pool release never reads a lagging estimate
+    pool, _ = fake_controller("bfio", binding="pool", estimator="empirical-prompt", inline_refit=True)
+    pool.on_reports(batch(1, [0] * 4, [[400, 900], [300], [2000, 100, 100], [50]]))
+    pool.prepare()
+    first = pool._reported
+    pool.on_reports(batch(2, [0] * 4, [[401], [301], [2001], [51]]))
+    pool.dispatch(_req(100, max_new=300))
+    pool.release_pool()
+    assert pool._reported is not first and pool.stats["lagged"] == 0
 
 
 @pytest.mark.parametrize("policy,kw", [
@@ -657,7 +732,7 @@ def test_loop_estimates_a_whole_step_at_once_a_partial_one_after_a_quiet_spell(f
         assert bal.stats["prepared"] == 1  # nothing new: nothing estimated again
 
         send([0, 2], 2)  # part of a step, then a quiet spell: estimated after it
-        assert bal._reported is None and bal._fresh.tolist() == [True, False, True, False]
+        assert bal._behind.tolist() == bal._fresh.tolist() == [True, False, True, False]
         bal.wait_for_messages(poller)
         assert bal.stats["prepared"] == 2 and not bal._fresh.any()
 
@@ -665,7 +740,7 @@ def test_loop_estimates_a_whole_step_at_once_a_partial_one_after_a_quiet_spell(f
         senders[3].send(RankReport(dp_rank=3, step=3, received=0, free_slots=70, slot_limit=72))
         time.sleep(0.05)  # a message already waiting: the loop reads it first
         bal.wait_for_messages(poller)
-        assert bal.stats["prepared"] == 2 and bal._reported is None
+        assert bal.stats["prepared"] == 2 and bal._behind.any()
         bal.on_reports(recv_reports(bal.sock))
         bal.wait_for_messages(poller)  # ranks 1 and 3 of step 3, then quiet
         assert bal.stats["prepared"] == 3 and not bal._fresh.any()
@@ -690,16 +765,16 @@ def test_stats_line_counts_what_the_controller_did_since_the_last_one(fake_contr
         assert bal.log_stats(now=t0 + 40)
     lines = [r.getMessage() for r in caplog.records if "sglang-ext balancer, last" in r.getMessage()]
     stats = read_stats("\n".join(["noise"] + lines))  # what the demo and operators' tools read back
-    assert [(x["seconds"], x["placed"], x["pinned"], x["pooled"], x["reports"], x["calls"]) for x in stats] == [
-        (10, 4, 1, 3, 4, 1), (15, 1, 1, 3, 0, 0)]
+    assert [(x["seconds"], x["placed"], x["pinned"], x["pooled"], x["reports"], x["calls"], x["lagged"])
+            for x in stats] == [(10, 4, 1, 3, 4, 1, 0), (15, 1, 1, 3, 0, 0, 0)]
     assert 0 < stats[0]["p50_ms"] <= stats[0]["p99_ms"] <= stats[0]["max_ms"] and stats[1]["p50_ms"] is None
     assert len(lines) == 2 and len(sent) == 5  # 3 from the pool (rank 2's slot went to a pinned one), 2 pinned
     assert lines[0].startswith("sglang-ext balancer, last 10 s: requests placed 4 (pinned 1, at the pool "
                                "deadline 0), pooled now 3; reports 4 (estimated while idle 0); placement "
-                               "calls 1, decision time p50 ")
+                               "calls 1 (on the previous estimate 0), decision time p50 ")
     # the quiet interval closed at 25 s; the next line covers what came after it
     assert lines[1] == ("sglang-ext balancer, last 15 s: requests placed 1 (pinned 1, at the pool deadline 0), "
-                        "pooled now 3; reports 0 (estimated while idle 0); placement calls 0")
+                        "pooled now 3; reports 0 (estimated while idle 0); placement calls 0 (on the previous estimate 0)")
     quiet, _ = fake_controller("total_tokens", stats_interval_s=0)
     quiet.dispatch(_req(10))
     assert not quiet.log_stats(now=time.monotonic() + 1e6)
@@ -747,6 +822,8 @@ def test_a_batch_of_reports_teaches_the_estimator_as_one_report_at_a_time(fake_c
     for with_prompts in (reports[::2], reports):  # every report with prompts; one without
         bal, _ = fake_controller("bfio", estimator="empirical-prompt")
         bal.on_reports(with_prompts)
+        assert bal.estimator._seen.size == 0  # learned when the reports are estimated
+        assert bal.prepare()
         one_by_one = make_estimator("empirical-prompt")
         for rep in with_prompts:
             natural = ~rep.exact("finished")
@@ -897,6 +974,7 @@ def test_ignore_eos_requests_run_to_their_cap_and_teach_the_estimator_nothing(fa
                                finished_lengths=np.array([10] * 20 + [900] * 20),
                                finished_prompts=np.full(40, 100),
                                finished_exact=np.array([False] * 20 + [True] * 20)) for g in range(4)])
+    bal.prepare()
     assert bal.estimator._seen.tolist() == [10] * 80
     cands = bal._candidates(request_rows([_req(100, max_new=500, ignore_eos=True), _req(100, max_new=500)]))
     assert cands.output_est.tolist()[0] == 500 and cands.output_est[1] <= 20

@@ -19,10 +19,14 @@ def test_parse_make_policy_and_config():
     assert RunSpec.parse("bfio:pool_tail=0@pool").make_policy(cost).pool_tail == 0
     cfg = b.config(ranks=4, batch=8)
     assert (cfg.binding, cfg.ranks, cfg.batch) == ("pool", 4, 8)
+    assert (cfg.view_lag, RunSpec.parse("bfio@immediate:view_lag=2").config().view_lag) == (0, 2)
 
 
 @pytest.mark.parametrize("text, words", [("bfio", "POLICY"), ("bfio@later", "POLICY"),
-                                         ("nosuch@pool", "unknown policy"), ("bfio:horizon@pool", "key=value")])
+                                         ("nosuch@pool", "unknown policy"), ("bfio:horizon@pool", "key=value"),
+                                         ("bfio@pool:view_lag=1", "only :view_lag"),
+                                         ("bfio@immediate:view_lag=-1", "only :view_lag"),
+                                         ("bfio@immediate:lag=1", "only :view_lag")])
 def test_bad_specs_name_the_problem(text, words):
     with pytest.raises(ValueError, match=words):
         RunSpec.parse(text)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,12 @@ class OnlineConfig:
     # Every request's max_new_tokens (a server's or its clients' cap): longer
     # outputs stop there, and the `cap` estimator reads it. None: no cap.
     max_new_tokens: int | None = None
+    # Immediate binding: each placement sees the running requests as they were this
+    # many decode steps ago (the departures and growth since unseen), plus every
+    # request bound since at its prompt: what the live controller places an arrival on
+    # before it has estimated the newest reports (--balancer-view-lag), here for every
+    # arrival (its worst case). 0: the current state.
+    view_lag: int = 0
     progress: bool = False
 
 
@@ -122,27 +129,42 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     decode_steps = 0
 
     k_scen = int(policy.scenarios) if estimator.spread else 0
+    lag = cfg.view_lag if cfg.binding == "immediate" else 0
+    if lag < 0:
+        raise ValueError(f"view_lag must be >= 0, got {lag}")
+    # (r_id, r_rank, r_kv, r_gen) after each of the last lag + 1 steps, oldest first (the
+    # newest is the current state)
+    seen: deque[tuple[np.ndarray, ...]] = deque(maxlen=lag + 1)
 
     def lengths(ids: np.ndarray) -> np.ndarray:
         """Candidates' predicted lengths: (n,), or (n, k) scenarios."""
         return estimator.new_lengths(est_total[ids], k_scen, prompt[ids])
 
-    def view_of() -> ClusterView:
+    def view_of(lagged: bool = False) -> ClusterView:
         held = np.bincount(r_rank, minlength=G) + np.bincount(q_rank, minlength=G)
         queued_prompt = np.bincount(q_rank, weights=prompt[q_id], minlength=G)
         kv = (np.bincount(r_rank, weights=r_kv, minlength=G) + queued_prompt).astype(np.int64)
         view = ClusterView(free_slots=np.maximum(B - held, 0), kv_tokens=kv, num_requests=held,
                            pending_prefill=queued_prompt, slot_limit=B)
+        run_id, run_rank, run_kv, run_gen = r_id, r_rank, r_kv, r_gen
+        new_id, new_rank = q_id, q_rank  # bound, not running (as far as the view knows)
+        if lagged and lag and seen:
+            # The requests as they were `lag` steps ago, what started since in flight (the
+            # per-rank totals above are the newest: the live controller reads them off the
+            # reports without estimating anything)
+            run_id, run_rank, run_kv, run_gen = seen[0]
+            since = ~np.isin(r_id, run_id)
+            new_id, new_rank = np.concatenate([r_id[since], q_id]), np.concatenate([r_rank[since], q_rank])
         if policy.needs_requests:
             # Queued requests count as if running from now: they will be soon.
-            view.req_rank = np.concatenate([r_rank, q_rank])
-            view.req_kv = np.concatenate([r_kv, prompt[q_id]])
-            r_prompt = prompt[r_id]
-            estimator.observe_running(r_gen, r_prompt)  # lower bounds on the running lengths
-            running = estimator.steps_left(r_gen, est_total[r_id], k_scen, r_prompt)
+            view.req_rank = np.concatenate([run_rank, new_rank])
+            view.req_kv = np.concatenate([run_kv, prompt[new_id]])
+            r_prompt = prompt[run_id]
+            estimator.observe_running(run_gen, r_prompt)  # lower bounds on the running lengths
+            running = estimator.steps_left(run_gen, est_total[run_id], k_scen, r_prompt)
             if cap is not None:  # nothing runs past its max_new_tokens (as the live controller clips)
-                running = np.clip(running, 1, np.maximum(cap[r_id] - r_gen, 1))
-            view.req_remaining = np.concatenate([running, lengths(q_id).T], axis=-1)
+                running = np.clip(running, 1, np.maximum(cap[run_id] - run_gen, 1))
+            view.req_remaining = np.concatenate([running, lengths(new_id).T], axis=-1)
         return view
 
     def bind_now(ids: np.ndarray) -> None:
@@ -150,7 +172,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         controller places a burst read at once in one call, on the same ranks)."""
         nonlocal q_id, q_rank
         for i in ids:
-            view = view_of()
+            view = view_of(lagged=True)
             cands = Candidates(prompt_len=prompt[i:i + 1], output_est=lengths(np.array([i])))
             t0 = time.perf_counter()
             g = int(policy.assign(view, cands, must_place=True)[0])
@@ -290,6 +312,8 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
             r_id, r_rank, r_kv, r_gen = r_id[keep], r_rank[keep], r_kv[keep], r_gen[keep]
             done_count += ids.size
             bar.update(ids.size)
+        if lag:  # (copies: the step updates r_kv and r_gen in place)
+            seen.append((r_id, r_rank, r_kv.copy(), r_gen.copy()))
     bar.close()
 
     def idle_over(wait: float, seconds: float) -> float | None:

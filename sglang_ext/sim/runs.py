@@ -1,6 +1,8 @@
 """One online run as the benchmark scripts name it: 'POLICY[:key=val...]@BINDING'
 (e.g. 'bfio:full_wait=true@immediate', 'jsq@pool'), made into a policy and a
-simulator configuration the same way everywhere."""
+simulator configuration the same way everywhere. Immediate binding may add
+':view_lag=N' (OnlineConfig.view_lag: each placement sees the ranks N decode
+steps old, as the live controller's --balancer-view-lag at its worst)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,14 +20,23 @@ class RunSpec:
     text: str
     policy: str  # the policy spec, parameters included ('bfio:full_wait=true')
     binding: str
+    view_lag: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "RunSpec":
         policy, at, binding = text.strip().rpartition("@")
+        binding, _, lag = binding.partition(":")
         if not at or binding not in BINDINGS:
-            raise ValueError(f"{text!r} is not POLICY[:key=val...]@immediate or POLICY[:key=val...]@pool")
+            raise ValueError(f"{text!r} is not POLICY[:key=val...]@immediate[:view_lag=N] or "
+                             "POLICY[:key=val...]@pool")
         parse_policy_spec(policy)  # unknown policy or malformed parameter: raise now
-        return cls(text.strip(), policy, binding)
+        view_lag = 0
+        if lag:
+            key, _, value = lag.partition("=")
+            if binding != "immediate" or key != "view_lag" or not value.isdigit():
+                raise ValueError(f"{text!r}: after @immediate only :view_lag=N (N >= 0 decode steps) may follow")
+            view_lag = int(value)
+        return cls(text.strip(), policy, binding, view_lag)
 
     def make_policy(self, cost: CostModel) -> Policy:
         """The policy, with the online defaults (pool horizon 20, seed 0, the
@@ -36,7 +47,7 @@ class RunSpec:
         return make_policy(name, **{**defaults, **params})  # a policy takes the defaults it has
 
     def config(self, **kw) -> OnlineConfig:
-        return OnlineConfig(binding=self.binding, **kw)
+        return OnlineConfig(binding=self.binding, view_lag=self.view_lag, **kw)
 
 
 def parse_runs(text: str) -> list[RunSpec]:
