@@ -293,6 +293,11 @@ class BalancedDispatch:
                     lengths.append(rep.finished_lengths[natural])
                     prompts_of.append(np.asarray(prompts)[natural] if ok else None)
             self.stats["reports"] += 1
+        if self._behind.max() > self.cfg.view_lag:
+            # The last estimate will not be read again before the next (with view_lag 0, at
+            # once): what these reports acknowledge can leave the deques now, so they stay
+            # short even while every estimate fails.
+            self._drop_acknowledged()
 
     def _learn_finished(self) -> None:
         """Teach the estimator the lengths reported finished since the last estimate, in one
@@ -373,15 +378,18 @@ class BalancedDispatch:
         state = self._newest_totals()
         if self.policy.needs_requests:
             self._estimate_requests(state, *state.parts)
-        # Built: the requests these reports acknowledge leave the in-flight deques now.
+        self._drop_acknowledged()  # (built: the reports now hold them)
+        self._behind[:] = 0
+        self._reported = state
+        return state
+
+    def _drop_acknowledged(self) -> None:
+        """Cut the in-flight deques to what the newest reports have not acknowledged."""
         for g in np.flatnonzero(self.acked > self._est_acked).tolist():
             q = self.inflight[g]
             for _ in range(min(int(self.acked[g] - self._est_acked[g]), len(q))):
                 q.popleft()
         self._est_acked = self.acked.copy()
-        self._behind[:] = 0
-        self._reported = state
-        return state
 
     def _estimate_requests(self, state: "_Reported", reps, run_kv, run_gen, wait_prompt, run_rank,
                            wait_rank) -> None:

@@ -698,6 +698,14 @@ def test_failed_estimate_in_the_idle_loop_is_logged_once_and_the_arrival_still_p
     assert sum("estimating the ranks' reports failed" in r.message for r in caplog.records) == 1
     bal.dispatch(_req(10))  # the placement retries, fails, and falls back: the request still goes
     assert len(sent) == 1 and bal.stats["prepared"] == 0
+    # with every estimate failing, the in-flight deques still drop what the reports acknowledge
+    for step in range(2, 6):
+        for _ in range(4):
+            bal.dispatch(_req(10))
+        bal.on_reports([RankReport(dp_rank=g, step=step, received=int(bal.sent[g]), free_slots=70, slot_limit=72)
+                        for g in range(4)])
+        assert sum(len(q) for q in bal.inflight) == 0
+    assert len(sent) == 17 and bal.stats["prepared"] == 0
 
 
 def test_loop_estimates_a_whole_step_at_once_a_partial_one_after_a_quiet_spell(fake_controller, monkeypatch):
