@@ -48,9 +48,10 @@ class OnlineConfig:
     max_new_tokens: int | None = None
     # Immediate binding: each placement sees the running requests as they were this
     # many decode steps ago (the departures and growth since unseen), plus every
-    # request bound since at its prompt: what the live controller places an arrival on
-    # before it has estimated the newest reports (--balancer-view-lag), here for every
-    # arrival (its worst case). 0: the current state.
+    # request bound since at its prompt, and the per-rank totals (free slots, KV
+    # tokens) as they are: what the live controller places an arrival on before it
+    # has estimated the newest reports (--balancer-view-lag), here for every arrival
+    # (its worst case). 0: the current state.
     view_lag: int = 0
     progress: bool = False
 
