@@ -42,7 +42,7 @@ def main():
     ap.add_argument("--loads", type=comma_list(positive_float), default="0.6,0.7,0.8",
                     help="Comma list of loads: arrival rate / capacity (moderate: 0.5 to 0.8).")
     ap.add_argument("--runs", type=run_specs, default="total_tokens@immediate,bfio@immediate",
-                    help="Comma list of POLICY[:key=val...]@BINDING (immediate binding may add :view_lag=N, the "
+                    help="Comma list of POLICY[:key=val...]@BINDING (the binding may add :view_lag=N, the "
                          "placements seeing the requests N decode steps old): the first is the baseline (and the "
                          "control's policy), each run is compared with it, and the last also with every other.")
     ap.add_argument("--metrics", default="idle_fraction,tpot_ms_p99",

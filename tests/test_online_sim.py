@@ -222,9 +222,11 @@ def test_view_lag_shows_the_requests_as_they_were_steps_ago():
     assert seen_lag[2] == ([0, 12], [4, 3], [(0, 1001), (1, 11)])  # its requests one step earlier
     assert seen_now[:2] == seen_lag[:2]
     assert now.requests_finished == lagged.requests_finished == 3
-    # pool binding reads the newest state (a release fills what the reports free)
-    pool = [simulate_online(small_trace(), make_policy("bfio", horizon=8),
-                            OnlineConfig(ranks=4, batch=16, binding="pool", view_lag=lag)) for lag in (0, 1)]
-    assert np.array_equal(pool[0].finish_s, pool[1].finish_s)
+    # a lag of 0 is the current state; pool releases lag too when asked, every request served once
+    tr = small_trace(rate=400.0)
+    pool = [simulate_online(tr, make_policy("bfio", horizon=8), OnlineConfig(ranks=4, batch=16, binding="pool", **kw))
+            for kw in ({}, {"view_lag": 0}, {"view_lag": 1})]
+    assert np.array_equal(pool[0].finish_s, pool[1].finish_s) and not np.array_equal(pool[1].finish_s, pool[2].finish_s)
+    assert pool[2].requests_finished == len(tr)
     with pytest.raises(ValueError, match="view_lag"):
         simulate_online(small_trace(n=5), make_policy("total_tokens"), OnlineConfig(view_lag=-1))

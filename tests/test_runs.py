@@ -20,11 +20,12 @@ def test_parse_make_policy_and_config():
     cfg = b.config(ranks=4, batch=8)
     assert (cfg.binding, cfg.ranks, cfg.batch) == ("pool", 4, 8)
     assert (cfg.view_lag, RunSpec.parse("bfio@immediate:view_lag=2").config().view_lag) == (0, 2)
+    assert RunSpec.parse("bfio@pool:view_lag=1").config().view_lag == 1
 
 
 @pytest.mark.parametrize("text, words", [("bfio", "POLICY"), ("bfio@later", "POLICY"),
                                          ("nosuch@pool", "unknown policy"), ("bfio:horizon@pool", "key=value"),
-                                         ("bfio@pool:view_lag=1", "only :view_lag"),
+                                         ("bfio@pool:view_lag=x", "only :view_lag"),
                                          ("bfio@immediate:view_lag=-1", "only :view_lag"),
                                          ("bfio@immediate:lag=1", "only :view_lag")])
 def test_bad_specs_name_the_problem(text, words):

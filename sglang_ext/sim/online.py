@@ -46,12 +46,13 @@ class OnlineConfig:
     # Every request's max_new_tokens (a server's or its clients' cap): longer
     # outputs stop there, and the `cap` estimator reads it. None: no cap.
     max_new_tokens: int | None = None
-    # Immediate binding: each placement sees the running requests as they were this
-    # many decode steps ago (the departures and growth since unseen), plus every
-    # request bound since at its prompt, and the per-rank totals (free slots, KV
-    # tokens) as they are: what the live controller places an arrival on before it
-    # has estimated the newest reports (--balancer-view-lag), here for every arrival
-    # (its worst case). 0: the current state.
+    # Each placement sees the running requests as they were this many decode steps
+    # ago (the departures and growth since unseen), plus every request bound since at
+    # its prompt, and the per-rank totals (free slots, KV tokens) as they are: what
+    # the live controller places an arrival on before it has estimated the newest
+    # reports (--balancer-view-lag), here for every placement (its worst case; the
+    # controller's pool releases never lag: under a deep queue that costs idle,
+    # docs/benchmarks.md section 2). 0: the current state.
     view_lag: int = 0
     progress: bool = False
 
@@ -130,7 +131,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     decode_steps = 0
 
     k_scen = int(policy.scenarios) if estimator.spread else 0
-    lag = cfg.view_lag if cfg.binding == "immediate" else 0
+    lag = cfg.view_lag
     if lag < 0:
         raise ValueError(f"view_lag must be >= 0, got {lag}")
     # (r_id, r_rank, r_kv, r_gen) after each of the last lag + 1 steps, oldest first (the
@@ -190,7 +191,7 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
         if overdue.any():
             bind_now(pool[overdue])
             pool = pool[~overdue]
-        view = view_of()
+        view = view_of(lagged=True)
         if pool.size == 0 or view.free_slots.sum() == 0:
             return
         vis = pool[:window]

@@ -1,7 +1,7 @@
 """One online run as the benchmark scripts name it: 'POLICY[:key=val...]@BINDING'
 (e.g. 'bfio:full_wait=true@immediate', 'jsq@pool'), made into a policy and a
-simulator configuration the same way everywhere. Immediate binding may add
-':view_lag=N' (OnlineConfig.view_lag: each placement sees the ranks N decode
+simulator configuration the same way everywhere. The binding may add
+':view_lag=N' (OnlineConfig.view_lag: each placement sees the requests N decode
 steps old, as the live controller's --balancer-view-lag at its worst)."""
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ class RunSpec:
         policy, at, binding = text.strip().rpartition("@")
         binding, _, lag = binding.partition(":")
         if not at or binding not in BINDINGS:
-            raise ValueError(f"{text!r} is not POLICY[:key=val...]@immediate[:view_lag=N] or "
-                             "POLICY[:key=val...]@pool")
+            raise ValueError(f"{text!r} is not POLICY[:key=val...]@immediate or POLICY[:key=val...]@pool "
+                             "(either with :view_lag=N)")
         parse_policy_spec(policy)  # unknown policy or malformed parameter: raise now
         view_lag = 0
         if lag:
             key, _, value = lag.partition("=")
-            if binding != "immediate" or key != "view_lag" or not value.isdigit():
-                raise ValueError(f"{text!r}: after @immediate only :view_lag=N (N >= 0 decode steps) may follow")
+            if key != "view_lag" or not value.isdigit():
+                raise ValueError(f"{text!r}: after the binding only :view_lag=N (N >= 0 decode steps) may follow")
             view_lag = int(value)
         return cls(text.strip(), policy, binding, view_lag)
 
