@@ -23,6 +23,7 @@ the newest first would make it wait (~6 ms at 256 ranks with 64k requests).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import time
@@ -50,7 +51,8 @@ DECISION_TIMES_KEPT = 1 << 16
 STATS_LINE = re.compile(
     r"sglang-ext balancer, last (?P<seconds>\d+) s: requests placed (?P<placed>\d+) \(pinned (?P<pinned>\d+), "
     r"at the pool deadline (?P<pool_deadline>\d+)\), pooled now (?P<pooled>\d+); reports (?P<reports>\d+) "
-    r"\(estimated while idle (?P<prepared>\d+)\); placement calls (?P<calls>\d+)"
+    r"\(estimated while idle (?P<prepared>\d+)(?:, paused for a message (?P<paused>\d+))?\); "
+    r"placement calls (?P<calls>\d+)"
     r"(?: \(on the previous estimate (?P<lagged>\d+)\))?"
     r"(?:, decision time p50 (?P<p50_ms>[\d.]+) ms, p99 (?P<p99_ms>[\d.]+) ms, max (?P<max_ms>[\d.]+) ms)?")
 #: immediate binding: arrivals read in one turn of the loop are placed together, at most
@@ -204,8 +206,11 @@ class BalancedDispatch:
         self._behind = np.zeros(G, dtype=np.int64)  # reports per rank since the last estimate (built)
         self._est_acked = np.zeros(G, dtype=np.int64)  # acknowledgements the in-flight deques start after
         self._to_learn: tuple[list, list] = ([], [])  # finished lengths (and prompts) not yet learned
+        # the estimate in progress (`_estimate_stages`), and the report count it started at
+        self._estimate, self._estimate_of = None, 0
+        self._unwarmed = False  # an estimate made while idle whose projection is not computed yet
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0,
-                      "placements": 0, "lagged": 0}
+                      "paused": 0, "placements": 0, "lagged": 0}
         # for the periodic stats line (log_stats): the counters when it was last written,
         # and the time of each placement call since (the latest DECISION_TIMES_KEPT)
         self._stats_since, self._stats_logged = time.monotonic(), dict(self.stats)
@@ -299,20 +304,19 @@ class BalancedDispatch:
             # short even while every estimate fails.
             self._drop_acknowledged()
 
-    def _learn_finished(self) -> None:
-        """Teach the estimator the lengths reported finished since the last estimate, in one
+    def _learn_finished(self, estimator) -> None:
+        """Teach `estimator` the lengths reported finished since the last estimate, in one
         call (a report without prompts, a rare sender, keeps one call per report). Taught
         when the reports are estimated, not as they come: a placement on the previous
         estimate then reads the fit it was made with, and does not refit for it."""
         lengths, prompts_of = self._to_learn
         if not lengths:
             return
-        self._to_learn = ([], [])
         if all(p is not None for p in prompts_of):
-            self.estimator.observe(np.concatenate(lengths), np.concatenate(prompts_of))
+            estimator.observe(np.concatenate(lengths), np.concatenate(prompts_of))
         else:
             for x, p in zip(lengths, prompts_of):
-                self.estimator.observe(x, p)
+                estimator.observe(x, p)
 
     def _active_mask(self) -> np.ndarray:
         mask = np.zeros(self.num_ranks, dtype=bool)
@@ -371,17 +375,50 @@ class BalancedDispatch:
         placement would compute the same: once per batch (at G=256 with 64k running
         requests, the estimator's refit and the concatenation cost several ms).
         lagged_ok: the previous batch's, when it is at most cfg.view_lag reports behind."""
-        if self._view_is_current(lagged_ok):
-            return self._reported
+        if not self._view_is_current(lagged_ok):
+            self._advance_estimate()
+        return self._reported
+
+    def _advance_estimate(self, interrupted=None) -> bool:
+        """Run the estimate of the newest reports (the one in progress, unless reports
+        came since it started) to its end: True; or, between two of its stages, stop
+        when `interrupted()` says a message waits: False (the loop places it on the
+        previous estimate, then goes on from there)."""
+        if self._estimate is None or self._estimate_of != self.stats["reports"]:
+            self._estimate, self._estimate_of = self._estimate_stages(), self.stats["reports"]
+        try:
+            for _ in self._estimate:
+                if interrupted is not None and interrupted():
+                    return False
+        except BaseException:
+            self._estimate = None
+            self._to_learn = ([], [])  # (as if learned: lengths a failing estimate holds are dropped)
+            raise
+        self._estimate = None
+        return True
+
+    def _estimate_stages(self):
+        """The estimate of the newest reports, stage by stage (a generator; at G=256
+        with 64k requests running: the totals, what runs now, the estimator's refit,
+        every request's estimate; each 1.3 ms at most). Until the last stage
+        ends, the previous estimate stands whole for the placements that may lag: the
+        estimator learns on a copy (its arrays are replaced, never written into, so a
+        shallow one), adopted with the estimate."""
         self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
-        self._learn_finished()
-        state = self._newest_totals()
+        state = self._newest_totals()  # the reports concatenated, the per-rank totals
+        yield
+        est = copy.copy(self.estimator)
+        self._learn_finished(est)
         if self.policy.needs_requests:
-            self._estimate_requests(state, *state.parts)
+            estimate = self._observe_requests(est, state, *state.parts)
+            yield
+            est.fit()  # (the refit, when one is due, else a no-op)
+            yield
+            estimate()
+        self.estimator, self._to_learn = est, ([], [])
         self._drop_acknowledged()  # (built: the reports now hold them)
         self._behind[:] = 0
         self._reported = state
-        return state
 
     def _drop_acknowledged(self) -> None:
         """Cut the in-flight deques to what the newest reports have not acknowledged."""
@@ -391,9 +428,9 @@ class BalancedDispatch:
                 q.popleft()
         self._est_acked = self.acked.copy()
 
-    def _estimate_requests(self, state: "_Reported", reps, run_kv, run_gen, wait_prompt, run_rank,
-                           wait_rank) -> None:
-        """Every reported request, running then waiting, with its remaining-length estimate."""
+    def _observe_requests(self, est, state: "_Reported", reps, run_kv, run_gen, wait_prompt, run_rank, wait_rank):
+        """Teach the estimator `est` what runs now; returns the call that estimates every
+        reported request, running then waiting, from its fit (the rest of the estimate)."""
         generated = np.concatenate([run_gen, np.zeros_like(wait_prompt)])
         flags = (getattr(r, k, None) for r in reps for k in ("run_exact", "wait_exact"))
         if any(f is not None and np.size(f) for f in flags):
@@ -405,12 +442,15 @@ class BalancedDispatch:
         # What runs now bounds the lengths from below (right-censored lengths), those
         # under ignore_eos excepted: their lengths are forced.
         natural = ~exact[:run_kv.shape[0]]
-        self.estimator.observe_running(run_gen[natural], prompt[:run_kv.shape[0]][natural])
+        est.observe_running(run_gen[natural], prompt[:run_kv.shape[0]][natural])
         state.req_rank = np.concatenate([run_rank, wait_rank])
         state.req_kv = np.concatenate([run_kv, wait_prompt])
         cap = np.concatenate([_cat(r.run_cap for r in reps), _cat(r.wait_cap for r in reps)])
-        state.req_remaining = remaining_steps(self.estimator, generated, cap, self._scenarios, prompt,
-                                              exact).astype(np.int64)
+
+        def estimate():
+            state.req_remaining = remaining_steps(est, generated, cap, self._scenarios, prompt,
+                                                  exact).astype(np.int64)
+        return estimate
 
     def build_view(self, lagged_ok: bool = False):
         """The policy's view: what the reports say (`_reported_state`) plus what was
@@ -598,18 +638,33 @@ class BalancedDispatch:
         for p in hit:
             self._send_now(p.req, p.row)
 
-    def prepare(self) -> bool:
+    def prepare_due(self) -> bool:
+        """Whether `prepare` has work: new reports, or an estimate it paused."""
+        return bool(self._fresh.any()) or self._estimate is not None or self._unwarmed
+
+    def prepare(self, interrupted=None) -> bool:
         """Estimate what the reports say now, and let the policy compute what it reads of
         them (bfio: their projection), ahead of the next placement (at G=256 with 64k
         requests running: several ms that an arrival would otherwise wait for).
-        True if there was a new batch of reports to estimate."""
-        if not self._fresh.any():  # (nothing new: `_reported` is current, or was tried)
+        `interrupted()`, asked between stages: a message waits; stop there, and go on at
+        the next call (an arrival meanwhile is placed on the previous estimate, under
+        `--balancer-view-lag`). True if it finished a new estimate."""
+        if not self.prepare_due():  # (nothing new: `_reported` is current, or was tried)
             return False
         try:
-            self._reported_state()
+            if self._estimate is not None or self._fresh.any():
+                if not self._advance_estimate(interrupted):
+                    self.stats["paused"] += 1
+                    return False
+                self._unwarmed = True
+            if interrupted is not None and interrupted():
+                self.stats["paused"] += 1
+                return False
+            self._unwarmed = False
             # and what the policy reads of the reported requests (bfio: their projection)
             self.policy.warm(self.build_view(), must_place=not self.pool_mode)
         except Exception:  # noqa: BLE001  (the next placement retries it and falls back if it fails)
+            self._unwarmed = False
             logger.exception("sglang-ext: estimating the ranks' reports failed")
             return False
         self.stats["prepared"] += 1
@@ -622,11 +677,12 @@ class BalancedDispatch:
         attention the ranks step together), else once `PREPARE_AFTER_QUIET_MS` pass
         without a message (the rest of the step's reports may be on their way)."""
         timeout = self.poll_timeout_ms()
-        if self._fresh.any() and timeout > 0:
-            whole_step = bool((self._fresh | ~self._active_mask()).all())
+        if self.prepare_due() and timeout > 0:
+            # (an estimate paused for a message goes on at once, unless new reports came)
+            whole_step = not self._fresh.any() or bool((self._fresh | ~self._active_mask()).all())
             if poller.poll(0 if whole_step else min(timeout, PREPARE_AFTER_QUIET_MS)):
                 return
-            self.prepare()
+            self.prepare(interrupted=lambda: bool(poller.poll(0)))
             timeout = self.poll_timeout_ms()
         poller.poll(timeout)
 
@@ -648,10 +704,10 @@ class BalancedDispatch:
             p50, p99 = np.percentile(calls, [50, 99]) * 1e3
             timing = f", decision time p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {calls.max() * 1e3:.2f} ms"
         logger.info("sglang-ext balancer, last %.0f s: requests placed %d (pinned %d, at the pool deadline %d), "
-                    "pooled now %d; reports %d (estimated while idle %d); placement calls %d "
-                    "(on the previous estimate %d)%s",
+                    "pooled now %d; reports %d (estimated while idle %d, paused for a message %d); "
+                    "placement calls %d (on the previous estimate %d)%s",
                     elapsed, done["dispatched"], done["pinned"], done["pool_deadline"], len(self.pool),
-                    done["reports"], done["prepared"], done["placements"], done["lagged"], timing)
+                    done["reports"], done["prepared"], done["paused"], done["placements"], done["lagged"], timing)
         return True
 
     def poll_timeout_ms(self) -> int:

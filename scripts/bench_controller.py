@@ -20,8 +20,13 @@ loop makes while idle (`BalancedDispatch.prepare`: once a step's reports are in
 and no message waits) and the arrival after it, a burst of arrivals read in one turn of the loop
 (placed one call each, as before, or together in one call, as the loop now
 does; per arrival, after the idle estimate), and one release of a 4G-request
-pool under pool binding. Only the ZMQ send is replaced (by a no-op): its cost is the
-same whatever the policy.
+pool under pool binding. A second table times an arrival that lands at a
+uniformly drawn moment of the idle estimate (its length: the same snapshot's idle
+estimate above), from the moment it lands to the end of its placement: when the
+loop finishes the estimate first, and when the estimate pauses at its next stage
+(`BalancedDispatch.prepare(interrupted=...)`, the live loop's default) and the
+arrival is placed on the previous estimate. Only the ZMQ send is replaced (by a
+no-op): its cost is the same whatever the policy.
 """
 from __future__ import annotations
 
@@ -99,6 +104,10 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     pool = make_controller(policy, "pool", G, workdir, inline, device=dev)
     each = make_controller(policy, "immediate", G, workdir, inline, tag="-each", device=dev)
     together = make_controller(policy, "immediate", G, workdir, inline, tag="-together", device=dev)
+    whole = make_controller(policy, "immediate", G, workdir, inline, tag="-whole", device=dev)
+    pausing = make_controller(policy, "immediate", G, workdir, inline, tag="-pausing", device=dev)
+    arrive_rng = np.random.default_rng(args.seed + 2)
+    t_whole, t_paused, paused, lagged = [], [], [], []
     t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
     t_each, t_together, t_lagged = [], [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
@@ -128,6 +137,22 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
         prepared.dispatch(request(prompts[0], args.max_new_tokens))
         t7 = time.perf_counter()
         clear_sent(prepared)
+
+        # an arrival landing at a uniform moment of the idle estimate (as long as the one above)
+        at = float(arrive_rng.random()) * (t6 - t5)
+        paused_before, lagged_before = pausing.stats["paused"], pausing.stats["lagged"]
+        for ctl, waits in ((whole, t_whole), (pausing, t_paused)):
+            ctl.on_reports(reps)
+            t_arrive = time.perf_counter() + at
+            ctl.prepare(interrupted=(lambda: time.perf_counter() >= t_arrive) if ctl is pausing else None)
+            while time.perf_counter() < t_arrive:  # (the estimate ended first: the arrival comes after it)
+                pass
+            ctl.dispatch(request(prompts[0], args.max_new_tokens))
+            waits.append(time.perf_counter() - t_arrive)
+            ctl.prepare()  # (the idle loop then goes on with the estimate)
+            clear_sent(ctl)
+        paused.append(pausing.stats["paused"] > paused_before)
+        lagged.append(pausing.stats["lagged"] > lagged_before)
 
         burst_prompts = trace.prompt_len[burst_rng.integers(0, len(trace), args.burst)]
         burst = [request(p, args.max_new_tokens) for p in burst_prompts]
@@ -168,6 +193,9 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_each.append((t9 - t8) / len(burst))
             t_together.append((t11 - t10) / len(burst))
             t_lagged.append(t13 - t12)
+        else:
+            for xs in (t_whole, t_paused, paused, lagged):
+                xs.clear()
             placed.append(int(pool.sent.sum()) - sent_before)
             free.append(sum(r.free_slots for r in reps))
     us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
@@ -179,7 +207,11 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
                 prepared_dispatch_p50_us=us(t_prepared, 50), prepared_dispatch_p99_us=us(t_prepared, 99),
                 release_p50_us=us(t_release, 50), release_p99_us=us(t_release, 99), burst=args.burst,
                 burst_each_p50_us=us(t_each, 50), burst_together_p50_us=us(t_together, 50),
-                pool_placed=float(np.mean(placed)), pool_free_slots=float(np.mean(free)))
+                pool_placed=float(np.mean(placed)), pool_free_slots=float(np.mean(free)),
+                during_whole_p50_us=us(t_whole, 50), during_whole_p99_us=us(t_whole, 99),
+                during_whole_max_us=us(t_whole, 100), during_paused_p50_us=us(t_paused, 50),
+                during_paused_p99_us=us(t_paused, 99), during_paused_max_us=us(t_paused, 100),
+                during_paused=int(np.sum(paused)), during_lagged=int(np.sum(lagged)))
 
 
 def main():
@@ -241,6 +273,16 @@ def main():
               f"| {r['prepared_dispatch_p99_us']:.0f} | {r['burst_each_p50_us']:.0f} "
               f"| {r['burst_together_p50_us']:.0f} | {r['release_p50_us']:.0f} "
               f"| {r['release_p99_us']:.0f} | {r['pool_placed']:.0f} / {r['pool_free_slots']:.0f} |")
+    print("\nAn arrival landing at a uniform moment of the idle estimate, waited from then to the end of its "
+          "placement (us): the estimate finished first, or paused at its next stage (the default)\n")
+    print("| G | B | running | policy | idle estimate p50 | finished first p50 | p99 | max "
+          "| paused p50 | p99 | max | snapshots paused (placed on the previous estimate) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['prepare_p50_us']:.0f} "
+              f"| {r['during_whole_p50_us']:.0f} | {r['during_whole_p99_us']:.0f} | {r['during_whole_max_us']:.0f} "
+              f"| {r['during_paused_p50_us']:.0f} | {r['during_paused_p99_us']:.0f} | {r['during_paused_max_us']:.0f} "
+              f"| {r['during_paused']} ({r['during_lagged']}) of {args.calls} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

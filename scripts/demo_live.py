@@ -287,10 +287,11 @@ def controller_summary(policy: str, stats: list[dict]) -> str:
     """One line from a server's controller stats lines (`read_stats`)."""
     if not stats:
         return f"[{policy}] controller: no stats line in the server log"
-    total = {k: sum(x[k] or 0 for x in stats) for k in ("placed", "calls", "lagged", "reports", "prepared")}
+    total = {k: sum(x.get(k) or 0 for x in stats) for k in ("placed", "calls", "lagged", "reports", "prepared", "paused")}
     line = (f"[{policy}] controller: {total['placed']} requests placed in {total['calls']} placement calls "
             f"({total['lagged']} on the previous estimate); "
-            f"{total['reports']} rank reports, estimated {total['prepared']} times while idle")
+            f"{total['reports']} rank reports, estimated {total['prepared']} times while idle "
+            f"({total['paused']} paused for a message)")
     timed = [x for x in stats if x["p50_ms"] is not None]
     if timed:
         line += (f"; decision time p50 {min(x['p50_ms'] for x in timed):.2f}-{max(x['p50_ms'] for x in timed):.2f} ms "

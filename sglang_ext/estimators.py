@@ -75,6 +75,9 @@ class Estimator:
         """The requests running now, by tokens generated so far: each is known
         to be longer than that (a right-censored length)."""
 
+    def fit(self) -> None:
+        """Refit now if what was observed calls for it (else the next estimate would)."""
+
 
 class OracleEstimator(Estimator):
     name = "oracle"
@@ -197,14 +200,32 @@ class EmpiricalEstimator(Estimator):
         self._km = None  # the fitted survival functions (see _survival)
         self.background = bool(background)
         self._pending = None  # a refit running in the worker thread (background)
+        self._bins = np.zeros(0, dtype=np.int64)  # bucket by integer prompt length (_bin_table)
 
     def prompt_bin(self, prompt_len, n: int) -> np.ndarray:
         """Each request's prompt-length bucket (0 for every request unless
         by_prompt; 0 also where the prompt is not given)."""
         if not self.by_prompt or prompt_len is None:
             return np.zeros(n, dtype=np.int64)
-        p = np.maximum(np.asarray(prompt_len, dtype=np.float64), 1.0)
-        return 1 + np.floor(self.bins_per_octave * np.log2(p)).astype(np.int64)
+        p = np.asarray(prompt_len)
+        if p.dtype.kind in "iu" and p.size and 0 <= p.min() and p.max() < self.bin_table_max:
+            # integer prompts (the live case, every estimate): one gather from a table of
+            # the same formula, not a log per request
+            return self._bin_table(int(p.max()))[p]
+        return self._bins_of(np.asarray(p, dtype=np.float64))
+
+    #: integer prompts up to this length read their bucket from a table (8 MB at most)
+    bin_table_max = 1 << 20
+
+    def _bins_of(self, p: np.ndarray) -> np.ndarray:
+        return 1 + np.floor(self.bins_per_octave * np.log2(np.maximum(p, 1.0))).astype(np.int64)
+
+    def _bin_table(self, longest: int) -> np.ndarray:
+        """Buckets of the prompt lengths 0..at least `longest` (grown by doubling)."""
+        if self._bins.size <= longest:
+            size = 1 << max(12, int(longest).bit_length())
+            self._bins = self._bins_of(np.arange(size, dtype=np.float64))
+        return self._bins
 
     def observe(self, finished_out_len, prompt_len=None):
         self._adopt_finished_fit()
@@ -230,14 +251,16 @@ class EmpiricalEstimator(Estimator):
             self._moves += 1
 
     def _survival(self):
-        """The Kaplan-Meier fit (S, tail, bins, key, row_of), or None while no request
+        """The Kaplan-Meier fit (S, tail, bins, key, row_of, residual), or None while no request
         runs (then the finished lengths are the whole sample; with by_prompt,
         None only before anything finished). Row 0 is pooled over every
         request, row 1 + i the bucket bins[i]: S[r, t] = P(O > t) for t < T;
         tail[r, t] = the sum of S[r] over t..T-1 plus the Lindy mass past
         T - 1; key: -S offset by 2 per row, one sorted array for quantiles (None
         until `_quantile_key` builds it);
-        row_of[b]: the row of bucket id b (0, pooled, where b has no row)."""
+        row_of[b]: the row of bucket id b (0, pooled, where b has no row);
+        residual: the rounded mean residual life per (row, age) (None until
+        `_residual_table` builds it)."""
         if self._seen.size == 0 or (self._running.size == 0 and not self.by_prompt):
             return None
         if self._refit_due() and self._pending is None:
@@ -249,6 +272,9 @@ class EmpiricalEstimator(Estimator):
             else:
                 self._km = self._fit(*inputs)
         return self._km
+
+    def fit(self) -> None:
+        self._survival()
 
     def wait(self) -> None:
         """Block until a background refit in progress is done and answer from it."""
@@ -313,7 +339,7 @@ class EmpiricalEstimator(Estimator):
         tail = np.cumsum(S[:, ::-1], axis=1)[:, ::-1]
         tail += S[:, -1:] * (T - 1)
         key = None  # for quantiles: built on first use (_quantile_key)
-        return S, tail, bins, key, row_of
+        return S, tail, bins, key, row_of, None  # (the residual table: built on use)
 
     def _quantile_key(self, km) -> np.ndarray:
         """km's key (-S offset by 2 per row, one sorted array), built once per fit and
@@ -321,6 +347,19 @@ class EmpiricalEstimator(Estimator):
         if km[3] is None:
             km = self._km = km[:3] + ((2.0 * np.arange(km[0].shape[0])[:, None] - km[0]).ravel(),) + km[4:]
         return km[3]
+
+    def _residual_table(self, km) -> np.ndarray:
+        """km's mean residual life, rounded, for every (row, age) below T - 1: what
+        `remaining` computes per request, computed once per fit (with tens of
+        thousands of requests running, one gather per request instead of two
+        gathers, a division and a rounding; the same numbers)."""
+        if km[5] is None:
+            S, tail = km[0], km[1]
+            alive = S > 0
+            rem = np.divide(tail, S, out=np.zeros(S.shape), where=alive)
+            rem = np.where(alive, rem, np.maximum(np.arange(S.shape[1]), 1))
+            km = self._km = km[:5] + (np.maximum(np.rint(rem), 1).astype(np.int64),)
+        return km[5]
 
     @property
     def reads_total(self) -> bool:
@@ -362,6 +401,9 @@ class EmpiricalEstimator(Estimator):
             r = self._rows(km, prompt_len, g.shape[0])
             T = S.shape[1]
             gi = np.minimum(g, T - 1)
+            if km[5] is not None or 4 * g.size >= S.size:  # (the table pays for itself)
+                rem = np.take(self._residual_table(km), r * T + gi)
+                return np.where(g < T - 1, rem, np.maximum(g, 1))
             alive = S[r, gi]
             rem = np.where((g < T - 1) & (alive > 0),
                            np.divide(tail[r, gi], alive, out=np.zeros(g.shape), where=alive > 0), np.maximum(g, 1))

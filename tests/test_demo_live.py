@@ -48,7 +48,7 @@ def test_controller_summary_sums_the_stats_lines(demo):
     log = "\n".join([
         "INFO something else",
         "sglang-ext balancer, last 1 s: requests placed 7 (pinned 0, at the pool deadline 0), pooled now 0; "
-        "reports 40 (estimated while idle 9); placement calls 7 (on the previous estimate 3), decision time p50 "
+        "reports 40 (estimated while idle 9, paused for a message 2); placement calls 7 (on the previous estimate 3), decision time p50 "
         "0.40 ms, p99 1.20 ms, max 1.30 ms",
         "sglang-ext balancer, last 1 s: requests placed 2 (pinned 2, at the pool deadline 0), pooled now 0; "
         "reports 38 (estimated while idle 10); placement calls 0 (on the previous estimate 0)",
@@ -58,7 +58,7 @@ def test_controller_summary_sums_the_stats_lines(demo):
     assert demo.controller_summary("bfio", read_stats(log)) == (
         "[bfio] controller: 14 requests placed in 12 placement calls (3 on the previous estimate); 119 rank "
         "reports, estimated 27 times "
-        "while idle; decision time p50 0.40-0.55 ms over 2 windows of 1 s, p99 up to 2.50 ms, max 2.70 ms")
+        "while idle (2 paused for a message); decision time p50 0.40-0.55 ms over 2 windows of 1 s, p99 up to 2.50 ms, max 2.70 ms")
     assert demo.controller_summary("rr", []) == "[rr] controller: no stats line in the server log"
 
 

@@ -556,6 +556,88 @@ def test_an_arrival_before_the_estimate_is_placed_on_the_previous_one_plus_all_s
     assert pool._reported is not first and pool.stats["lagged"] == 0
 
 
+def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake_controller):
+    # The idle loop asks between the estimate's stages whether a message waits: if one
+    # does it stops there (the arrival is placed on the previous estimate), and the next
+    # idle turn goes on from that stage; reports that came meanwhile start it over. The
+    # estimates it ends with are those of an estimate never paused.
+    paused, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    straight, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)  # (same `sent`)
+
+    def batch(step):
+        rng = np.random.default_rng(step)
+        out = []
+        for g in range(4):
+            n = int(rng.integers(1, 6))
+            gen = rng.integers(1, 200, n)
+            out.append(RankReport(dp_rank=g, step=step, received=0, free_slots=72 - n, slot_limit=72,
+                                  run_kv=rng.integers(10, 3000, n) + gen, run_generated=gen, run_cap=np.full(n, 2000),
+                                  finished_lengths=rng.integers(1, 900, 6), finished_prompts=rng.integers(10, 3000, 6)))
+        return out
+
+    def after(k):  # a message comes after the k-th question
+        asked = []
+        return lambda: asked.append(1) or len(asked) >= k
+
+    for b in (paused, straight):
+        b.on_reports(batch(1))
+        assert b.prepare()
+    first = paused._reported
+    for b in (paused, straight):
+        b.on_reports(batch(2))
+    for k in range(4):  # a message at each question: after the totals, what runs, the fit, the estimates
+        assert not paused.prepare(interrupted=after(1)) and paused.prepare_due()
+        assert paused._reported is first if k < 3 else paused._reported is not first
+        assert paused.estimator._seen.size == (24 if k < 3 else 48)  # (step 2's lengths: learned with it)
+        if k < 3:  # placed meanwhile on the previous estimate, as it would be had it not started
+            paused.dispatch(_req(300 + k, max_new=500))
+            straight.dispatch(_req(300 + k, max_new=500))
+            assert sent[-1][0] == sent[-2][0]
+    assert paused.stats["paused"] == 4 and paused.stats["lagged"] == 3
+    assert paused.prepare() and not paused.prepare_due() and straight.prepare()
+    assert paused.estimator._seen.size == straight.estimator._seen.size == 48  # each length learned once
+    assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+
+    # paused after the fit, then the next step's reports: started over on them
+    for b in (paused, straight):
+        b.on_reports(batch(3))
+    assert not paused.prepare(interrupted=after(3)) and straight.prepare()
+    for b in (paused, straight):
+        b.on_reports(batch(4))
+    assert paused.prepare() and straight.prepare()
+    assert np.array_equal(paused._reported.req_kv, straight._reported.req_kv)
+    assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+
+    # a placement that may not lag goes on with the paused estimate
+    pool, _ = fake_controller("bfio", binding="pool", estimator="empirical-prompt", inline_refit=True)
+    pool.on_reports(batch(1))
+    assert not pool.prepare(interrupted=after(1)) and pool._reported is None
+    pool.dispatch(_req(100, max_new=300))
+    pool.release_pool()
+    assert pool._reported is not None and pool._estimate is None and pool.stats["lagged"] == 0
+
+
+def test_the_idle_loop_pauses_its_estimate_when_a_message_comes(fake_controller):
+    # wait_for_messages hands prepare a question that polls the sockets: a message that
+    # comes while it estimates stops it at the next stage, and the next idle turn goes on.
+    bal, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                               run_kv=np.array([400, 80]), run_generated=np.array([10, 3]),
+                               run_cap=np.array([2000, 2000])) for g in range(4)])
+
+    class Poller:  # nothing waits when the loop goes idle; a message comes as it estimates
+        def __init__(self, answers):
+            self.answers = list(answers)
+
+        def poll(self, timeout):
+            return self.answers.pop(0) if self.answers else []
+
+    bal.wait_for_messages(Poller([[], [], [("tokenizer", 1)]]))
+    assert bal.stats["paused"] == 1 and bal.stats["prepared"] == 0 and bal.prepare_due()
+    bal.wait_for_messages(Poller([]))
+    assert bal.stats["prepared"] == 1 and not bal.prepare_due()
+
+
 @pytest.mark.parametrize("policy,kw", [
     ("bfio", {}), ("bfio", {"scenarios": 8}), ("bfio", {"prefill_weight": 0.0625}), ("bfio", {"full_wait": True}),
     ("bfio", {"variant": "paper"}), ("total_tokens", {}), ("jsq", {}), ("total_requests", {}), ("round_robin", {}), ("power_of_two", {}),
@@ -778,11 +860,12 @@ def test_stats_line_counts_what_the_controller_did_since_the_last_one(fake_contr
     assert 0 < stats[0]["p50_ms"] <= stats[0]["p99_ms"] <= stats[0]["max_ms"] and stats[1]["p50_ms"] is None
     assert len(lines) == 2 and len(sent) == 5  # 3 from the pool (rank 2's slot went to a pinned one), 2 pinned
     assert lines[0].startswith("sglang-ext balancer, last 10 s: requests placed 4 (pinned 1, at the pool "
-                               "deadline 0), pooled now 3; reports 4 (estimated while idle 0); placement "
-                               "calls 1 (on the previous estimate 0), decision time p50 ")
+                               "deadline 0), pooled now 3; reports 4 (estimated while idle 0, paused for a message "
+                               "0); placement calls 1 (on the previous estimate 0), decision time p50 ")
     # the quiet interval closed at 25 s; the next line covers what came after it
     assert lines[1] == ("sglang-ext balancer, last 15 s: requests placed 1 (pinned 1, at the pool deadline 0), "
-                        "pooled now 3; reports 0 (estimated while idle 0); placement calls 0 (on the previous estimate 0)")
+                        "pooled now 3; reports 0 (estimated while idle 0, paused for a message 0); placement calls 0 "
+                        "(on the previous estimate 0)")
     quiet, _ = fake_controller("total_tokens", stats_interval_s=0)
     quiet.dispatch(_req(10))
     assert not quiet.log_stats(now=time.monotonic() + 1e6)

@@ -235,7 +235,7 @@ def test_empirical_by_prompt_quantiles_equal_a_row_by_row_search():
     p = rng.choice(prompt, 50)
     est.observe_running(g[:10], p[:10])
     s = est.scenarios(g, None, 6, p)
-    S, _, bins, _, _ = est._survival()
+    S, _, bins, _, _, _ = est._survival()
     rows = est._rows(est._survival(), p, 50)
     T = S.shape[1]
     q = (np.arange(6) + 0.5) / 6
