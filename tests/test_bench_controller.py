@@ -21,9 +21,14 @@ def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
         assert x["burst"] == 5 and x["burst_each_p50_us"] > 0 and x["burst_together_p50_us"] > 0
         # an arrival before the idle estimate: placed on the previous snapshot's, every snapshot but the first
         assert x["lagged_dispatch_p50_us"] > 0 and x["lagged_placements"] == 3 + 2 - 1
+        # arrivals during the idle estimate: every one placed, the paused ones counted (8 per snapshot)
+        assert 0 < x["during_whole_p50_us"] <= x["during_whole_max_us"]
+        assert 0 < x["during_paused_p50_us"] <= x["during_paused_max_us"]
+        assert 0 <= x["during_lagged"] <= x["during_paused"] <= 8 * 3
         # a 4G-request pool fills the free slots (fewer than 4G here), never more
         assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
         assert f"| {x['G']} | {x['B']} |" in r.stdout
+    assert "An arrival landing at a uniform moment of the idle estimate" in r.stdout
 
 
 def test_refit_bench_times_both_modes_on_every_cell(tmp_path):

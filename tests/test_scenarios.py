@@ -355,3 +355,38 @@ def test_learned_estimators_read_no_initial_guess_once_lengths_are_seen(spec):
         a = est.steps_left(g, rng.integers(1, 5000, 50), k, p)
         b = est.steps_left(g, rng.integers(1, 5000, 50), k, p)
         assert np.array_equal(a, b)
+
+
+def test_empirical_residual_table_answers_as_the_per_request_computation():
+    # With many requests to estimate, `remaining` reads one table per fit instead of
+    # computing each request's residual life: the same numbers, at every age.
+    rng = np.random.default_rng(11)
+    for by_prompt, shrink in ((False, 4.0), (True, 0.0), (True, 4.0)):
+        est = EmpiricalEstimator(by_prompt=by_prompt, shrink=shrink)
+        est.observe(rng.integers(1, 600, 400), rng.integers(1, 5000, 400))
+        est.observe_running(rng.integers(0, 900, 50), rng.integers(1, 5000, 50))
+        S = est._survival()[0]
+        T = S.shape[1]
+        g = np.concatenate([rng.integers(0, T + 50, 200), [0, 1, T - 3, T - 2, T - 1, T, 10**6]])
+        p = rng.integers(0, 10**6, g.size)
+        direct = est.remaining(g, None, p)
+        assert est._km[5] is None  # (a small batch: computed per request)
+        est.remaining(np.zeros(S.size, np.int64), None)  # a large one builds the table
+        assert est._km[5] is not None
+        assert np.array_equal(est.remaining(g, None, p), direct)
+        assert direct[-1] == 10**6 and (direct >= 1).all()  # past the data: as long again
+
+
+def test_prompt_buckets_read_from_the_table_equal_the_formula():
+    est = EmpiricalEstimator(by_prompt=True, bins_per_octave=4)
+
+    def formula(p):
+        return 1 + np.floor(4 * np.log2(np.maximum(np.asarray(p, np.float64), 1.0))).astype(np.int64)
+
+    edges = 2 ** np.arange(1, 20)
+    ints = np.concatenate([np.arange(5000), edges - 1, edges, edges + 1, [est.bin_table_max - 1]])
+    assert np.array_equal(est.prompt_bin(ints, ints.size), formula(ints))
+    assert est._bins.size > est.bin_table_max - 1
+    for p in (np.array([-5, 3, 100]), np.array([est.bin_table_max, 7]), np.array([2.5, 1000.0, 0.3])):
+        assert np.array_equal(est.prompt_bin(p, p.size), formula(p))  # (those take the formula)
+    assert np.array_equal(est.prompt_bin(np.zeros(0, np.int64), 0), np.zeros(0, np.int64))
