@@ -196,11 +196,11 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_each.append((t9 - t8) / len(burst))
             t_together.append((t11 - t10) / len(burst))
             t_lagged.append(t13 - t12)
-        else:
-            for xs in (t_whole, t_paused, paused, lagged):
-                xs.clear()
             placed.append(int(pool.sent.sum()) - sent_before)
             free.append(sum(r.free_slots for r in reps))
+        else:  # (the warm-up snapshots)
+            for xs in (t_whole, t_paused, paused, lagged):
+                xs.clear()
     us = lambda xs, q: float(np.percentile(xs, q) * 1e6)  # noqa: E731
     return dict(policy=policy, G=G, B=B, requests=int(G * B * (1 - args.free_frac)),
                 reports_p50_us=us(t_reports, 50), dispatch_p50_us=us(t_dispatch, 50), dispatch_p99_us=us(t_dispatch, 99),
