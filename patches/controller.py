@@ -20,8 +20,9 @@ after new reports but before they are estimated is placed on the previous
 estimate plus everything sent since (`--balancer-view-lag`, default one report
 per rank): with DP attention that is one decode step older, and estimating
 the newest first would make it wait (~6 ms at 256 ranks with 64k requests).
-The idle estimate runs in stages and pauses between two when a message comes,
-so an arrival that lands during it waits for one stage, not the whole.
+The idle estimate runs in stages and pauses between two when a message comes
+from the tokenizer, so an arrival that lands during it waits for one stage, not
+the whole.
 """
 from __future__ import annotations
 
@@ -684,7 +685,10 @@ class BalancedDispatch:
             whole_step = not self._fresh.any() or bool((self._fresh | ~self._active_mask()).all())
             if poller.poll(0 if whole_step else min(timeout, PREPARE_AFTER_QUIET_MS)):
                 return
-            self.prepare(interrupted=lambda: bool(poller.poll(0)))
+            tokenizer = getattr(self.ctrl, "recv_from_tokenizer", None)
+            # (only a message from the tokenizer pauses it: a report would start it over, and
+            # where steps are shorter than the estimate none would ever finish while idle)
+            self.prepare(interrupted=lambda: any(sock is tokenizer for sock, _ in poller.poll(0)))
             timeout = self.poll_timeout_ms()
         poller.poll(timeout)
 

@@ -625,15 +625,18 @@ def test_the_idle_loop_pauses_its_estimate_when_a_message_comes(fake_controller)
                                run_kv=np.array([400, 80]), run_generated=np.array([10, 3]),
                                run_cap=np.array([2000, 2000])) for g in range(4)])
 
-    class Poller:  # nothing waits when the loop goes idle; a message comes as it estimates
+    class Poller:  # nothing waits when the loop goes idle; messages come as it estimates
         def __init__(self, answers):
             self.answers = list(answers)
 
         def poll(self, timeout):
             return self.answers.pop(0) if self.answers else []
 
-    bal.wait_for_messages(Poller([[], [], [("tokenizer", 1)]]))
-    assert bal.stats["paused"] == 1 and bal.stats["prepared"] == 0 and bal.prepare_due()
+    tokenizer = bal.ctrl.recv_from_tokenizer = object()  # (the controller's socket from the tokenizer)
+    poller = Poller([[], [(bal.sock, zmq.POLLIN)], [(tokenizer, zmq.POLLIN)], []])  # (the last: the wait after)
+    bal.wait_for_messages(poller)
+    # a report waiting did not pause it (it would start it over); the tokenizer's message did
+    assert not poller.answers and bal.stats["paused"] == 1 and bal.stats["prepared"] == 0 and bal.prepare_due()
     bal.wait_for_messages(Poller([]))
     assert bal.stats["prepared"] == 1 and not bal.prepare_due()
 
