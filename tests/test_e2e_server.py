@@ -259,6 +259,8 @@ class TestBfioImmediate:
         assert all(x["p99_ms"] is not None for x in lines if x["calls"])
         # (placements before the newest reports were estimated: some, never more than all)
         assert all(x["lagged"] is not None and 0 <= x["lagged"] <= x["calls"] for x in lines)
+        # (idle estimates paused for a message from the tokenizer: counted in every line)
+        assert all(x["paused"] is not None and x["paused"] >= 0 for x in lines)
         print("\n" + STATS_LINE.search(server.log_path.read_text(errors="replace")).group(0))
 
     def test_a_batch_of_prompts_is_placed_in_one_call(self, server):
