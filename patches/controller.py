@@ -403,7 +403,7 @@ class BalancedDispatch:
     def _estimate_stages(self):
         """The estimate of the newest reports, stage by stage (a generator; at G=256
         with 64k requests running: the totals, what runs now, the estimator's refit,
-        every request's estimate; the longest, the refit, about 1.3 ms). Until the last stage
+        every request's estimate; the longest about 1.3 ms). Until the last stage
         ends, the previous estimate stands whole for the placements that may lag: the
         estimator learns on a copy (its arrays are replaced, never written into, so a
         shallow one), adopted with the estimate."""
