@@ -93,6 +93,18 @@ def _cat(arrays, dtype=np.int64) -> np.ndarray:
     return np.concatenate(arrays, dtype=dtype) if arrays else np.zeros(0, dtype)
 
 
+def segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sums of `values` cut into consecutive runs of `counts` (0 for an empty run), in
+    int64: one pass, where a bincount by run would build an index per value and sum
+    in floating point."""
+    out = np.zeros(counts.shape[0], np.int64)
+    nonempty = counts > 0
+    if nonempty.any():
+        starts = np.cumsum(counts) - counts
+        out[nonempty] = np.add.reduceat(np.asarray(values, np.int64), starts[nonempty])
+    return out
+
+
 def _max_new_tokens(req) -> int:
     sp = getattr(req, "sampling_params", None)
     value = getattr(sp, "max_new_tokens", None) if sp is not None else None
@@ -361,14 +373,15 @@ class BalancedDispatch:
         run_kv, run_gen = _cat(r.run_kv for r in reps), _cat(r.run_generated for r in reps)
         wait_prompt = _cat(r.wait_prompt for r in reps)
         at = np.array(ranks, np.int64)
-        run_rank, wait_rank = np.repeat(at, n_run), np.repeat(at, n_wait)
         free, num = np.full(G, DEFAULT_CAPACITY, np.int64), np.zeros(G, np.int64)  # (ranks not reported yet)
+        pending, kv = np.zeros(G, np.int64), np.zeros(G, np.int64)
         free[at], num[at] = [r.free_slots for r in reps], n_run + n_wait
-        pending = np.bincount(wait_rank, weights=wait_prompt, minlength=G).astype(np.int64)
-        self._totals = _Reported(free=free, num=num, pending=pending,
-                                 kv=np.bincount(run_rank, weights=run_kv, minlength=G).astype(np.int64) + pending,
+        pending[at] = segment_sums(wait_prompt, n_wait)
+        kv[at] = segment_sums(run_kv, n_run) + pending[at]
+        self._totals = _Reported(free=free, num=num, pending=pending, kv=kv,
                                  slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None),
-                                 parts=(reps, run_kv, run_gen, wait_prompt, run_rank, wait_rank))
+                                 parts=(reps, run_kv, run_gen, wait_prompt, np.repeat(at, n_run),
+                                        np.repeat(at, n_wait)))
         return self._totals
 
     def _reported_state(self, lagged_ok: bool = False) -> "_Reported":

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from sglang_ext.plugin import config
-from sglang_ext.patches.controller import read_stats, request_row
+from sglang_ext.patches.controller import read_stats, request_row, segment_sums
 from sglang_ext.plugin.protocol import RankReport, recv_reports, request_types
 
 pytest.importorskip("sglang")
@@ -1087,3 +1087,14 @@ def test_ignore_eos_requests_run_to_their_cap_and_teach_the_estimator_nothing(fa
                      run_generated=np.array([2]), run_cap=np.array([64]))
     old.run_exact = np.zeros(0, bool)
     assert old.exact("run").tolist() == [False]
+
+
+def test_segment_sums_equal_a_sum_per_run_empty_runs_included():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        counts = rng.integers(0, 4, int(rng.integers(1, 12))) * rng.integers(0, 2, 1)  # (all empty, sometimes)
+        values = rng.integers(0, 1 << 40, int(counts.sum()))
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        want = [int(values[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        got = segment_sums(values, counts)
+        assert got.dtype == np.int64 and got.tolist() == want
