@@ -618,8 +618,9 @@ def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake
 
 
 def test_the_idle_loop_pauses_its_estimate_when_a_message_comes(fake_controller):
-    # wait_for_messages hands prepare a question that polls the sockets: a message that
-    # comes while it estimates stops it at the next stage, and the next idle turn goes on.
+    # wait_for_messages hands prepare a question that polls for a message from the
+    # tokenizer: one that comes while it estimates stops it at the next stage, and the
+    # next idle turn goes on.
     bal, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
     bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
                                run_kv=np.array([400, 80]), run_generated=np.array([10, 3]),
