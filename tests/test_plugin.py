@@ -1099,3 +1099,39 @@ def test_segment_sums_equal_a_sum_per_run_empty_runs_included():
         want = [int(values[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
         got = segment_sums(values, counts)
         assert got.dtype == np.int64 and got.tolist() == want
+
+
+def test_warm_up_at_startup_changes_no_placement_and_never_fails_the_start(fake_controller, monkeypatch, caplog):
+    # A tiny placement on a made-up view when the controller starts (torch's first calls
+    # are slow); the controller's own state is not touched, so placements are the same.
+    from sglang_ext.patches.controller import BalancedDispatch
+
+    calls = []
+    real = BalancedDispatch._warm_up
+    monkeypatch.setattr(BalancedDispatch, "_warm_up", lambda self: calls.append(1) or real(self))
+    warm, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    assert calls == [1] and warm._reported is None and warm.stats["placements"] == 0
+    monkeypatch.setattr(BalancedDispatch, "_warm_up", lambda self: None)
+    cold, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    rng = np.random.default_rng(7)
+    for step in range(1, 4):
+        reps = [RankReport(dp_rank=g, step=step, received=0, free_slots=70, slot_limit=72,
+                           run_kv=rng.integers(10, 3000, 3), run_generated=rng.integers(1, 9, 3),
+                           run_cap=np.full(3, 2000), finished_lengths=rng.integers(1, 500, 4),
+                           finished_prompts=rng.integers(10, 3000, 4)) for g in range(4)]
+        for b in (warm, cold):
+            b.on_reports(reps)
+        for i in range(3):
+            for b in (warm, cold):
+                b.dispatch(_req(100 + 300 * i, max_new=400))
+            assert sent[-1][0] == sent[-2][0]
+    assert len({g for g, _ in sent}) > 1
+
+    def broken(self, *a, **k):
+        raise RuntimeError("no projection today")
+
+    monkeypatch.setattr(BalancedDispatch, "_warm_up", real)
+    monkeypatch.setattr(type(warm.policy), "assign", broken)
+    with caplog.at_level(logging.WARNING, logger="sglang_ext.patches.controller"):
+        fake_controller("bfio")  # starts all the same
+    assert "warming up the bfio policy failed (no projection today)" in caplog.text
