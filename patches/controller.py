@@ -272,34 +272,35 @@ class BalancedDispatch:
         view, the next 0.5-0.7), which the first request would pay: until one runs the
         idle loop has nothing to project. The controller's state is not read or
         written, and the policy is reset after."""
-        from sglang_ext.policies import Candidates, ClusterView
+        from sglang_ext.policies import ClusterView
 
-        G, one = self.num_ranks, np.ones(self.num_ranks, np.int64)
+        one = np.ones(self.num_ranks, np.int64)
         try:
-            view = ClusterView(free_slots=one, kv_tokens=10 * one, num_requests=one, req_rank=np.arange(G),
-                               req_kv=10 * one, req_remaining=5 * one)
-            self.policy.assign(view, Candidates(prompt_len=[5], output_est=[5]), must_place=True)
+            self._tiny_placement(ClusterView(free_slots=one, kv_tokens=10 * one, num_requests=one))
         except Exception as exc:  # noqa: BLE001  (a slower first request, nothing worse)
             logger.warning("sglang-ext: warming up the %s policy failed (%s)", self.cfg.policy, exc)
         self.policy.reset()
 
+    def _tiny_placement(self, view, to=lambda x: x) -> None:
+        """One request running on every rank (its arrays passed through `to`, e.g. onto the
+        GPU), one candidate placed: what startup runs through the policy."""
+        from sglang_ext.policies import Candidates
+
+        G = self.num_ranks
+        view.projection_cache = None  # (its requests are these, not the reported ones)
+        view.req_rank, view.req_kv, view.req_remaining = (
+            to(x) for x in (np.arange(G, dtype=np.int64), np.full(G, 10, np.int64), np.full(G, 5, np.int64)))
+        self.policy.assign(view, Candidates(prompt_len=[5], output_est=[5]), must_place=True)
+
     def _cuda_projection_works(self) -> bool:
         """One tiny placement with CUDA inputs at startup, so a broken GPU path falls back to
         CPU here instead of failing requests later."""
-        from sglang_ext.policies import Candidates
-
         try:
             import torch
 
             if not torch.cuda.is_available():
                 raise RuntimeError("torch.cuda.is_available() is False in the controller")
-            G = self.num_ranks
-            view = self.build_view()
-            view.projection_cache = None  # (its requests are these, not the reported ones)
-            view.req_rank = torch.arange(G, device="cuda")
-            view.req_kv = torch.full((G,), 10, dtype=torch.int64, device="cuda")
-            view.req_remaining = torch.full((G,), 5, dtype=torch.int64, device="cuda")
-            self.policy.assign(view, Candidates(prompt_len=[5], output_est=[5]), must_place=True)
+            self._tiny_placement(self.build_view(), to=lambda x: torch.as_tensor(x, device="cuda"))
             return True
         except Exception as exc:  # noqa: BLE001
             logger.warning("sglang-ext: --balancer-device cuda unusable (%s); projecting on cpu", exc)

@@ -287,7 +287,7 @@ def controller_summary(policy: str, stats: list[dict]) -> str:
     """One line from a server's controller stats lines (`read_stats`)."""
     if not stats:
         return f"[{policy}] controller: no stats line in the server log"
-    total = {k: sum(x.get(k) or 0 for x in stats) for k in ("placed", "calls", "lagged", "reports", "prepared", "paused")}
+    total = {k: sum(x[k] or 0 for x in stats) for k in ("placed", "calls", "lagged", "reports", "prepared", "paused")}
     line = (f"[{policy}] controller: {total['placed']} requests placed in {total['calls']} placement calls "
             f"({total['lagged']} on the previous estimate); "
             f"{total['reports']} rank reports, estimated {total['prepared']} times while idle "
