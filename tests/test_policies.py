@@ -209,16 +209,42 @@ def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
         S = gain[:, None] - (rng.random((n, m)) < 0.3) * rng.integers(0, 40, (n, m))
         S[rng.random(n) < (0.9 if trial % 5 == 0 else 0.2)] = _NEG  # taken candidates
         live = np.arange(100, 100 + m)
-        js, gs = p._match_round(S, live)
+        js, gs = p._match_round(np.ascontiguousarray(S.T), live)  # (it takes the scores rank-major)
         fj, fr = linear_sum_assignment(S, maximize=True)
         keep = S[fj, fr] > _NEG / 2
         assert len(set(js.tolist())) == js.size and len(set(gs.tolist())) == gs.size
         assert S[js, gs - 100].sum() == pytest.approx(S[fj[keep], fr[keep]].sum(), rel=1e-12, abs=1e-9)
         assert js.size == keep.sum()
-        rows = p._matchable(S)
-        pruned += rows is not None and rows.size < n
+        cols = p._matchable(np.ascontiguousarray(S.T))
+        pruned += cols is not None and cols.size < n
     assert pruned > 30  # (the pruning did shrink most of these problems)
-    assert p._matchable(np.zeros((511, 8))) is None and p._matchable(np.zeros((600, 200))) is None
+    assert p._matchable(np.zeros((8, 511))) is None and p._matchable(np.zeros((200, 600))) is None
+
+
+def test_bfio_round_matching_is_the_candidate_major_solvers_pair_for_pair():
+    # Scores are kept rank-major; below the pruning size the round's matching must be
+    # the one the solver gives on (candidates, ranks), ties and all, in every shape
+    # (square included, where the solver does not transpose), so placements do not
+    # depend on the layout.
+    from scipy.optimize import linear_sum_assignment
+
+    from sglang_ext.policies.bfio import _NEG
+
+    p = make_policy("bfio")
+    rng = np.random.default_rng(11)
+    for n, m in [(6, 6), (40, 40), (30, 12), (12, 30), (1, 5), (5, 1), (200, 64)]:
+        for _ in range(5):
+            S = rng.integers(0, 4, (n, m)).astype(np.float64)  # many ties
+            S[rng.random(n) < 0.2] = _NEG
+            js, gs = p._match_round(np.ascontiguousarray(S.T), np.arange(m))
+            fj, fr = linear_sum_assignment(S, maximize=True)
+            keep = S[fj, fr] > _NEG / 2
+            assert sorted(zip(js.tolist(), gs.tolist())) == sorted(zip(fj[keep].tolist(), fr[keep].tolist()))
+    for parallel in (True, False):  # the sequential greedy: the first best pair, candidates first
+        q = make_policy("bfio", parallel=parallel)
+        S = np.array([[1.0, 3.0], [3.0, 3.0], [0.0, 1.0]])
+        js, gs = q._match_round(np.ascontiguousarray(S.T), np.array([7, 9]))
+        assert sorted(zip(js.tolist(), gs.tolist())) == ([(0, 9), (1, 7)] if parallel else [(0, 9)])
 
 
 @pytest.mark.parametrize("spec", ["fcfs", "round_robin", "jsq", "total_requests", "total_tokens", "power_of_two", "bfio",

@@ -504,21 +504,25 @@ class BFIO(Policy):
         score = w . (reward * x_j - overflow_penalty * rise of the envelope).
 
         Rounds: one candidate per rank with a free slot, matched greedily by
-        score (`_match_round`); then the changed columns are rescored (all of
+        score (`_match_round`); then the changed ranks are rescored (all of
         them when the envelope rose)."""
         n, G = X.shape[0], L.shape[1]
         w = hz.w
         gain = self.reward * weighted_rows(X, w)
         pen = G if self.overflow is None else self.overflow
         # Scoring runs in float32, h-major, on the horizon's evaluation points:
-        # the (points, n, k) temporaries then stay in cache (several times
+        # the (points, k, n) temporaries then stay in cache (several times
         # faster than float64 over every step at G=32, H=20). Scores read the
         # loads and the envelope at those points only, so only those rows are
         # kept up to date (with a long horizon, 16 rows instead of 201).
+        # The scores are kept rank-major, (G, n): a rescored rank is one
+        # contiguous row (a column scatter into (n, G) cost as much as the
+        # scoring itself at G=256), and the assignment solver takes the
+        # (ranks, candidates) matrix as it would transpose (candidates, ranks).
         pts, w32 = hz.pts, hz.wpts
         Lp = L[pts]  # (points, G) float64
         E = Lp.max(axis=1) if floor is None else np.maximum(Lp.max(axis=1), floor[pts])
-        S = np.full((n, G), _NEG)
+        ST = np.full((G, n), _NEG)
         taken = np.zeros(n, bool)
         XT = X.T[pts]  # (points, n) float64: the loads' updates
         XT32 = XT.astype(np.float32)  # the scores' operand
@@ -529,17 +533,17 @@ class BFIO(Policy):
             if live.size == 0 or taken.all():
                 break
             if stale.size:
-                gap = A[:, :, None] + Lp[:, None, stale].astype(np.float32)  # (points, n, k)
+                gap = Lp[:, stale, None].astype(np.float32) + A[:, None, :]  # (points, k, n)
                 np.maximum(gap, 0.0, out=gap)
-                rise = weighted_sum(w32, gap).reshape(n, stale.size)
-                S[:, stale] = gain[:, None] - pen * rise  # taken rows have gain _NEG
-            js, gs = self._match_round(S[:, live], live)
+                rise = weighted_sum(w32, gap).reshape(stale.size, n)
+                ST[stale] = gain - pen * rise  # taken candidates have gain _NEG
+            js, gs = self._match_round(ST[live], live)
             if js.size == 0:
                 break
             out[js] = gs
             taken[js] = True
             gain[js] = _NEG
-            S[js] = _NEG
+            ST[:, js] = _NEG
             Lp[:, gs] += XT[:, js]
             free[gs] -= 1
             newE = np.maximum(E, Lp[:, gs].max(axis=1))
@@ -551,28 +555,33 @@ class BFIO(Policy):
                 stale = gs[free[gs] > 0]
         return out
 
-    def _match_round(self, S: np.ndarray, live: np.ndarray):
-        """Match candidates to ranks (at most one each) for the best total
-        score. Without `parallel`: only the single best pair (the exact
-        sequential greedy, one rescoring per placement)."""
+    def _match_round(self, ST: np.ndarray, live: np.ndarray):
+        """Match ranks (rows of ST, the open ranks `live`) to candidates
+        (columns), at most one each, for the best total score. Without
+        `parallel`: only the single best pair (the exact sequential greedy,
+        one rescoring per placement). Returns (candidates, ranks)."""
         if not self.parallel:
-            flat = int(np.argmax(S))
-            j, r = divmod(flat, S.shape[1])
-            if S[j, r] <= _NEG / 2:
+            flat = int(np.argmax(ST.T))  # (ties: the first candidate, then the first rank)
+            j, r = divmod(flat, ST.shape[0])
+            if ST[r, j] <= _NEG / 2:
                 return np.zeros(0, np.int64), np.zeros(0, np.int64)
             return np.array([j], np.int64), live[[r]].astype(np.int64)
         # Best total score with each candidate and each rank used at most once
         # (a rectangular assignment problem, solved in C by scipy); pairs left
         # at the _NEG sentinel (taken candidates) are dropped.
-        rows = self._matchable(S)
-        js, rs = linear_sum_assignment(S if rows is None else S[rows], maximize=True)
-        if rows is not None:
-            js = rows[js]
-        keep = S[js, rs] > _NEG / 2
+        cols = self._matchable(ST)
+        M = ST if cols is None else ST[:, cols]
+        if M.shape[0] < M.shape[1]:
+            rs, js = linear_sum_assignment(M, maximize=True)
+        else:  # as (candidates, ranks), as the solver sees any square or taller problem
+            js, rs = linear_sum_assignment(M.T, maximize=True)
+        if cols is not None:
+            js = cols[js]
+        keep = ST[rs, js] > _NEG / 2
         js, rs = js[keep], rs[keep]
         return js.astype(np.int64), live[rs].astype(np.int64)
 
-    def _matchable(self, S: np.ndarray) -> np.ndarray | None:
+    def _matchable(self, ST: np.ndarray) -> np.ndarray | None:
         """For a large problem (n candidates >= prune_after and >= 4 per rank), the
         candidates among some rank's m best (m ranks; ties at the m-th included);
         None: all. Some optimal matching uses only those: a rank matched outside
@@ -581,10 +590,9 @@ class BFIO(Policy):
         the full problem's (at G=256 the problem shrinks from 1,024 candidates to
         a few hundred, and the solver's time with it); among equal-score
         matchings (a candidate that lifts no rank's envelope scores the same on
-        every rank where it fits) it may pick another."""
-        n, m = S.shape
+        every rank where it fits) it may pick another. ST: (m ranks, n candidates)."""
+        m, n = ST.shape
         if not self.prune_after or n < self.prune_after or n < 4 * m:
             return None
-        St = np.ascontiguousarray(S.T)  # (m, n): each rank's scores in a row
-        nth = np.partition(St, n - m, axis=1)[:, n - m]  # each rank's m-th best
-        return np.flatnonzero((St >= nth[:, None]).any(axis=0))
+        nth = np.partition(ST, n - m, axis=1)[:, n - m]  # each rank's m-th best
+        return np.flatnonzero((ST >= nth[:, None]).any(axis=0))
