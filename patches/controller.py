@@ -63,6 +63,10 @@ STATS_LINE = re.compile(
 ARRIVALS_PER_CALL = 64
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
+#: the numbers kept of each rank's newest report (`BalancedDispatch._rank_totals`): free
+#: slots, running and waiting requests, the running requests' KV tokens, the waiting
+#: ones' prompt tokens, and the rank's slot limit (0: unknown)
+RANK_TOTALS = ("free", "running", "waiting", "run_kv", "pending", "slot_limit")
 #: an inactive rank looks this loaded, so a must-place rule never picks it
 _INACTIVE_LOAD = np.int64(1) << 50
 
@@ -91,18 +95,6 @@ def _resolve_device(device: str, num_ranks: int) -> str:
 def _cat(arrays, dtype=np.int64) -> np.ndarray:
     arrays = list(arrays)
     return np.concatenate(arrays, dtype=dtype) if arrays else np.zeros(0, dtype)
-
-
-def segment_sums(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Sums of `values` cut into consecutive runs of `counts` (0 for an empty run), in
-    int64: one pass, where a bincount by run would build an index per value and sum
-    in floating point."""
-    out = np.zeros(counts.shape[0], np.int64)
-    nonempty = counts > 0
-    if nonempty.any():
-        starts = np.cumsum(counts) - counts
-        out[nonempty] = np.add.reduceat(np.asarray(values, np.int64), starts[nonempty])
-    return out
 
 
 def _max_new_tokens(req) -> int:
@@ -181,9 +173,6 @@ class _Reported:
     req_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # what the policy computes once from the reported requests (`ClusterView.projection_cache`)
     projection_cache: dict = field(default_factory=dict)
-    # the reports and their requests concatenated: (reports, run_kv, run_generated,
-    # wait_prompt, run_rank, wait_rank), what `_estimate_requests` reads
-    parts: tuple = ()
 
 
 class BalancedDispatch:
@@ -200,6 +189,11 @@ class BalancedDispatch:
 
         G = self.num_ranks
         self.reports: list[RankReport | None] = [None] * G
+        # Each rank's newest report in numbers (RANK_TOTALS; ranks that have not reported
+        # at their defaults), kept as reports come (~1 us each), so the per-rank totals an
+        # arrival reads are one (G, 6) array, not a pass over every report and every
+        # request (`_newest_totals`).
+        self._rank_totals: list[tuple[int, ...]] = [(DEFAULT_CAPACITY, 0, 0, 0, 0, 0)] * G
         self.acked = np.zeros(G, dtype=np.int64)  # cumulative requests each rank said it received
         self.sent = np.zeros(G, dtype=np.int64)  # cumulative requests sent to each rank
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
@@ -318,6 +312,9 @@ class BalancedDispatch:
             if prev is not None and rep.step < prev.step and rep.received <= prev.received:
                 continue  # stale
             self.reports[g] = rep
+            n_run, n_wait = len(rep.run_kv), len(rep.wait_prompt)
+            self._rank_totals[g] = (rep.free_slots, n_run, n_wait, int(rep.run_kv.sum()) if n_run else 0,
+                                    int(rep.wait_prompt.sum()) if n_wait else 0, rep.slot_limit)
             self._totals = None
             self._fresh[g] = True
             self._behind[g] += 1
@@ -362,10 +359,13 @@ class BalancedDispatch:
         """Requests sent but not acknowledged when the current estimate was built (or,
         unacked_only, by the newest reports): an (n, 3) array of (prompt_len,
         max_new_tokens, ignore_eos), rank by rank, and each rank's row count."""
-        queues = [self.unacked(g) for g in range(self.num_ranks)] if unacked_only else self.inflight
-        counts = np.fromiter((len(q) for q in queues), np.int64, self.num_ranks)
-        rows = np.array([t for q in queues for t in q], dtype=np.int64).reshape(-1, 3)
-        return rows, counts
+        held = np.fromiter((len(q) for q in self.inflight), np.int64, self.num_ranks)
+        if not unacked_only:
+            return np.array([t for q in self.inflight for t in q], dtype=np.int64).reshape(-1, 3), held
+        # (only the ranks still holding some: at G=256 a pass over every deque is most of it)
+        counts = np.maximum(held - np.maximum(self.acked - self._est_acked, 0), 0)
+        rows = [t for g in np.flatnonzero(counts).tolist() for t in self.unacked(g)]
+        return np.array(rows, dtype=np.int64).reshape(-1, 3), counts
 
     def unacked(self, g: int) -> list[tuple[int, int, bool]]:
         """Rank g's requests not acknowledged by its newest report, oldest first."""
@@ -381,28 +381,26 @@ class BalancedDispatch:
 
     def _newest_totals(self) -> "_Reported":
         """The newest reports' per-rank totals (ranks that have not reported at their
-        defaults), and in `parts` their requests concatenated for the estimate. Nothing
-        estimated, so cheap; kept until the next reports."""
+        defaults), from the numbers kept as they came: nothing concatenated, nothing
+        estimated, so cheap (an arrival placed on the previous estimate reads them);
+        kept until the next reports."""
         if self._totals is not None:
             return self._totals
-        G = self.num_ranks
+        free, n_run, n_wait, run_kv, pending, limit = np.array(self._rank_totals, np.int64).T
+        self._totals = _Reported(free=free.copy(), num=n_run + n_wait, pending=pending.copy(), kv=run_kv + pending,
+                                 slot_limit=int(limit.max()) if limit.max() > 0 else None)
+        return self._totals
+
+    def _concatenated(self) -> tuple:
+        """The newest reports and their requests, all ranks concatenated, what the estimate
+        reads: (reports, run_kv, run_generated, wait_prompt, run_rank, wait_rank)."""
         ranks = [g for g, r in enumerate(self.reports) if r is not None]
         reps = [self.reports[g] for g in ranks]
-        n_run = np.array([r.run_kv.shape[0] for r in reps], np.int64)
-        n_wait = np.array([r.wait_prompt.shape[0] for r in reps], np.int64)
-        run_kv, run_gen = _cat(r.run_kv for r in reps), _cat(r.run_generated for r in reps)
-        wait_prompt = _cat(r.wait_prompt for r in reps)
         at = np.array(ranks, np.int64)
-        free, num = np.full(G, DEFAULT_CAPACITY, np.int64), np.zeros(G, np.int64)  # (ranks not reported yet)
-        pending, kv = np.zeros(G, np.int64), np.zeros(G, np.int64)
-        free[at], num[at] = [r.free_slots for r in reps], n_run + n_wait
-        pending[at] = segment_sums(wait_prompt, n_wait)
-        kv[at] = segment_sums(run_kv, n_run) + pending[at]
-        self._totals = _Reported(free=free, num=num, pending=pending, kv=kv,
-                                 slot_limit=max((r.slot_limit for r in reps if r.slot_limit > 0), default=None),
-                                 parts=(reps, run_kv, run_gen, wait_prompt, np.repeat(at, n_run),
-                                        np.repeat(at, n_wait)))
-        return self._totals
+        n_run = np.array([self._rank_totals[g][1] for g in ranks], np.int64)
+        n_wait = np.array([self._rank_totals[g][2] for g in ranks], np.int64)
+        return (reps, _cat(r.run_kv for r in reps), _cat(r.run_generated for r in reps),
+                _cat(r.wait_prompt for r in reps), np.repeat(at, n_run), np.repeat(at, n_wait))
 
     def _reported_state(self, lagged_ok: bool = False) -> "_Reported":
         """The reports' per-rank totals and every reported request (running, then
@@ -441,12 +439,13 @@ class BalancedDispatch:
         estimator learns on a copy (its arrays are replaced, never written into, so a
         shallow one), adopted with the estimate."""
         self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
-        state = self._newest_totals()  # the reports concatenated, the per-rank totals
+        state = self._newest_totals()
+        parts = self._concatenated() if self.policy.needs_requests else None
         yield
         est = copy.copy(self.estimator)
         self._learn_finished(est)
         if self.policy.needs_requests:
-            estimate = self._observe_requests(est, state, *state.parts)
+            estimate = self._observe_requests(est, state, *parts)
             yield
             est.fit()  # (the refit, when one is due, else a no-op)
             yield

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from sglang_ext.plugin import config
-from sglang_ext.patches.controller import read_stats, request_row, segment_sums
+from sglang_ext.patches.controller import read_stats, request_row
 from sglang_ext.plugin.protocol import RankReport, recv_reports, request_types
 
 pytest.importorskip("sglang")
@@ -1090,15 +1090,45 @@ def test_ignore_eos_requests_run_to_their_cap_and_teach_the_estimator_nothing(fa
     assert old.exact("run").tolist() == [False]
 
 
-def test_segment_sums_equal_a_sum_per_run_empty_runs_included():
+def test_the_per_rank_totals_kept_as_reports_come_are_the_newest_reports_sums(fake_controller):
+    # The totals an arrival reads are kept per rank as reports come: they must equal the
+    # newest report's numbers recomputed from its requests, whatever the order of the
+    # reports, a stale one (ignored), a rank that never reported (its defaults) and
+    # arrays that are not int64; and the estimate concatenates the same requests.
+    from sglang_ext.patches.controller import DEFAULT_CAPACITY
+
+    bal, _ = fake_controller("bfio", ranks=5)
     rng = np.random.default_rng(3)
-    for _ in range(50):
-        counts = rng.integers(0, 4, int(rng.integers(1, 12))) * rng.integers(0, 2, 1)  # (all empty, sometimes)
-        values = rng.integers(0, 1 << 40, int(counts.sum()))
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        want = [int(values[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-        got = segment_sums(values, counts)
-        assert got.dtype == np.int64 and got.tolist() == want
+    newest = {}
+    for step in range(1, 40):
+        g = int(rng.integers(0, 4))  # (rank 4 never reports)
+        n_run, n_wait = int(rng.integers(0, 6)), int(rng.integers(0, 3))
+        dtype = (np.int64, np.int32)[step % 2]
+        rep = RankReport(dp_rank=g, step=step, received=step, free_slots=int(rng.integers(0, 9)),
+                         run_kv=rng.integers(1, 1 << 31, n_run).astype(dtype),
+                         run_generated=np.ones(n_run, np.int64), run_cap=np.full(n_run, 64),
+                         wait_prompt=rng.integers(1, 1 << 31, n_wait).astype(dtype), wait_cap=np.full(n_wait, 64),
+                         slot_limit=int(rng.integers(0, 3)) * 8)
+        bal.on_reports([rep])
+        newest[g] = rep
+        if step % 7 == 0:  # a stale report (older step, fewer received) changes nothing
+            bal.on_reports([RankReport(dp_rank=g, step=step - 5, received=0, free_slots=99,
+                                       run_kv=np.array([10 ** 9]), run_generated=np.ones(1, np.int64),
+                                       run_cap=np.full(1, 64))])
+        t = bal._newest_totals()
+        for r in range(5):
+            rp = newest.get(r)
+            kv = int(np.sum(rp.run_kv, dtype=np.int64)) if rp else 0
+            pend = int(np.sum(rp.wait_prompt, dtype=np.int64)) if rp else 0
+            assert t.free[r] == (rp.free_slots if rp else DEFAULT_CAPACITY)
+            assert (t.kv[r], t.pending[r], t.num[r]) == (kv + pend, pend, (rp.num_requests if rp else 0))
+        limits = [rp.slot_limit for rp in newest.values() if rp.slot_limit > 0]
+        assert t.slot_limit == (max(limits) if limits else None)
+        assert t.kv.dtype == np.int64 and t.free.dtype == np.int64
+    reps, run_kv, _, wait_prompt, run_rank, wait_rank = bal._concatenated()
+    assert np.bincount(run_rank, weights=run_kv, minlength=5)[:4].tolist() == [
+        float(np.sum(newest[r].run_kv, dtype=np.int64)) for r in range(4)]
+    assert np.bincount(wait_rank, minlength=5).tolist() == [newest[r].wait_prompt.size for r in range(4)] + [0]
 
 
 def test_warm_up_at_startup_changes_no_placement_and_never_fails_the_start(fake_controller, monkeypatch, caplog):
