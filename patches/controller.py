@@ -190,7 +190,7 @@ class BalancedDispatch:
         G = self.num_ranks
         self.reports: list[RankReport | None] = [None] * G
         # Each rank's newest report in numbers (RANK_TOTALS; ranks that have not reported
-        # at their defaults), kept as reports come (~1 us each), so the per-rank totals an
+        # at their defaults), kept as reports come (~1.4 us each), so the per-rank totals an
         # arrival reads are one (G, 6) array, not a pass over every report and every
         # request (`_newest_totals`).
         self._rank_totals: list[tuple[int, ...]] = [(DEFAULT_CAPACITY, 0, 0, 0, 0, 0)] * G
@@ -217,7 +217,6 @@ class BalancedDispatch:
         self._to_learn: tuple[list, list] = ([], [])  # finished lengths (and prompts) not yet learned
         # the estimate in progress (`_estimate_stages`), and the report count it started at
         self._estimate, self._estimate_of = None, 0
-        self._unwarmed = False  # an estimate made while idle whose projection is not computed yet
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0,
                       "paused": 0, "placements": 0, "lagged": 0}
         # for the periodic stats line (log_stats): the counters when it was last written,
@@ -434,10 +433,11 @@ class BalancedDispatch:
     def _estimate_stages(self):
         """The estimate of the newest reports, stage by stage (a generator; at G=256
         with 64k requests running: the totals, what runs now, the estimator's refit,
-        every request's estimate; the longest about 1.3 ms). Until the last stage
-        ends, the previous estimate stands whole for the placements that may lag: the
-        estimator learns on a copy (its arrays are replaced, never written into, so a
-        shallow one), adopted with the estimate."""
+        every request's estimate, what the policy reads of them; the longest about
+        1.3 ms). Until the last stage ends, the previous estimate stands whole for
+        the placements that may lag: the estimator learns on a copy (its arrays are
+        replaced, never written into, so a shallow one), adopted with the estimate,
+        and the policy's projection goes into the new estimate's own cache."""
         self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
         state = self._newest_totals()
         parts = self._concatenated() if self.policy.needs_requests else None
@@ -450,10 +450,34 @@ class BalancedDispatch:
             est.fit()  # (the refit, when one is due, else a no-op)
             yield
             estimate()
+            yield
+            self._warm(state)
         self.estimator, self._to_learn = est, ([], [])
         self._drop_acknowledged()  # (built: the reports now hold them)
         self._behind[:] = 0
         self._reported = state
+
+    def _warm(self, state: "_Reported") -> None:
+        """Let the policy compute what it reads of the estimated requests (bfio: their
+        projection's counts) into the estimate's cache, ahead of the next placement,
+        which then adds only what is in flight. A failure costs that placement the
+        work, nothing else: logged, and the estimate stands."""
+        from sglang_ext.policies import ClusterView
+
+        arrays = [state.req_rank, state.req_kv, state.req_remaining]
+        if self.device == "cuda":
+            import torch
+
+            arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
+        view = ClusterView(free_slots=state.free, kv_tokens=state.kv, num_requests=state.num,
+                           req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
+                           pending_prefill=state.pending, slot_limit=state.slot_limit, active=self._active_mask(),
+                           projection_cache=state.projection_cache, cached_requests=state.req_rank.shape[0])
+        try:
+            self.policy.warm(view, must_place=not self.pool_mode)
+        except Exception:  # noqa: BLE001
+            logger.exception("sglang-ext: the %s policy's projection of the reported requests failed",
+                             self.cfg.policy)
 
     def _drop_acknowledged(self) -> None:
         """Cut the in-flight deques to what the newest reports have not acknowledged."""
@@ -675,7 +699,7 @@ class BalancedDispatch:
 
     def prepare_due(self) -> bool:
         """Whether `prepare` has work: new reports, or an estimate it paused."""
-        return bool(self._fresh.any()) or self._estimate is not None or self._unwarmed
+        return bool(self._fresh.any()) or self._estimate is not None
 
     def prepare(self, interrupted=None) -> bool:
         """Estimate what the reports say now, and let the policy compute what it reads of
@@ -687,19 +711,10 @@ class BalancedDispatch:
         if not self.prepare_due():  # (nothing new: `_reported` is current, or was tried)
             return False
         try:
-            if self._estimate is not None or self._fresh.any():
-                if not self._advance_estimate(interrupted):
-                    self.stats["paused"] += 1
-                    return False
-                self._unwarmed = True
-            if interrupted is not None and interrupted():
+            if not self._advance_estimate(interrupted):
                 self.stats["paused"] += 1
                 return False
-            self._unwarmed = False
-            # and what the policy reads of the reported requests (bfio: their projection)
-            self.policy.warm(self.build_view(), must_place=not self.pool_mode)
         except Exception:  # noqa: BLE001  (the next placement retries it and falls back if it fails)
-            self._unwarmed = False
             logger.exception("sglang-ext: estimating the ranks' reports failed")
             return False
         self.stats["prepared"] += 1

@@ -587,16 +587,22 @@ def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake
         b.on_reports(batch(2))
     for k in range(4):  # a message at each question: after the totals, what runs, the fit, the estimates
         assert not paused.prepare(interrupted=after(1)) and paused.prepare_due()
-        assert paused._reported is first if k < 3 else paused._reported is not first
-        assert paused.estimator._seen.size == (24 if k < 3 else 48)  # (step 2's lengths: learned with it)
-        if k < 3:  # placed meanwhile on the previous estimate, as it would be had it not started
-            paused.dispatch(_req(300 + k, max_new=500))
-            straight.dispatch(_req(300 + k, max_new=500))
-            assert sent[-1][0] == sent[-2][0]
-    assert paused.stats["paused"] == 4 and paused.stats["lagged"] == 3
+        assert paused._reported is first  # (the projection, the last stage, is the new estimate's own)
+        assert paused.estimator._seen.size == 24  # (step 2's lengths: learned with it)
+        # placed meanwhile on the previous estimate, as it would be had it not started
+        paused.dispatch(_req(300 + k, max_new=500))
+        straight.dispatch(_req(300 + k, max_new=500))
+        assert sent[-1][0] == sent[-2][0]
+    assert paused.stats["paused"] == 4 and paused.stats["lagged"] == 4
+    assert first.projection_cache and not paused._totals.projection_cache  # (the one in progress: not projected yet)
     assert paused.prepare() and not paused.prepare_due() and straight.prepare()
     assert paused.estimator._seen.size == straight.estimator._seen.size == 48  # each length learned once
     assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+    # the projection went into the new estimate's cache, and equals one computed afresh
+    assert paused._reported.projection_cache.keys() == straight._reported.projection_cache.keys() != set()
+    for key, (cnt, kvs) in paused._reported.projection_cache.items():
+        want = straight._reported.projection_cache[key]
+        assert np.array_equal(cnt, want[0]) and np.array_equal(kvs, want[1])
 
     # paused after the fit, then the next step's reports: started over on them
     for b in (paused, straight):
@@ -615,6 +621,34 @@ def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake
     pool.dispatch(_req(100, max_new=300))
     pool.release_pool()
     assert pool._reported is not None and pool._estimate is None and pool.stats["lagged"] == 0
+
+
+def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_work(fake_controller, caplog):
+    # The estimate's last stage lets the policy project the estimated requests into the
+    # new estimate's cache; when that fails the estimate still stands (logged), and the
+    # next placement projects them itself, with the same result as a controller whose
+    # projection worked.
+    bad, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    good, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    reps = [RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                       run_kv=np.array([400 + 300 * g, 80]), run_generated=np.array([10, 3]),
+                       run_cap=np.array([2000, 2000])) for g in range(4)]
+
+    def broken(view, must_place):
+        raise RuntimeError("projection broke")
+
+    bad.policy.warm = broken
+    with caplog.at_level(logging.ERROR):
+        for b in (bad, good):
+            b.on_reports(reps)
+            assert b.prepare()
+    assert "projection of the reported requests failed" in caplog.text and "projection broke" in caplog.text
+    assert not bad._reported.projection_cache and good._reported.projection_cache
+    for prompt in (500, 20, 1200):
+        bad.dispatch(_req(prompt, max_new=300))
+        good.dispatch(_req(prompt, max_new=300))
+        assert sent[-1][0] == sent[-2][0]
+    assert bad._reported.projection_cache  # (the placement projected them, and kept it)
 
 
 def test_the_idle_loop_pauses_its_estimate_when_a_message_comes(fake_controller):
