@@ -447,7 +447,7 @@ class BalancedDispatch:
         if self.policy.needs_requests:
             estimate = self._observe_requests(est, state, *parts)
             yield
-            est.fit()  # (the refit, when one is due, else a no-op)
+            yield from est.fit_stages()  # (the refit, when one is due, else a no-op)
             yield
             estimate()
             yield

@@ -314,6 +314,37 @@ def test_background_keeps_small_fits_inline():
     assert bg._pending is None and bg._new == 0  # refit at once, in this thread
 
 
+@pytest.mark.parametrize("name", ["empirical", "empirical-prompt"])
+def test_fit_stages_yields_between_the_refits_passes_and_ends_with_fits_fit(name):
+    # The controller's idle estimate refits through fit_stages, stopping between two of
+    # its yields to serve a message: the fit it ends with must be fit()'s, entry for
+    # entry, and a fit for the worker thread must go there unwaited, as with fit().
+    prompt, out = _two_applications(n=600, seed=4)
+    stepped, whole = make_estimator(name), make_estimator(name)
+    g, p = np.array([0, 7, 60, 400]), np.array([100, 1000, 30, 5000])
+    for round_ in range(3):
+        for est in (stepped, whole):
+            est.observe(out[200 * round_:200 * (round_ + 1)] * (round_ + 1), prompt[200 * round_:200 * (round_ + 1)])
+            est.observe_running(np.array([20, 300, 5]), np.array([100, 1000, 40]))
+        yields = sum(1 for _ in stepped.fit_stages())
+        whole.fit()
+        assert yields >= 5  # (a refit is due after every update here)
+        assert stepped._new == whole._new == 0 and stepped._moves == whole._moves == 0
+        for a, b in zip(stepped._km, whole._km):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        assert np.array_equal(stepped.remaining(g, None, p), whole.remaining(g, None, p))
+        assert np.array_equal(stepped.scenarios(g, None, 4, p), whole.scenarios(g, None, 4, p))
+    assert sum(1 for _ in stepped.fit_stages()) == 0  # nothing due: nothing to do
+    bg = make_estimator(name, background=True)
+    bg.observe(out[:300], prompt[:300])
+    bg.observe_running(np.array([20, 20]), np.array([100, 1000]))
+    assert sum(1 for _ in bg.fit_stages()) >= 5 and bg._pending is None  # small: inline, in steps
+    bg.background_min_entries = 0
+    bg.observe(out[300:] * 3, prompt[300:])
+    assert sum(1 for _ in bg.fit_stages()) == 0 and bg._pending is not None  # large: the worker's
+    bg.wait()
+
+
 def test_a_refit_that_fails_in_the_worker_is_redone_inline(monkeypatch, caplog):
     prompt, out = _two_applications(n=600, seed=3)
     bg = make_estimator("empirical-prompt", background=True)
