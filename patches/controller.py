@@ -432,12 +432,13 @@ class BalancedDispatch:
 
     def _estimate_stages(self):
         """The estimate of the newest reports, stage by stage (a generator; at G=256
-        with 64k requests running: the totals, what runs now, the estimator's refit,
-        every request's estimate, what the policy reads of them; the longest about
-        1.3 ms). Until the last stage ends, the previous estimate stands whole for
-        the placements that may lag: the estimator learns on a copy (its arrays are
-        replaced, never written into, so a shallow one), adopted with the estimate,
-        and the policy's projection goes into the new estimate's own cache."""
+        with 64k requests running: the totals, what runs now, the estimator's refit
+        in steps (`fit_stages`), every request's estimate, the policy's projection of
+        them; the longest about 1.45 ms). Until the last stage ends, the previous
+        estimate stands whole for the placements that may lag: the estimator learns
+        on a copy (its arrays are replaced, never written into, so a shallow one),
+        adopted with the estimate, and the projection goes into the new estimate's
+        own cache."""
         self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
         state = self._newest_totals()
         parts = self._concatenated() if self.policy.needs_requests else None
