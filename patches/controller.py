@@ -385,8 +385,8 @@ class BalancedDispatch:
         kept until the next reports."""
         if self._totals is not None:
             return self._totals
-        free, n_run, n_wait, run_kv, pending, limit = np.array(self._rank_totals, np.int64).T
-        self._totals = _Reported(free=free.copy(), num=n_run + n_wait, pending=pending.copy(), kv=run_kv + pending,
+        free, n_run, n_wait, run_kv, pending, limit = np.array(self._rank_totals, np.int64).T.copy()
+        self._totals = _Reported(free=free, num=n_run + n_wait, pending=pending, kv=run_kv + pending,
                                  slot_limit=int(limit.max()) if limit.max() > 0 else None)
         return self._totals
 

@@ -268,7 +268,7 @@ class EmpiricalEstimator(Estimator):
         row_of[b]: the row of bucket id b (0, pooled, where b has no row);
         residual: the rounded mean residual life per (row, age) (None until
         `_residual_table` builds it)."""
-        if self._seen.size == 0 or (self._running.size == 0 and not self.by_prompt):
+        if not self._fittable():
             return None
         if self._refit_due() and self._pending is None:
             inputs = self._refit_inputs()
@@ -277,6 +277,10 @@ class EmpiricalEstimator(Estimator):
             else:
                 self._km = self._fit(*inputs)
         return self._km
+
+    def _fittable(self) -> bool:
+        """Whether there is anything to fit: finished lengths, and (pooled) some running."""
+        return self._seen.size > 0 and (self._running.size > 0 or self.by_prompt)
 
     def _refit_inputs(self) -> tuple:
         """Start a refit: what it reads (arrays this class replaces, never writes into, so
@@ -297,8 +301,7 @@ class EmpiricalEstimator(Estimator):
         64k requests running, ~2.5 ms in six steps of at most ~0.7 ms), so a caller that
         stops to serve a message waits for one step, not the refit. The same fit as
         `fit`'s; a refit for the worker thread goes there, as in `fit`."""
-        if self._seen.size == 0 or (self._running.size == 0 and not self.by_prompt) \
-                or not self._refit_due() or self._pending is not None or self._in_worker():
+        if not self._fittable() or not self._refit_due() or self._pending is not None or self._in_worker():
             self.fit()
             return
         self._km = yield from self._fit_steps(*self._refit_inputs())
