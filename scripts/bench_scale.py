@@ -31,7 +31,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import output_file, nonneg_int, positive_float, positive_int, run_main, trace_file  # noqa: E402
+from sglang_ext.argtypes import comma_list, output_file, nonneg_int, positive_float, positive_int, run_main, trace_file  # noqa: E402
 from sglang_ext.policies import make_policy  # noqa: E402
 from sglang_ext.sim.paper import PaperConfig, simulate_paper  # noqa: E402
 from sglang_ext.traces import load_trace, paper_order  # noqa: E402
@@ -134,8 +134,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", type=trace_file(TRACES), default="burstgpt_lengths_8000.json",
                     help="length trace (a name under data/traces, or a path)")
-    ap.add_argument("--ranks", type=positive_int, nargs="+", help=f"G values (default {FULL_G})")
-    ap.add_argument("--batches", type=positive_int, nargs="+", help=f"B values (default {FULL_B})")
+    # (space- or comma-separated, as the other bench scripts take them: --ranks 128 256, --ranks 128,256)
+    ap.add_argument("--ranks", type=comma_list(positive_int), nargs="+",
+                    help=f"G values, space- or comma-separated (default {FULL_G})")
+    ap.add_argument("--batches", "--batch", type=comma_list(positive_int), nargs="+",
+                    help=f"B values, space- or comma-separated (default {FULL_B})")
     ap.add_argument("--quick", action="store_true", help=f"G in {QUICK_G} x B in {QUICK_B}")
     ap.add_argument("--per-slot", type=positive_float, default=4.0, help="N = per_slot * G * B (capped by --max-n)")
     ap.add_argument("--max-n", type=positive_int, default=10**9, help="cap on the requests per cell N")
@@ -145,8 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--theory-plot", type=output_file, help="ratio vs sqrt(B log G) PNG")
     args = ap.parse_args(argv)
 
-    Gs = args.ranks or (QUICK_G if args.quick else FULL_G)
-    Bs = args.batches or (QUICK_B if args.quick else FULL_B)
+    Gs = [G for part in args.ranks for G in part] if args.ranks else (QUICK_G if args.quick else FULL_G)
+    Bs = [B for part in args.batches for B in part] if args.batches else (QUICK_B if args.quick else FULL_B)
     trace = load_trace(args.trace)
     cells = [(G, B) for G in Gs for B in Bs]
     rows = []

@@ -1,5 +1,7 @@
 """Bad flags of the benchmark scripts: exit status 2, the flag named on stderr,
-no traceback, and no run started (each case stops at argument parsing)."""
+no traceback, and no run started (each case stops at argument parsing); and the
+forms of list bench_scale takes."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ CASES = [
     # (script, argv, flag the error must name)
     ("bench_scale.py", ["--ranks", "x"], "--ranks"),
     ("bench_scale.py", ["--batches", "72", "0"], "--batches"),
+    ("bench_scale.py", ["--ranks", "16,x"], "--ranks"),
+    ("bench_scale.py", ["--batch", "72,0"], "--batches"),
     ("bench_scale.py", ["--trace", "nope.json"], "--trace"),
     ("bench_scale.py", ["--per-slot", "0"], "--per-slot"),
     ("bench_scale.py", ["--horizon", "-1"], "--horizon"),
@@ -85,3 +89,15 @@ def test_device_cuda_without_a_gpu_exits_2_before_any_work(script):
                        timeout=60)
     assert r.returncode == 2, r.stderr
     assert "--device cuda: torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_scale_takes_its_lists_space_or_comma_separated(tmp_path):
+    # as the other bench scripts take them (--ranks 128,256), and as it always did (--ranks 128 256)
+    cells = []
+    for i, argv in enumerate([["--ranks", "4", "6", "--batches", "8"], ["--ranks", "4,6", "--batch", "8"]]):
+        out = tmp_path / f"scale{i}.json"
+        r = subprocess.run([sys.executable, str(SCRIPTS / "bench_scale.py"), *argv, "--per-slot", "1",
+                            "--json", str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        cells.append([(c["G"], c["B"], c["N"]) for c in json.loads(out.read_text())["cells"]])
+    assert cells[0] == cells[1] == [(4, 8, 32), (6, 8, 48)]
