@@ -25,8 +25,10 @@ uniformly drawn moment of the idle estimate (its length: the same snapshot's idl
 estimate above), from the moment it lands to the end of its placement: when the
 loop finishes the estimate first, and when the estimate pauses at its next stage
 (`BalancedDispatch.prepare(interrupted=...)`, the live loop's default) and the
-arrival is placed on the previous estimate. Only the ZMQ send is replaced (by a
-no-op): its cost is the same whatever the policy.
+arrival is placed on the previous estimate; with it, the estimate's stages (how
+many, and the longest: what such an arrival may wait for besides its own
+placement). Only the ZMQ send is replaced (by a no-op): its cost is the same
+whatever the policy.
 """
 from __future__ import annotations
 
@@ -108,10 +110,12 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     together = make_controller(policy, "immediate", G, workdir, inline, tag="-together", device=dev)
     whole = make_controller(policy, "immediate", G, workdir, inline, tag="-whole", device=dev)
     pausing = make_controller(policy, "immediate", G, workdir, inline, tag="-pausing", device=dev)
+    staged = make_controller(policy, "immediate", G, workdir, inline, tag="-staged", device=dev)
     arrive_rng = np.random.default_rng(args.seed + 2)
     t_whole, t_paused, paused, lagged = [], [], [], []
     t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
     t_each, t_together, t_lagged = [], [], []
+    stages, longest = [], []
     for step in range(1, args.calls + 3):  # the first two snapshots warm up
         reps = reports(rng, trace, G, B, args.free_frac, step, args.max_new_tokens)
         prompts = trace.prompt_len[rng.integers(0, len(trace), size=4 * G + 1)]
@@ -157,6 +161,13 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             paused.append(pausing.stats["paused"] > paused_before)
             lagged.append(pausing.stats["lagged"] > lagged_before)
 
+        # the idle estimate's stages: the time between two of the loop's questions
+        staged.on_reports(reps)
+        stamps = [time.perf_counter()]
+        staged.prepare(interrupted=lambda: stamps.append(time.perf_counter()) or False)
+        stamps.append(time.perf_counter())
+        gaps = np.diff(stamps)
+
         burst_prompts = trace.prompt_len[burst_rng.integers(0, len(trace), args.burst)]
         burst = [request(p, args.max_new_tokens) for p in burst_prompts]
         each.on_reports(reps)
@@ -197,6 +208,8 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
             t_together.append((t11 - t10) / len(burst))
             t_lagged.append(t13 - t12)
             placed.append(int(pool.sent.sum()) - sent_before)
+            stages.append(gaps.size)
+            longest.append(gaps.max())
             free.append(sum(r.free_slots for r in reps))
         else:  # (the warm-up snapshots)
             for xs in (t_whole, t_paused, paused, lagged):
@@ -214,7 +227,9 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
                 during_whole_p50_us=us(t_whole, 50), during_whole_p90_us=us(t_whole, 90),
                 during_whole_max_us=us(t_whole, 100), during_paused_p50_us=us(t_paused, 50),
                 during_paused_p90_us=us(t_paused, 90), during_paused_max_us=us(t_paused, 100),
-                during_paused=int(np.sum(paused)), during_lagged=int(np.sum(lagged)))
+                during_paused=int(np.sum(paused)), during_lagged=int(np.sum(lagged)),
+                stages_p50=float(np.median(stages)), longest_stage_p50_us=us(longest, 50),
+                longest_stage_max_us=us(longest, 100))
 
 
 def main():
@@ -277,15 +292,18 @@ def main():
               f"| {r['burst_together_p50_us']:.0f} | {r['release_p50_us']:.0f} "
               f"| {r['release_p99_us']:.0f} | {r['pool_placed']:.0f} / {r['pool_free_slots']:.0f} |")
     print("\nAn arrival landing at a uniform moment of the idle estimate, waited from then to the end of its "
-          "placement (us): the estimate finished first, or paused at its next stage (the default)\n")
+          "placement (us): the estimate finished first, or paused at its next stage (the default); "
+          "the estimate's stages, and the longest of each estimate\n")
     print("| G | B | running | policy | idle estimate p50 | finished first p50 | p90 | max "
-          "| paused p50 | p90 | max | arrivals paused (placed on the previous estimate) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| paused p50 | p90 | max | arrivals paused (placed on the previous estimate) | stages p50 "
+          "| longest stage p50 | max |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['B']} | {r['requests']} | {r['policy']} | {r['prepare_p50_us']:.0f} "
               f"| {r['during_whole_p50_us']:.0f} | {r['during_whole_p90_us']:.0f} | {r['during_whole_max_us']:.0f} "
               f"| {r['during_paused_p50_us']:.0f} | {r['during_paused_p90_us']:.0f} | {r['during_paused_max_us']:.0f} "
-              f"| {r['during_paused']} ({r['during_lagged']}) of {DURING_ARRIVALS * args.calls} |")
+              f"| {r['during_paused']} ({r['during_lagged']}) of {DURING_ARRIVALS * args.calls} "
+              f"| {r['stages_p50']:.0f} | {r['longest_stage_p50_us']:.0f} | {r['longest_stage_max_us']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -25,6 +25,9 @@ def test_controller_bench_places_the_pool_into_the_free_slots(tmp_path):
         assert 0 < x["during_whole_p50_us"] <= x["during_whole_max_us"]
         assert 0 < x["during_paused_p50_us"] <= x["during_paused_max_us"]
         assert 0 <= x["during_lagged"] <= x["during_paused"] <= 8 * 3
+        # the idle estimate in stages (bfio: the totals, what runs, the refit, the estimates, the projection)
+        assert x["stages_p50"] >= (5 if x["policy"] == "bfio" else 1)
+        assert 0 < x["longest_stage_p50_us"] <= x["longest_stage_max_us"] <= 1e6 * 60
         # a 4G-request pool fills the free slots (fewer than 4G here), never more
         assert 0 < x["pool_placed"] <= min(x["pool_free_slots"], 4 * x["G"])
         assert f"| {x['G']} | {x['B']} |" in r.stdout
