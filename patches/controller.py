@@ -63,10 +63,6 @@ STATS_LINE = re.compile(
 ARRIVALS_PER_CALL = 64
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
-#: the numbers kept of each rank's newest report (`BalancedDispatch._rank_totals`): free
-#: slots, running and waiting requests, the running requests' KV tokens, the waiting
-#: ones' prompt tokens, and the rank's slot limit (0: unknown)
-RANK_TOTALS = ("free", "running", "waiting", "run_kv", "pending", "slot_limit")
 #: an inactive rank looks this loaded, so a must-place rule never picks it
 _INACTIVE_LOAD = np.int64(1) << 50
 
@@ -189,10 +185,10 @@ class BalancedDispatch:
 
         G = self.num_ranks
         self.reports: list[RankReport | None] = [None] * G
-        # Each rank's newest report in numbers (RANK_TOTALS; ranks that have not reported
-        # at their defaults), kept as reports come (~1.4 us each), so the per-rank totals an
-        # arrival reads are one (G, 6) array, not a pass over every report and every
-        # request (`_newest_totals`).
+        # Each rank's newest report in numbers (`_rank_columns`; ranks that have not
+        # reported at their defaults), kept as reports come (~1.4 us each), so the per-rank
+        # totals an arrival reads are one (G, 6) array, not a pass over every report and
+        # every request (`_newest_totals`).
         self._rank_totals: list[tuple[int, ...]] = [(DEFAULT_CAPACITY, 0, 0, 0, 0, 0)] * G
         self.acked = np.zeros(G, dtype=np.int64)  # cumulative requests each rank said it received
         self.sent = np.zeros(G, dtype=np.int64)  # cumulative requests sent to each rank
@@ -385,10 +381,16 @@ class BalancedDispatch:
         kept until the next reports."""
         if self._totals is not None:
             return self._totals
-        free, n_run, n_wait, run_kv, pending, limit = np.array(self._rank_totals, np.int64).T.copy()
+        free, n_run, n_wait, run_kv, pending, limit = self._rank_columns()
         self._totals = _Reported(free=free, num=n_run + n_wait, pending=pending, kv=run_kv + pending,
                                  slot_limit=int(limit.max()) if limit.max() > 0 else None)
         return self._totals
+
+    def _rank_columns(self) -> np.ndarray:
+        """The numbers kept of each rank's newest report, one int64 row each: free slots,
+        running and waiting requests, the running requests' KV tokens, the waiting ones'
+        prompt tokens, and the slot limit (0: unknown)."""
+        return np.array(self._rank_totals, np.int64).T.copy()
 
     def _concatenated(self) -> tuple:
         """The newest reports and their requests, all ranks concatenated, what the estimate
@@ -396,8 +398,7 @@ class BalancedDispatch:
         ranks = [g for g, r in enumerate(self.reports) if r is not None]
         reps = [self.reports[g] for g in ranks]
         at = np.array(ranks, np.int64)
-        n_run = np.array([self._rank_totals[g][1] for g in ranks], np.int64)
-        n_wait = np.array([self._rank_totals[g][2] for g in ranks], np.int64)
+        _, n_run, n_wait, *_ = self._rank_columns()[:, at]
         return (reps, _cat(r.run_kv for r in reps), _cat(r.run_generated for r in reps),
                 _cat(r.wait_prompt for r in reps), np.repeat(at, n_run), np.repeat(at, n_wait))
 
@@ -463,17 +464,8 @@ class BalancedDispatch:
         projection's counts) into the estimate's cache, ahead of the next placement,
         which then adds only what is in flight. A failure costs that placement the
         work, nothing else: logged, and the estimate stands."""
-        from sglang_ext.policies import ClusterView
-
-        arrays = [state.req_rank, state.req_kv, state.req_remaining]
-        if self.device == "cuda":
-            import torch
-
-            arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
-        view = ClusterView(free_slots=state.free, kv_tokens=state.kv, num_requests=state.num,
-                           req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                           pending_prefill=state.pending, slot_limit=state.slot_limit, active=self._active_mask(),
-                           projection_cache=state.projection_cache, cached_requests=state.req_rank.shape[0])
+        view = self._view_with_requests(state, state.free, state.kv, state.num, state.pending, state.slot_limit,
+                                        self._active_mask(), [state.req_rank, state.req_kv, state.req_remaining])
         try:
             self.policy.warm(view, must_place=not self.pool_mode)
         except Exception:  # noqa: BLE001
@@ -544,15 +536,23 @@ class BalancedDispatch:
         # Requests in flight are estimated as they come (the reported ones were, once).
         fl_rem = remaining_steps(self.estimator, np.zeros(inflight.shape[0], np.int64), inflight[:, 1],
                                  self._scenarios, inflight[:, 0], inflight[:, 2].astype(bool)).astype(np.int64)
-        arrays = [np.concatenate([fl_rank, rep.req_rank]), np.concatenate([inflight[:, 0], rep.req_kv]),
-                  np.concatenate([fl_rem, rep.req_remaining], axis=-1)]
+        return self._view_with_requests(rep, free, kv, num, pending, totals.slot_limit, active, [
+            np.concatenate([fl_rank, rep.req_rank]), np.concatenate([inflight[:, 0], rep.req_kv]),
+            np.concatenate([fl_rem, rep.req_remaining], axis=-1)])
+
+    def _view_with_requests(self, rep: "_Reported", free, kv, num, pending, slot_limit, active, arrays):
+        """A view holding per-request arrays (rank, KV, remaining), shipped to the GPU on
+        cuda, whose last ones are `rep`'s reported requests (their projection kept in
+        `rep.projection_cache`)."""
+        from sglang_ext.policies import ClusterView
+
         if self.device == "cuda":
             import torch
 
             arrays = [torch.from_numpy(x).to("cuda", non_blocking=True) for x in arrays]
         return ClusterView(free_slots=free, kv_tokens=kv, num_requests=num,
-                           req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2],
-                           pending_prefill=pending, slot_limit=totals.slot_limit, active=active,
+                           req_rank=arrays[0], req_kv=arrays[1], req_remaining=arrays[2], pending_prefill=pending,
+                           slot_limit=slot_limit, active=active,
                            projection_cache=rep.projection_cache, cached_requests=rep.req_rank.shape[0])
 
     @property

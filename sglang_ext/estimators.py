@@ -301,8 +301,8 @@ class EmpiricalEstimator(Estimator):
         64k requests running, ~2.5 ms in six steps of at most ~0.7 ms), so a caller that
         stops to serve a message waits for one step, not the refit. The same fit as
         `fit`'s; a refit for the worker thread goes there, as in `fit`."""
-        if not self._fittable() or not self._refit_due() or self._pending is not None or self._in_worker():
-            self.fit()
+        if not (self._fittable() and self._refit_due() and self._pending is None) or self._in_worker():
+            self.fit()  # (nothing to refit, one in the worker already, or one for the worker)
             return
         self._km = yield from self._fit_steps(*self._refit_inputs())
 
