@@ -93,6 +93,12 @@ def _cap(req) -> int:
     return int(value) if value is not None else 128
 
 
+def _aborted(req) -> bool:
+    """Ended by an abort (a client gone, a timeout): its length is where it was cut, not
+    where the answer would have ended, so it must not teach the length estimator."""
+    return type(getattr(req, "finished_reason", None)).__name__ == "FINISH_ABORT"
+
+
 def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     running = list(getattr(scheduler.running_batch, "reqs", []) or [])
     seen = {id(r) for r in running}
@@ -142,7 +148,8 @@ def after_process_batch_result(result, self, batch, *args, **kwargs):
         for r in getattr(batch, "reqs", []) or []:
             if r.finished() and not getattr(r, "_sglang_ext_counted", False):
                 r._sglang_ext_counted = True
-                st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids), runs_to_cap(r)))
+                if not _aborted(r):
+                    st.finished_pending.append((len(r.output_ids), len(r.origin_input_ids), runs_to_cap(r)))
         report = _build_report(self, st, batch)
         st.finished_pending = []
         if st.sender is not None:

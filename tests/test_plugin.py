@@ -323,6 +323,33 @@ def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     pull.close(linger=0)
 
 
+def test_an_aborted_answer_leaves_the_rank_but_teaches_no_length(monkeypatch, tmp_path):
+    # A client gone or a timeout cuts an answer short: its length is not where it would
+    # have ended, so the report leaves it out of the finished lengths the estimator learns.
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_MATCHED_TOKEN
+
+    from sglang_ext.patches import scheduler as patch
+
+    addr = f"ipc://{tmp_path}/reports"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(addr)
+    monkeypatch.setattr(patch, "_rank_info", lambda: (0, True))
+    cfg = config.BalancerConfig(policy="bfio", report_addr=addr)
+    aborted, natural = _FakeReq(13, 3, 64, done=True), _FakeReq(29, 9, 64, done=True)
+    aborted.finished_reason, natural.finished_reason = FINISH_ABORT("client gone"), FINISH_MATCHED_TOKEN(2)
+    sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg), max_running_requests=8,
+                            running_batch=SimpleNamespace(reqs=[aborted, natural]), waiting_queue=[])
+    patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=[aborted, natural]))
+    deadline, reports = time.monotonic() + 5, []
+    while not reports and time.monotonic() < deadline:
+        reports = recv_reports(pull)
+        time.sleep(0.01)
+    rep = reports[-1]
+    assert rep.finished_lengths.tolist() == [9] and rep.finished_prompts.tolist() == [20]
+    assert rep.run_kv.size == 0 and rep.free_slots == 8  # both left the rank
+    pull.close(linger=0)
+
+
 def test_reports_travel_over_ipv6_tcp():
     # a multi-node server on IPv6 (--dist-init-addr [fd00::1]:5000) reports over tcp://[host]:port
     import zmq
