@@ -72,6 +72,9 @@ def test_simulate_online_trace_repeat(tmp_path, traces_dir):
     (["--trace-repeat", "0"], "--trace-repeat"),
     (["--rate-scale", "inf"], "--rate-scale: must be a finite number"),
     (["--policies", "bfio:horizon=abc"], "bfio parameter 'horizon' takes an integer"),
+    (["--policies", "bfio:reward=-1"], "--policies bfio:reward=-1: bfio reward must be >= 0"),
+    (["--policies", "bfio:levels=0"], "levels must be >= 1"),
+    (["--policies", "bfio:horizon=0:now_weight=0"], "now_weight must be > 0 with horizon=0"),
 ])
 def test_bad_arguments_exit_2_without_traceback(traces_dir, args, needle):
     base = ["simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--requests", "50"]

@@ -160,6 +160,18 @@ class BFIO(Policy):
             raise ValueError(f"bfio tail_horizon and tail_points must be >= 0, got {tail_horizon} and {tail_points}")
         if pool_tail < 0 or immediate_near < 0:
             raise ValueError(f"bfio pool_tail and immediate_near must be >= 0, got {pool_tail} and {immediate_near}")
+        negative = [k for k, v in dict(now_weight=now_weight, immediate_now=immediate_now, reward=reward, a=a, b=b,
+                                       c=c, prefill=prefill, overflow=overflow or 0.0, search_ms=search_ms,
+                                       sequential_limit=sequential_limit, bulk_after=bulk_after,
+                                       prune_after=prune_after, search_kicks=search_kicks,
+                                       scenarios=scenarios).items() if v < 0]
+        if negative:
+            raise ValueError(f"bfio {', '.join(negative)} must be >= 0")
+        if min(round_split, round_cap, levels) < 1:
+            raise ValueError(f"bfio round_split, round_cap and levels must be >= 1, "
+                             f"got {round_split}, {round_cap} and {levels}")
+        if horizon == 0 and now_weight == 0:
+            raise ValueError("bfio now_weight must be > 0 with horizon=0 (the next step is all it scores)")
         self.horizon = int(horizon)
         # variant="paper": the paper's own heuristic (policies/paper_heuristic.py), on
         # its projection (no growth, cost = KV tokens), for comparison
