@@ -353,7 +353,8 @@ def parse_args(argv=None) -> DemoConfig:
     ap.add_argument("--model-path", default=None, help="model directory (default: a temp dir with a tiny config.json)")
     ap.add_argument("--server-args", default="", help="extra server flags, one shell-quoted string")
     ap.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/demo-<time>)")
-    ap.add_argument("--log-level", default="info", help="logging level")
+    ap.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
+                    help="Logging level.")
     a = ap.parse_args(argv)
     policies = [p for p in a.policies.split(",") if p]
     if not policies:
@@ -367,12 +368,16 @@ def parse_args(argv=None) -> DemoConfig:
         ap.error("--policies: each policy at most once")
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(a.out or REPO / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    try:
+        server_args = shlex.split(a.server_args)
+    except ValueError as exc:
+        ap.error(f"--server-args: {exc}")
     return DemoConfig(
         python=a.python, trace=a.trace, out=out, policies=policies,
         requests=a.requests, arrival_span_s=a.arrival_span, time_scale=a.time_scale, sim_backend=a.sim_backend,
         sim_time_scale=a.sim_time_scale, dp_size=a.dp_size, max_prompt_len=a.max_prompt_len,
         max_output_len=a.max_output_len or None, health_timeout_s=a.health_timeout,
-        request_timeout_s=a.request_timeout, model_path=a.model_path, server_args=shlex.split(a.server_args),
+        request_timeout_s=a.request_timeout, model_path=a.model_path, server_args=server_args,
         max_new_tokens=a.max_new_tokens,
     )
 
@@ -384,7 +389,11 @@ def main(argv=None) -> int:
         return 2
     from sglang_ext.traces import load_trace
 
-    trace = load_trace(cfg.trace).head(cfg.requests)
+    try:  # (a bad trace is one line naming file, line and field, before any server starts)
+        trace = load_trace(cfg.trace).head(cfg.requests)
+    except (ValueError, OSError) as exc:
+        print(f"demo_live: error: --trace: {exc}", file=sys.stderr)
+        return 2
     span = float(trace.arrival_s[-1]) if trace.arrival_s is not None else 0.0
     scale = cfg.time_scale if cfg.time_scale is not None else (cfg.arrival_span_s / span if span > 0 else 0.0)
     print(f"trace {cfg.trace}: {len(trace)} requests over {span:.0f} s recorded; time scale {scale:.3f} "

@@ -97,3 +97,20 @@ def test_stop_kills_group_and_cleans_up(demo, tmp_path):
             break
         time.sleep(0.05)
     assert all(st == "Z" for st in states), states
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--trace", "BADTRACE"], "BADTRACE:1: missing column(s)"),
+    (["--server-args", "--foo 'bar"], "--server-args: No closing quotation"),
+    (["--log-level", "bogus"], "--log-level: invalid choice"),
+])
+def test_bad_input_exits_2_naming_it_before_any_server(tmp_path, args, needle):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    args = [str(bad) if x == "BADTRACE" else x for x in args]
+    needle = needle.replace("BADTRACE", str(bad))
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "demo_live.py"), "--out", str(tmp_path / "o"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written
