@@ -292,35 +292,41 @@ class _FakeReq:
         return self._done
 
 
-def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
+def _one_step_report(monkeypatch, tmp_path, dp_rank, running, waiting, rids=()):
+    """The report the scheduler patch sends after one step on a fake scheduler."""
     from sglang_ext.patches import scheduler as patch
 
     addr = f"ipc://{tmp_path}/reports"
     pull = zmq.Context.instance().socket(zmq.PULL)
     pull.bind(addr)
-    monkeypatch.setattr(patch, "_rank_info", lambda: (2, True))
-    cfg = config.BalancerConfig(policy="bfio", report_addr=addr)
+    try:
+        monkeypatch.setattr(patch, "_rank_info", lambda: (dp_rank, True))
+        cfg = config.BalancerConfig(policy="bfio", report_addr=addr)
+        sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg), max_running_requests=8,
+                                running_batch=SimpleNamespace(reqs=running), waiting_queue=waiting)
+        for rid in rids:
+            patch.after_handle_request(None, sched, SimpleNamespace(rid=rid))
+        patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=running))
+        deadline, reports = time.monotonic() + 5, []
+        while not reports and time.monotonic() < deadline:
+            reports = recv_reports(pull)
+            time.sleep(0.01)
+        return reports[-1]
+    finally:
+        pull.close(linger=0)
+
+
+def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     running = [_FakeReq(110, 10, 64), _FakeReq(55, 5, 32, ignore_eos=True)]
     done = _FakeReq(40, 8, 8, done=True, ignore_eos=True)
-    sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg), max_running_requests=8,
-                            running_batch=SimpleNamespace(reqs=running + [done]),
-                            waiting_queue=[_FakeReq(30, 0, 16, prompt=30)])
-    for rid in ("a", "HEALTH_CHECK_x", "b"):
-        patch.after_handle_request(None, sched, SimpleNamespace(rid=rid))
-    patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=running + [done]))
-    deadline = time.monotonic() + 5
-    reports = []
-    while not reports and time.monotonic() < deadline:
-        reports = recv_reports(pull)
-        time.sleep(0.01)
-    rep = reports[-1]
+    rep = _one_step_report(monkeypatch, tmp_path, 2, running + [done], [_FakeReq(30, 0, 16, prompt=30)],
+                           rids=("a", "HEALTH_CHECK_x", "b"))
     assert (rep.dp_rank, rep.step, rep.received, rep.free_slots) == (2, 1, 2, 8 - 2 - 1)
     assert rep.run_kv.tolist() == [110, 55] and rep.run_generated.tolist() == [10, 5]
     assert rep.run_cap.tolist() == [64, 32] and rep.wait_prompt.tolist() == [30]
     assert rep.finished_lengths.tolist() == [8] and rep.finished_prompts.tolist() == [32]
     assert rep.run_exact.tolist() == [False, True] and rep.wait_exact.tolist() == [False]
     assert rep.finished_exact.tolist() == [True]
-    pull.close(linger=0)
 
 
 def test_an_aborted_answer_leaves_the_rank_but_teaches_no_length(monkeypatch, tmp_path):
@@ -328,26 +334,11 @@ def test_an_aborted_answer_leaves_the_rank_but_teaches_no_length(monkeypatch, tm
     # have ended, so the report leaves it out of the finished lengths the estimator learns.
     from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_MATCHED_TOKEN
 
-    from sglang_ext.patches import scheduler as patch
-
-    addr = f"ipc://{tmp_path}/reports"
-    pull = zmq.Context.instance().socket(zmq.PULL)
-    pull.bind(addr)
-    monkeypatch.setattr(patch, "_rank_info", lambda: (0, True))
-    cfg = config.BalancerConfig(policy="bfio", report_addr=addr)
     aborted, natural = _FakeReq(13, 3, 64, done=True), _FakeReq(29, 9, 64, done=True)
     aborted.finished_reason, natural.finished_reason = FINISH_ABORT("client gone"), FINISH_MATCHED_TOKEN(2)
-    sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg), max_running_requests=8,
-                            running_batch=SimpleNamespace(reqs=[aborted, natural]), waiting_queue=[])
-    patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=[aborted, natural]))
-    deadline, reports = time.monotonic() + 5, []
-    while not reports and time.monotonic() < deadline:
-        reports = recv_reports(pull)
-        time.sleep(0.01)
-    rep = reports[-1]
+    rep = _one_step_report(monkeypatch, tmp_path, 0, [aborted, natural], [])
     assert rep.finished_lengths.tolist() == [9] and rep.finished_prompts.tolist() == [20]
     assert rep.run_kv.size == 0 and rep.free_slots == 8  # both left the rank
-    pull.close(linger=0)
 
 
 def test_reports_travel_over_ipv6_tcp():
