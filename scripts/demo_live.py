@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import nonneg_float, nonneg_int, output_dir, positive_float, positive_int  # noqa: E402
+from sglang_ext.argtypes import LOG_LEVELS, nonneg_float, nonneg_int, output_dir, positive_float, positive_int  # noqa: E402
 from sglang_ext.patches.controller import read_stats  # noqa: E402
 from sglang_ext.plugin.ports import free_server_port  # noqa: E402
 from sglang_ext.replay import ReplayConfig, replay  # noqa: E402
@@ -353,7 +353,7 @@ def parse_args(argv=None) -> DemoConfig:
     ap.add_argument("--model-path", default=None, help="model directory (default: a temp dir with a tiny config.json)")
     ap.add_argument("--server-args", default="", help="extra server flags, one shell-quoted string")
     ap.add_argument("--out", type=output_dir, default=None, help="output directory (default runs/demo-<time>)")
-    ap.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
+    ap.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS,
                     help="Logging level.")
     a = ap.parse_args(argv)
     policies = [p for p in a.policies.split(",") if p]

@@ -222,6 +222,9 @@ def check_online_model(ap: argparse.ArgumentParser, args: argparse.Namespace) ->
         ap.error("--estimator cap: give --max-new-tokens (traces carry no max_new_tokens of their own)")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices, lower case
+
+
 def run_main(main, prog: str | None = None) -> None:
     """Run a script's main() and exit with its status. Bad input that gets past
     argparse (a malformed trace line, a bad saved file) is one line on stderr

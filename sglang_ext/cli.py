@@ -19,10 +19,13 @@ COMMANDS = {
 }
 
 
+from sglang_ext.argtypes import LOG_LEVELS  # noqa: E402
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-ext", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="warning", type=str.lower,
-                        choices=["debug", "info", "warning", "error"], help="Logging level.")
+                        choices=LOG_LEVELS, help="Logging level.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
