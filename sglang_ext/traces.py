@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +21,10 @@ import numpy as np
 from .errors import TraceError
 
 logger = logging.getLogger(__name__)
+
+# Lengths are token counts held as int64 and summed over a rank's requests; a
+# count above int32 is a corrupt row, not a prompt (no model has that context).
+MAX_TOKENS = 2**31 - 1
 
 
 @dataclass
@@ -109,6 +115,9 @@ class _Rows:
         if value <= 0:
             self.bad(line, fld, f"must be positive (got {value})")
             return None
+        if value > MAX_TOKENS:
+            self.bad(line, fld, f"too large (got {value}, at most {MAX_TOKENS})")
+            return None
         return value
 
     def add(self, line: int, t, p, o, t_field: str) -> None:
@@ -135,16 +144,56 @@ class _Rows:
                      self.skipped, dict(self.reasons))
 
 
+@contextmanager
+def _reading(path: Path):
+    """Open a trace as UTF-8 text; a directory, an unreadable file, bytes that
+    are not UTF-8 or a CSV field past the csv module's limit become one
+    TraceError naming the file (and the line where it can be found)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            yield fh
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, not a trace file") from None
+    except PermissionError:
+        raise TraceError(f"{path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise TraceError(_not_utf8(path)) from None
+    except csv.Error as exc:
+        raise TraceError(f"{path}: unreadable CSV ({exc})") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _not_utf8(path: Path) -> str:
+    # The decoder reads in chunks, so the line it failed on is found from the bytes.
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+    return f"{path}: not UTF-8 text"
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past float's range
+        return False
+
+
 def _azure_time(raw: str) -> float:
     # "2023-11-16 18:15:46.6805900": 7 fractional digits, more than strptime's %f takes.
     head, _, frac = raw.strip().partition(".")
+    if frac and not frac.isdigit():  # float() would take "5e999" (inf) or "nan"
+        raise ValueError(frac)
     base = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp()
     return base + (float("0." + frac) if frac else 0.0)
 
 
 def load_azure_csv(path: Path, skip_bad: bool = False) -> Trace:
     rows = _Rows(path, skip_bad, timed=True)
-    with open(path, newline="") as fh:
+    with _reading(path) as fh:
         reader = csv.DictReader(fh)
         need = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
         if not reader.fieldnames:
@@ -152,28 +201,36 @@ def load_azure_csv(path: Path, skip_bad: bool = False) -> Trace:
         missing = [c for c in need if c not in reader.fieldnames]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} (expected {', '.join(need)})")
-        for i, row in enumerate(reader, start=2):
-            raw_t = row.get("TIMESTAMP")
-            t = None
-            if not raw_t:
-                rows.bad(i, "TIMESTAMP", "missing")
-            else:
-                try:
-                    t = _azure_time(raw_t)
-                except ValueError:
-                    rows.bad(i, "TIMESTAMP", f"not a timestamp ({raw_t!r})")
-            if t is None:
-                continue
-            p = rows.length(i, "ContextTokens", row.get("ContextTokens"))
-            o = rows.length(i, "GeneratedTokens", row.get("GeneratedTokens")) if p else None
-            if p and o:
-                rows.add(i, t, p, o, "TIMESTAMP")
+        try:
+            for i, row in enumerate(reader, start=2):
+                _azure_row(rows, i, row)
+        except csv.Error as exc:
+            # line_num counts the lines read before the failing one.
+            raise TraceError(f"{path}:{reader.line_num + 1}: unreadable CSV ({exc})") from None
     return rows.build(path.stem)
+
+
+def _azure_row(rows: _Rows, i: int, row: dict) -> None:
+    raw_t = row.get("TIMESTAMP")
+    t = None
+    if not raw_t:
+        rows.bad(i, "TIMESTAMP", "missing")
+    else:
+        try:
+            t = _azure_time(raw_t)
+        except ValueError:
+            rows.bad(i, "TIMESTAMP", f"not a timestamp ({raw_t!r})")
+    if t is None:
+        return
+    p = rows.length(i, "ContextTokens", row.get("ContextTokens"))
+    o = rows.length(i, "GeneratedTokens", row.get("GeneratedTokens")) if p else None
+    if p and o:
+        rows.add(i, t, p, o, "TIMESTAMP")
 
 
 def load_mooncake_jsonl(path: Path, skip_bad: bool = False) -> Trace:
     rows = _Rows(path, skip_bad, timed=True)
-    with open(path) as fh:
+    with _reading(path) as fh:
         for i, text in enumerate(fh, start=1):
             if not text.strip():
                 continue
@@ -189,8 +246,9 @@ def load_mooncake_jsonl(path: Path, skip_bad: bool = False) -> Trace:
             if raw_t is None:
                 rows.bad(i, "timestamp", "missing")
                 continue
-            if isinstance(raw_t, bool) or not isinstance(raw_t, (int, float)) or raw_t < 0:
-                rows.bad(i, "timestamp", f"not a non-negative number ({raw_t!r})")
+            if (isinstance(raw_t, bool) or not isinstance(raw_t, (int, float))
+                    or not _finite(raw_t) or raw_t < 0):
+                rows.bad(i, "timestamp", f"not a finite non-negative number ({raw_t!r})")
                 continue
             p = rows.length(i, "input_length", rec.get("input_length"))
             o = rows.length(i, "output_length", rec.get("output_length")) if p else None
@@ -203,7 +261,7 @@ def load_length_json(path: Path, skip_bad: bool = False) -> Trace:
     """The paper's files: {"data": [{"input_length", "output_length"}, ...]}. Line
     numbers in errors are the record's index (the files are pretty-printed)."""
     try:
-        with open(path) as fh:
+        with _reading(path) as fh:
             doc = json.load(fh)
     except json.JSONDecodeError as exc:
         raise TraceError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None

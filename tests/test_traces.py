@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -116,3 +118,76 @@ def test_unknown_and_missing_files(tmp_path):
     (tmp_path / "x.txt").write_text("1")
     with pytest.raises(TraceError, match="unknown trace format"):
         load_trace(tmp_path / "x.txt")
+
+
+_CSV_HEAD = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+@pytest.mark.parametrize(
+    "name, body, where",
+    [
+        ("big.csv", _CSV_HEAD + "2023-11-16 18:15:46.1,9000000000000000000,5\n",
+         r"big\.csv:2: field 'ContextTokens': too large \(got 9000000000000000000, at most 2147483647\)"),
+        ("frac.csv", _CSV_HEAD + "2023-11-16 18:15:46.5e999,10,5\n",
+         r"frac\.csv:2: field 'TIMESTAMP': not a timestamp"),
+        ("nan.jsonl", '{"timestamp": NaN, "input_length": 5, "output_length": 3}\n',
+         r"nan\.jsonl:1: field 'timestamp': not a finite non-negative number \(nan\)"),
+        ("inf.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 3}\n'
+                      '{"timestamp": Infinity, "input_length": 5, "output_length": 3}\n',
+         r"inf\.jsonl:2: field 'timestamp': not a finite"),
+        ("huge.jsonl", '{"timestamp": 1' + "0" * 400 + ', "input_length": 5, "output_length": 3}\n',
+         r"huge\.jsonl:1: field 'timestamp': not a finite"),
+        ("float.jsonl", '{"timestamp": 0, "input_length": 1e300, "output_length": 3}\n',
+         r"float\.jsonl:1: field 'input_length': too large"),
+        ("big.json", '{"data": [{"input_length": 3, "output_length": 4294967296}]}',
+         r"big\.json:record 0: field 'output_length': too large"),
+    ],
+)
+def test_out_of_range_values_name_file_line_field(tmp_path, name, body, where):
+    p = tmp_path / name
+    p.write_text(body)
+    with pytest.raises(TraceError, match=where):
+        load_trace(p)
+
+
+def test_out_of_range_rows_are_skipped_on_request(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n'
+                 '{"timestamp": NaN, "input_length": 5, "output_length": 3}\n'
+                 '{"timestamp": 20, "input_length": 3000000000, "output_length": 3}\n'
+                 '{"timestamp": 30, "input_length": 7, "output_length": 2}\n')
+    t = load_trace(p, skip_bad=True)
+    assert list(t.prompt_len) == [5, 7] and t.skipped == 2
+    assert np.isfinite(t.arrival_s).all()
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.jsonl", "t.json"])
+def test_not_utf8_names_file_and_line(tmp_path, name):
+    good = {"t.csv": _CSV_HEAD + "2023-11-16 18:15:46.1,10,5\n",
+            "t.jsonl": '{"timestamp": 0, "input_length": 5, "output_length": 3}\n',
+            "t.json": '{"data": [\n{"input_length": 3, "output_length": 2}\n]}\n'}[name]
+    p = tmp_path / name
+    p.write_bytes(good.encode() * 1 + b"\xff\xfe bad bytes\n")
+    line = good.count("\n") + 1
+    with pytest.raises(TraceError, match=rf"t\.{p.suffix[1:]}:{line}: not UTF-8 text \(byte 0xff"):
+        load_trace(p)
+
+
+def test_a_directory_or_an_oversized_csv_field_is_one_clear_error(tmp_path):
+    d = tmp_path / "dir.csv"
+    d.mkdir()
+    with pytest.raises(TraceError, match=r"dir\.csv: is a directory"):
+        load_trace(d)
+    p = tmp_path / "wide.csv"
+    p.write_text(_CSV_HEAD + "2023-11-16 18:15:46.1,10,5\n" + '2023-11-16 18:15:47.1,"' + "1" * 200_000 + '",5\n')
+    with pytest.raises(TraceError, match=r"wide\.csv:3: unreadable CSV \(field larger than field limit"):
+        load_trace(p)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file_is_one_clear_error(tmp_path):
+    p = tmp_path / "locked.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n')
+    p.chmod(0)
+    with pytest.raises(TraceError, match=r"locked\.jsonl: permission denied"):
+        load_trace(p)
