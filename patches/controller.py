@@ -198,6 +198,10 @@ class BalancedDispatch:
         # Immediate binding, while the loop reads the tokenizer socket: the arrivals read
         # so far, placed together (`place_arrivals`); None outside that read.
         self._arrivals: list[tuple[object, tuple[int, int, bool]]] | None = None
+        # Requests and aborts read while no rank is active (elastic EP between a rank
+        # going down and one coming up), in order: stock raises and loses them; they are
+        # dispatched as read once a rank is active again (`_dispatch_held`).
+        self._held: deque = deque()
         # What the reports say, estimates included: built once per batch of reports (when
         # the loop goes idle, else on the next placement) and reused until the next batch.
         # Placements that must happen now may use it while no rank has reported more than
@@ -635,6 +639,9 @@ class BalancedDispatch:
         if not batch:
             return
         self._arrivals = []
+        if not self._active_mask().any():  # (defensive: the loop holds them before they get here)
+            self._held.extendleft(req for req, _ in reversed(batch))
+            return
         ranks = [None] * len(batch)  # None: placed by a call of its own as it is sent
         if len(batch) > 1 and self.policy.places_arrivals_together:
             # (`_place` never raises for a policy failure: it falls back)
@@ -667,7 +674,7 @@ class BalancedDispatch:
     def release_pool(self) -> None:
         """Pool binding: let the policy fill the slots ranks reported free, then place
         anything that has waited past the deadline by the immediate rule."""
-        if not self.pool:
+        if not self.pool or not self._active_mask().any():  # (pooled until a rank is active)
             return
         window = list(islice(self.pool, self.window))
         ranks = self._place(np.array([p.row for p in window], dtype=np.int64), must_place=False).tolist()
@@ -765,7 +772,7 @@ class BalancedDispatch:
         return True
 
     def poll_timeout_ms(self) -> int:
-        if not self.pool:
+        if not self.pool or not self._active_mask().any():  # (no rank to release to: no deadline)
             return IDLE_POLL_MS
         wait = self.pool[0].since + self.cfg.pool_max_wait_s - time.monotonic()
         return max(0, min(IDLE_POLL_MS, int(wait * 1000) + 1))
@@ -806,14 +813,42 @@ class BalancedDispatch:
                     recv_req = sock_recv(ctrl.recv_from_tokenizer, flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     break
-                if self._arrivals and not _is_request(recv_req):
-                    self._guarded(self.place_arrivals)
-                if self.pool:
-                    self._place_aborted_from_pool(recv_req)
-                self._guarded(ctrl._request_dispatcher, recv_req)
+                if self._holds(recv_req):
+                    self._held.append(recv_req)
+                    continue
+                self._dispatch_one(recv_req)
+                if self._held and self._active_mask().any():  # (this message brought a rank back)
+                    self._dispatch_held()
         finally:
             self._guarded(self.place_arrivals)
             self._arrivals = None
+
+    def _dispatch_one(self, msg) -> None:
+        if self._arrivals and not _is_request(msg):
+            self._guarded(self.place_arrivals)
+        if self.pool:
+            self._guarded(self._place_aborted_from_pool, msg)
+        self._guarded(self.ctrl._request_dispatcher, msg)
+
+    def _holds(self, msg) -> bool:
+        """Whether `msg` waits in `_held`: a request or an abort while no rank is active,
+        or behind others waiting (an abort never overtakes its request). Other messages
+        (a change of the active ranks above all) go on at once."""
+        from sglang.srt.managers.io_struct import AbortReq
+
+        if not (_is_request(msg) or isinstance(msg, AbortReq)):
+            return False
+        if self._held:
+            return True
+        if self._active_mask().any():
+            return False
+        logger.warning("sglang-ext: no active DP rank; holding requests until one is active")
+        return True
+
+    def _dispatch_held(self) -> None:
+        logger.info("sglang-ext: a DP rank is active again; dispatching %d held message(s)", len(self._held))
+        while self._held and self._active_mask().any():
+            self._dispatch_one(self._held.popleft())
 
     @staticmethod
     def _guarded(fn, *args) -> None:

@@ -1217,3 +1217,54 @@ def test_warm_up_at_startup_changes_no_placement_and_never_fails_the_start(fake_
     with caplog.at_level(logging.WARNING, logger="sglang_ext.patches.controller"):
         fake_controller("bfio")  # starts all the same
     assert "warming up the bfio policy failed (no projection today)" in caplog.text
+
+
+@pytest.mark.parametrize("binding", ["immediate", "pool"])
+def test_requests_read_while_no_rank_is_active_wait_for_one_in_order(fake_controller, monkeypatch, binding):
+    # Elastic EP can leave no active rank for a while: stock raises and loses the
+    # request. Here requests and aborts wait, in order, and go on once a rank is back;
+    # the message that brings it back is not held behind them.
+    from sglang.srt.managers import io_struct
+    from sglang.srt.managers.io_struct import AbortReq
+
+    from sglang_ext.patches import controller
+
+    class RanksBack:
+        pass
+
+    bal, sent = fake_controller("bfio", binding=binding, max_wait=0.0, estimator="empirical-prompt",
+                                inline_refit=True)
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72) for g in range(4)])
+    monkeypatch.setattr(controller, "_is_request", lambda msg: isinstance(msg, SimpleNamespace))
+    msgs = deque()
+    monkeypatch.setattr(io_struct, "sock_recv", lambda sock, flags=0: msgs.popleft() if msgs else (_ for _ in ()).throw(zmq.ZMQError()))
+
+    def dispatcher(msg):
+        if isinstance(msg, RanksBack):
+            bal.ctrl._active_workers = [0, 1, 2, 3]
+            sent.append(("ctl", msg))
+        elif isinstance(msg, AbortReq):
+            sent.append(("all", msg))
+        else:
+            bal.dispatch(msg)
+
+    bal.ctrl.recv_from_tokenizer, bal.ctrl._request_dispatcher = None, dispatcher
+    if binding == "pool":  # one request already pooled when the ranks go
+        bal.dispatch(_req(70, rid="p"))
+    bal.ctrl._active_workers = []
+    msgs.extend([_req(300, rid="a"), AbortReq(rid="a"), _req(50, rid="b")])
+    bal.read_requests()
+    bal.release_pool()  # (pool: nothing to release to; waits without spinning)
+    assert sent == [] and len(bal._held) == 3
+    assert bal.poll_timeout_ms() == controller.IDLE_POLL_MS
+    msgs.extend([_req(10, rid="c"), RanksBack(), _req(20, rid="d")])
+    bal.read_requests()
+    bal.release_pool()
+    assert isinstance(sent[0][1], RanksBack) and not bal._held and not bal.pool
+    order = [getattr(m, "rid", None) for _, m in sent[1:]]
+    if binding == "pool":  # an aborted pooled request is placed before its abort goes on
+        assert order[:2] == ["a", "a"] and sent[2][0] == "all"
+        assert sorted(order[2:]) == ["b", "c", "d", "p"]
+    else:
+        assert order == ["a", "a", "b", "c", "d"] and sent[2][0] == "all"
+    assert all(g in range(4) for g, _ in sent[1:] if g != "all")
