@@ -254,7 +254,9 @@ class EmpiricalEstimator(Estimator):
         # Callers report before every decision (one per arrival under immediate
         # binding) while the running set changes once a step: refit only then.
         if not (np.array_equal(running, self._running) and np.array_equal(bins, self._running_bin)):
-            self._running, self._running_bin = running, bins
+            # A copy: a caller that grows its array in place (a simulator's `gen += 1`)
+            # would otherwise change this one with it, and the next step would look unmoved.
+            self._running, self._running_bin = running.copy(), bins
             self._moves += 1
 
     def _survival(self):

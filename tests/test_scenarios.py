@@ -421,3 +421,23 @@ def test_prompt_buckets_read_from_the_table_equal_the_formula():
     for p in (np.array([-5, 3, 100]), np.array([est.bin_table_max, 7]), np.array([2.5, 1000.0, 0.3])):
         assert np.array_equal(est.prompt_bin(p, p.size), formula(p))  # (those take the formula)
     assert np.array_equal(est.prompt_bin(np.zeros(0, np.int64), 0), np.zeros(0, np.int64))
+
+
+def test_running_lengths_grown_in_place_count_as_a_move():
+    # A simulator advances its running requests with `gen += 1` on the array it handed
+    # over: the estimator must see that as the running set moving on (and refit its
+    # lower bounds), as it does for the fresh arrays of a live controller's reports.
+    est = make_estimator("empirical")
+    est.observe(np.full(50, 40), np.full(50, 100))
+    gen, prompt = np.array([10, 30, 35]), np.array([100, 100, 100])
+    est.observe_running(gen, prompt)
+    before = est.remaining(gen, None, prompt).copy()
+    moves = est._moves
+    gen += 20  # the three now outlived every finished answer
+    est.observe_running(gen, prompt)
+    assert est._moves == moves + 1
+    fresh = make_estimator("empirical")
+    fresh.observe(np.full(50, 40), np.full(50, 100))
+    fresh.observe_running(gen.copy(), prompt)
+    assert np.array_equal(est.remaining(gen, None, prompt), fresh.remaining(gen, None, prompt))
+    assert not np.array_equal(est.remaining(gen, None, prompt), before)
