@@ -30,7 +30,7 @@ from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
 from sglang_ext.policies import Policy
 from sglang_ext.sim.hindsight import drain, rank_loads, replace
-from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, scale_for_load, simulate_online
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def main():
     rows = []
     for path, G, load in tqdm([(p, G, x) for p in args.traces for G in args.ranks for x in args.loads], desc="cells"):
         trace = load_trace(path).repeat(args.trace_repeat).head(args.requests_per_rank * G)
-        scale = load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens) / native_rate(trace)
+        scale = scale_for_load(trace, load, capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens))
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
                               max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,

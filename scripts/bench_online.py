@@ -19,7 +19,7 @@ from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
                                  positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, scale_for_load, simulate_online
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def main():
         tname = path.name
         trace = load_trace(path).repeat(args.trace_repeat).head(args.requests_per_rank * G)
         cap = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens)
-        scale = load * cap / native_rate(trace)
+        scale = scale_for_load(trace, load, cap)
         rows = []
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,

@@ -22,7 +22,7 @@ from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, a
                                  positive_float, repeat_note, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, scale_for_load, simulate_online
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def main():
     rows = []
     for path, G in tqdm(cells, desc="cells"):
         tname, trace = path.name, load_trace(path).repeat(args.trace_repeat).head(args.requests_per_rank * G)
-        scale = args.load * capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens) / native_rate(trace)
+        scale = scale_for_load(trace, args.load, capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens))
         for spec in runs:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale, cost=cost, power=power,
                               max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, nonneg_int,
-                                 positive_float, positive_int, repeat_note, run_main, run_specs)
+                                 plot_file, positive_float, positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
-from sglang_ext.sim.online import capacity_rps, native_rate, simulate_online
+from sglang_ext.sim.online import capacity_rps, scale_for_load, simulate_online
 from sglang_ext.traces import load_trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--json", type=output_file, default=None, help="Write every run's metrics here.")
     ap.add_argument("--summary-from", type=existing_file, default=None,
                     help="Print the summary of a saved --json file (its runs, in their order) and exit.")
-    ap.add_argument("--plot", type=output_file, default=None,
+    ap.add_argument("--plot", type=plot_file, default=None,
                     help="Write a PNG: each run's ratio to the baseline with its 95%% interval, per cell and metric.")
     args = ap.parse_args()
     check_online_model(ap, args)
@@ -95,7 +95,7 @@ def main():
     for tname, G, w, trace, load in tqdm(jobs, desc="runs"):
         if (tname, G, w) not in capacity:
             capacity[tname, G, w] = capacity_rps(trace, cost, G, args.batch, args.max_prompt_len, args.max_new_tokens)
-        scale = load * capacity[tname, G, w] / native_rate(trace)
+        scale = scale_for_load(trace, load, capacity[tname, G, w])
         for label, spec, jitter in plan:
             cfg = spec.config(ranks=G, batch=args.batch, rate_scale=scale * jitter, cost=cost, power=power,
                               max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,

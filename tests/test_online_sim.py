@@ -230,3 +230,28 @@ def test_view_lag_shows_the_requests_as_they_were_steps_ago():
     assert pool[2].requests_finished == len(tr)
     with pytest.raises(ValueError, match="view_lag"):
         simulate_online(small_trace(n=5), make_policy("total_tokens"), OnlineConfig(view_lag=-1))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--requests", "1", "--load", "0.8"], "--load: the 1 request(s) of azure_code_2023 arrive at one instant"),
+    (["--kv-capacity", "10"], "--kv-capacity 10: smaller than the longest prompt of azure_code_2023"),
+    (["--policies", "fcfs,,jsq"], "--policies 'fcfs,,jsq': entry 2 is empty"),
+    (["--policies", "jsq,bfio,jsq"], "--policies 'jsq,bfio,jsq': 'jsq' is given twice"),
+])
+def test_inputs_a_run_could_not_finish_on_are_refused_up_front(traces_dir, args, needle):
+    # (each once ran into a division by zero, a stalled simulation or a result silently
+    # overwritten)
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "sglang_ext.cli", "simulate", "--trace",
+                        str(traces_dir / "azure_code_2023.csv"), "--mode", "online", "--ranks", "2", "--batch", "4",
+                        "--requests", "40", *args], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"sglang-ext simulate: error: {needle}")
+
+
+def test_simulate_online_refuses_a_prompt_no_rank_can_hold():
+    tr = small_trace(n=20)
+    with pytest.raises(ValueError, match=r"--kv-capacity 50: smaller than the longest prompt"):
+        simulate_online(tr, make_policy("total_tokens"), OnlineConfig(ranks=2, batch=4, kv_capacity=50))

@@ -22,7 +22,7 @@ from ..estimators import make_estimator
 from ..policies import REGISTRY, make_policy, parse_policy_spec
 from ..policies.bfio import ONLINE_POOL_TAIL
 from ..traces import load_trace, paper_order
-from .online import OnlineConfig, capacity_rps, native_rate, simulate_online
+from .online import OnlineConfig, capacity_rps, native_rate, scale_for_load, simulate_online
 from .paper import PaperConfig, simulate_paper
 
 logger = logging.getLogger(__name__)
@@ -62,11 +62,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_policies(text: str) -> list[tuple[str, str, dict]]:
-    specs = [s.strip() for s in text.split(",") if s.strip()]
-    if not specs:
+    specs = [s.strip() for s in text.split(",")]
+    if not any(specs):
         raise UsageError("--policies: give at least one policy")
     out = []
-    for spec in specs:
+    for i, spec in enumerate(specs, start=1):
+        if not spec:
+            raise UsageError(f"--policies {text!r}: entry {i} is empty")
+        if spec in specs[:i - 1]:  # (results are keyed by the spec: the second would overwrite the first)
+            raise UsageError(f"--policies {text!r}: {spec!r} is given twice")
         try:
             name, params = parse_policy_spec(spec)
         except ValueError as exc:
@@ -109,7 +113,7 @@ def run(args) -> dict:
         cap = capacity_rps(trace, cost, args.ranks, args.batch, args.max_prompt_len, args.max_new_tokens)
         rate = native_rate(trace)
         if args.load is not None:
-            args.rate_scale = args.load * cap / rate
+            args.rate_scale = scale_for_load(trace, args.load, cap)
         config.update(rate_scale=args.rate_scale, binding=args.binding, capacity_rps=cap,
                       arrival_rps=rate * args.rate_scale, load=rate * args.rate_scale / cap,
                       power_model={"name": power.name, "busy_w": power.busy_w, "wait_w": power.wait_w,

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..cost import CostModel, PowerModel, cost_preset, power_preset
 from ..estimators import Estimator, OracleEstimator
+from ..errors import UsageError
 from ..policies import Candidates, ClusterView, Policy
 from ..traces import Trace
 from .metrics import DecisionTimer, SimResult, pct
@@ -80,6 +81,16 @@ def native_rate(trace: Trace) -> float:
     return (len(trace) - 1) / span if span > 0 else float("inf")
 
 
+def scale_for_load(trace: Trace, load: float, capacity: float) -> float:
+    """The rate scale that makes `trace` arrive at `load` times `capacity` (req/s).
+    A trace whose requests all arrive at one instant has no rate to scale."""
+    rate = native_rate(trace)
+    if not np.isfinite(rate):
+        raise UsageError(f"--load: the {len(trace)} request(s) of {trace.name} arrive at one instant, so there "
+                         "is no arrival rate to scale (take more requests, or give --rate-scale)")
+    return load * capacity / rate
+
+
 def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: Estimator | None = None) -> SimResult:
     if trace.arrival_s is None:
         raise ValueError(f"{trace.name}: online mode needs a timed trace (arrival times); "
@@ -95,6 +106,10 @@ def simulate_online(trace: Trace, policy: Policy, cfg: OnlineConfig, estimator: 
     prompt = trace.prompt_len.astype(np.int64)
     if cfg.max_prompt_len:
         prompt = np.minimum(prompt, cfg.max_prompt_len)
+    if n and prompt.max() > cfg.kv_capacity:  # it could never be admitted: the run would stall
+        i = int(prompt.argmax())
+        raise UsageError(f"--kv-capacity {cfg.kv_capacity}: smaller than the longest prompt of {trace.name} "
+                         f"({int(prompt[i])} tokens, request {i}); raise it, or clip prompts with --max-prompt-len")
     out_len = trace.output_len.astype(np.int64)
     cap = None
     if cfg.max_new_tokens:
