@@ -152,6 +152,9 @@ def test_cli_multinode_report_addr_is_tcp():
     assert cfg.report_addr == f"tcp://10.0.0.1:{5000 + config.REPORT_PORT_DELTA}"
     cfg = _parse(["--dp-size", "4", "--nnodes", "2", "--dist-init-addr", "[fd00::1]:5000", "--balancer", "bfio"])
     assert cfg.report_addr == f"tcp://[fd00::1]:{5000 + config.REPORT_PORT_DELTA}"
+    with pytest.raises(SystemExit, match=r"--dist-init-addr '10.0.0.1:65400'.*port 65597.*past 65535") as exc:
+        _parse(["--dp-size", "4", "--nnodes", "2", "--dist-init-addr", "10.0.0.1:65400", "--balancer", "bfio"])
+    assert exc.value.code == 2
 
 
 # ---- controller ------------------------------------------------------------------------------

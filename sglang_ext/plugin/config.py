@@ -324,6 +324,10 @@ def _default_report_addr(args: argparse.Namespace) -> str:
         if not host or not port.isdigit():
             raise _flag_error(f"--dist-init-addr {dist!r}: expected HOST:PORT (the balancer's reports go to "
                               f"PORT + {REPORT_PORT_DELTA}; or give --balancer-report-addr)")
+        if int(port) + REPORT_PORT_DELTA > 65535:
+            raise _flag_error(f"--dist-init-addr {dist!r}: the balancer's reports would go to port "
+                              f"{int(port) + REPORT_PORT_DELTA} (PORT + {REPORT_PORT_DELTA}), past 65535; take a "
+                              "lower PORT or give --balancer-report-addr")
         host = host.strip("[]")
         if ":" in host:  # IPv6: ZMQ wants it bracketed
             host = f"[{host}]"
