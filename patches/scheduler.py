@@ -36,7 +36,7 @@ _PROCESS_STATE: "_RankState | None" = None
 class _RankState:
     """Per scheduler-process state, attached to the Scheduler as `_sglang_ext`."""
 
-    def __init__(self, scheduler, cfg):
+    def __init__(self, cfg):
         self.cfg = cfg
         self.received = 0
         self.step = 0
@@ -82,7 +82,7 @@ def _state(scheduler) -> _RankState | None:
         scheduler.__dict__["_sglang_ext"] = False
         return None
     global _PROCESS_STATE
-    st = _RankState(scheduler, cfg)
+    st = _RankState(cfg)
     scheduler.__dict__["_sglang_ext"] = st
     _PROCESS_STATE = st
     return st

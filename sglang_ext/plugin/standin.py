@@ -143,14 +143,13 @@ def _model_limits(server_args) -> tuple[int, int]:
 class StandinScheduler:
     """One DP rank (the leader process of its DP group)."""
 
-    def __init__(self, server_args, port_args, dp_rank: int, num_dp: int, cfg: BalancerConfig):
+    def __init__(self, server_args, port_args, dp_rank: int, cfg: BalancerConfig):
         from sglang.srt.utils.network import get_zmq_socket
 
         from sglang_ext.cost import cost_preset
 
         self.cfg = cfg
         self.dp_rank = dp_rank
-        self.num_dp = num_dp
         self.max_running = max(1, int(cfg.sim_max_running))
         self.cost = cost_preset(cfg.sim_backend, batch=self.max_running)
         self.time_scale = float(cfg.sim_time_scale)
@@ -501,7 +500,7 @@ def run_standin_scheduler(server_args, port_args, gpu_id, tp_rank, pp_rank, dp_r
             signal.pause()
             return
         _init_collective(cfg, server_args, dp_rank, num_dp)
-        sched = StandinScheduler(server_args, port_args, dp_rank, num_dp, cfg)
+        sched = StandinScheduler(server_args, port_args, dp_rank, cfg)
         logger.info("stand-in scheduler DP%d ready: preset=%s max_running=%d time_scale=%g",
                     dp_rank, cfg.sim_backend, sched.max_running, sched.time_scale)
         pipe_writer.send(sched.init_info())

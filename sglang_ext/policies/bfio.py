@@ -365,12 +365,13 @@ class BFIO(Policy):
         return self._select(hz, L, X, free, out)
 
     def _place_all(self, hz, L, X, free, out):
-        """Every candidate gets a slot: largest first (LPT). Sequentially, each
-        on the rank whose envelope grows least, while the call is small; in
-        rounds for large calls (ramp-up, big G): the next k largest
-        candidates (k = open ranks / round_split) matched to distinct ranks
-        at least total growth (one assignment problem per round); past
-        `bulk_after` placements, the smallest go in bulk rounds."""
+        """Every candidate gets a slot: largest first (LPT). In rounds: the next
+        k largest candidates (k = open ranks / round_split) matched to distinct
+        ranks at least total envelope growth (one assignment problem per
+        round); past `bulk_after` placements, the smallest go in bulk rounds.
+        With `sequential_limit` > 0 (default 0), a call of at most that many
+        candidates places them one at a time instead, each on the rank whose
+        envelope grows least."""
         xw = weighted_rows(X, hz.w)  # each candidate's weighted load over the horizon
         order = np.argsort(-xw, kind="stable")
         if order.size <= self.sequential_limit:
