@@ -46,6 +46,9 @@ class _RankState:
         self.last_step_t = time.perf_counter()
         self.last_idle_report = 0.0
         self.last_key = None
+        # the running requests of the last report and their (cap, ignore_eos) columns
+        self.last_running: list = []
+        self.last_fixed = np.zeros((0, 2), dtype=np.int64)
         self.finished_pending: list[tuple[int, int, bool]] = []  # (output length, prompt length, ignore_eos)
         dp_rank, leader = _rank_info()
         self.dp_rank = dp_rank
@@ -99,30 +102,48 @@ def _aborted(req) -> bool:
     return type(getattr(req, "finished_reason", None)).__name__ == "FINISH_ABORT"
 
 
+def _fixed(req) -> tuple[int, int]:
+    """(max_new_tokens, ignore_eos) of a request: fixed for its life."""
+    return _cap(req), int(runs_to_cap(req))
+
+
+def _fixed_columns(st: _RankState, running: list) -> np.ndarray:
+    """(n, 2) caps and ignore_eos flags of the running requests. Most steps run the
+    same requests as the one before (the list compares by identity, ~2 us at 256),
+    so the columns are reused then and read afresh only when the set changed."""
+    if running != st.last_running:
+        st.last_running = running
+        st.last_fixed = np.array([_fixed(r) for r in running], dtype=np.int64).reshape(len(running), 2)
+    return st.last_fixed
+
+
 def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     running = list(getattr(scheduler.running_batch, "reqs", []) or [])
-    seen = {id(r) for r in running}
     # A prefill batch's requests join running_batch only at the next step.
     if batch is not None and batch is not scheduler.running_batch:
+        seen = {id(r) for r in running}
         running += [r for r in batch.reqs if id(r) not in seen and not r.finished()]
     running = [r for r in running if not r.finished()]
     waiting = list(scheduler.waiting_queue)
     cap_running = int(getattr(scheduler, "max_running_requests", 0) or 0)
+    fixed = _fixed_columns(st, running)
+    wait_fixed = np.array([_fixed(r) for r in waiting], dtype=np.int64).reshape(len(waiting), 2)
+    done = np.array(st.finished_pending, dtype=np.int64).reshape(-1, 3)  # (output, prompt, ignore_eos)
     return RankReport(
         dp_rank=st.dp_rank,
         step=st.step,
         received=st.received,
         free_slots=max(cap_running - len(running) - len(waiting), 0),
-        run_kv=np.fromiter((r.seqlen for r in running), np.int64, len(running)),
-        run_generated=np.fromiter((len(r.output_ids) for r in running), np.int64, len(running)),
-        run_cap=np.fromiter((_cap(r) for r in running), np.int64, len(running)),
-        wait_prompt=np.fromiter((len(r.origin_input_ids) for r in waiting), np.int64, len(waiting)),
-        wait_cap=np.fromiter((_cap(r) for r in waiting), np.int64, len(waiting)),
-        finished_lengths=np.asarray([o for o, _, _ in st.finished_pending], dtype=np.int64),
-        finished_prompts=np.asarray([p for _, p, _ in st.finished_pending], dtype=np.int64),
-        run_exact=np.fromiter((runs_to_cap(r) for r in running), bool, len(running)),
-        wait_exact=np.fromiter((runs_to_cap(r) for r in waiting), bool, len(waiting)),
-        finished_exact=np.asarray([e for _, _, e in st.finished_pending], dtype=bool),
+        run_kv=np.array([r.seqlen for r in running], dtype=np.int64),
+        run_generated=np.array([len(r.output_ids) for r in running], dtype=np.int64),
+        run_cap=fixed[:, 0].copy(),
+        wait_prompt=np.array([len(r.origin_input_ids) for r in waiting], dtype=np.int64),
+        wait_cap=wait_fixed[:, 0].copy(),
+        finished_lengths=done[:, 0].copy(),
+        finished_prompts=done[:, 1].copy(),
+        run_exact=fixed[:, 1].astype(bool),
+        wait_exact=wait_fixed[:, 1].astype(bool),
+        finished_exact=done[:, 2].astype(bool),
         slot_limit=cap_running,
     )
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Per-record overhead of StepTelemetry.record(), absolute and as a share of a step.
+"""Per-step overhead on a rank: StepTelemetry.record(), and the step report the
+scheduler patch builds for the controller, absolute and as a share of a step.
 
-Prints a markdown table: microseconds per record (median of several rounds,
+Prints two markdown tables: microseconds per record (median of several rounds,
 each timing many records back to back, so file flushes and rotations are
-amortised as in a real run) and that cost as a percentage of typical decode
-steps. The target is under 1% of a 10 ms step.
+amortised as in a real run), and microseconds to build one step report for a
+rank running 64 to 1,024 requests (a step that runs the same requests as the
+one before, as most do), each as a percentage of typical decode steps. The
+target is under 1% of a 10 ms step.
 
-    .venv/bin/python scripts/bench_telemetry.py [--records 200000] [--rounds 5]
+    .venv/bin/python scripts/bench_telemetry.py [--records 200000] [--rounds 5] [--report-running 64,256,1024]
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,12 +45,45 @@ def bench(records: int, rounds: int, use_nvml: bool, max_bytes: int) -> tuple[fl
     return statistics.median(per_round), source
 
 
+class _Req:
+    """What the report reads of a SGLang request."""
+
+    def __init__(self, i: int):
+        self.seqlen, self.output_ids, self.origin_input_ids = 1000 + i, [7] * (i % 300), [1] * 900
+        self.sampling_params = SimpleNamespace(max_new_tokens=2048, ignore_eos=i % 7 == 0)
+
+    def finished(self) -> bool:
+        return False
+
+
+def bench_report(running: int, rounds: int, reports: int = 300) -> float:
+    """Median microseconds per step report with `running` requests (and a quarter as
+    many waiting), over `rounds` rounds of `reports` reports."""
+    from sglang_ext.patches import scheduler as patch
+
+    reqs = [_Req(i) for i in range(running)]
+    sched = SimpleNamespace(running_batch=SimpleNamespace(reqs=reqs), waiting_queue=reqs[: running // 4],
+                            max_running_requests=running + 64)
+    patch._rank_info = lambda: (0, True)  # (no SGLang process context here)
+    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reports):
+            st.finished_pending = [(300, 900, 0)] * 2
+            patch._build_report(sched, st, sched.running_batch)
+        per_round.append((time.perf_counter() - t0) / reports * 1e6)
+    return statistics.median(per_round)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=positive_int, default=100_000, help="records per round")
     ap.add_argument("--rounds", type=positive_int, default=5, help="rounds; the median is reported")
     ap.add_argument("--steps-ms", type=comma_list(positive_float), default="10,30",
                     help="typical step times (ms), comma-separated")
+    ap.add_argument("--report-running", type=comma_list(positive_int), default="64,256,1024",
+                    help="running requests per rank for the step-report rows, comma-separated")
     ap.add_argument("--max-bytes", type=positive_int, default=4 << 20,
                     help="rotation size for the benchmark (small, so rotation is included)")
     args = ap.parse_args()
@@ -65,6 +102,13 @@ def main() -> int:
         print(f"| {name} | {source} | {us:.2f} | {cells} |")
     if len(rows) == 1:
         print("\n(no NVML device here: only the power-model path was measured)")
+
+    print("\n| running requests | us / step report | " + " | ".join(f"% of {s:g} ms step" for s in steps) + " |")
+    print("|" + "---|" * (2 + len(steps)))
+    for running in args.report_running:
+        us = bench_report(running, args.rounds)
+        cells = " | ".join(f"{100 * us * 1e-6 / (s * 1e-3):.3f}%" for s in steps)
+        print(f"| {running} | {us:.1f} | {cells} |")
     return 0
 
 

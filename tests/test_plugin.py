@@ -332,6 +332,29 @@ def test_scheduler_patch_reports_each_step(monkeypatch, tmp_path):
     assert rep.finished_exact.tolist() == [True]
 
 
+def test_report_columns_follow_the_running_set_from_step_to_step(monkeypatch):
+    # The caps and ignore_eos flags are kept from the last step while the same requests
+    # run; a request joining or leaving must show at once, the lengths every step.
+    from sglang_ext.patches import scheduler as patch
+
+    monkeypatch.setattr(patch, "_rank_info", lambda: (0, True))
+    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
+    a, b, c = _FakeReq(110, 10, 64), _FakeReq(55, 5, 32), _FakeReq(20, 1, 16, ignore_eos=True)
+    sched = SimpleNamespace(max_running_requests=8, running_batch=SimpleNamespace(reqs=[a, b]), waiting_queue=[])
+    rep = patch._build_report(sched, st, None)
+    assert rep.run_cap.tolist() == [64, 32] and rep.run_exact.tolist() == [False, False]
+    a.seqlen, a.output_ids = 111, a.output_ids + [7]
+    rep = patch._build_report(sched, st, None)
+    assert rep.run_kv.tolist() == [111, 55] and rep.run_generated.tolist() == [11, 5]
+    sched.running_batch.reqs = [b, c]  # a left, c joined
+    rep = patch._build_report(sched, st, None)
+    assert rep.run_kv.tolist() == [55, 20] and rep.run_cap.tolist() == [32, 16]
+    assert rep.run_exact.tolist() == [False, True]
+    sched.running_batch.reqs = []
+    rep = patch._build_report(sched, st, None)
+    assert rep.run_kv.shape == rep.run_cap.shape == rep.run_exact.shape == (0,)
+
+
 def test_an_aborted_answer_leaves_the_rank_but_teaches_no_length(monkeypatch, tmp_path):
     # A client gone or a timeout cuts an answer short: its length is not where it would
     # have ended, so the report leaves it out of the finished lengths the estimator learns.
