@@ -657,6 +657,13 @@ class BalancedDispatch:
 
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
+        pin = getattr(req, "routed_dp_rank", None)
+        if pin is not None and not (0 <= pin < self.num_ranks and self._active_mask()[pin]):
+            # Stock raises and the request is never answered (elastic EP: the rank went
+            # down after the client picked it); placed by the policy instead.
+            logger.warning("sglang-ext: request %s is pinned to DP rank %s, which is not active; "
+                           "placing it by the policy", getattr(req, "rid", "?"), pin)
+            req.routed_dp_rank = None
         if self.ctrl.maybe_external_dp_rank_routing(req):  # client-pinned: honoured as stock does
             self._record_sent(int(req.routed_dp_rank), request_row(req))
             self.stats["pinned"] += 1

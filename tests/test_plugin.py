@@ -219,6 +219,17 @@ def test_pinned_request_is_honoured_and_counted(fake_controller):
     assert sent[-1][0] == 3 and len(bal.inflight[3]) == 1 and bal.stats["pinned"] == 1
 
 
+def test_a_pin_to_a_rank_gone_inactive_is_placed_by_the_policy(fake_controller, caplog):
+    # Elastic EP: the rank a client pinned went down before the request came. Stock
+    # raises and the request is never answered; here the policy places it.
+    bal, sent = fake_controller("bfio")
+    bal.ctrl._active_workers = [0, 1, 2]
+    with caplog.at_level("WARNING"):
+        bal.dispatch(_req(50, pin=3, rid="p"))
+    assert len(sent) == 1 and sent[0][0] in (0, 1, 2) and sent[0][1].rid == "p"
+    assert bal.stats["pinned"] == 0 and "pinned to DP rank 3, which is not active" in caplog.text
+
+
 @pytest.mark.parametrize("variant", ["default", "paper"])
 def test_pool_fills_free_slots_then_deadline_places_the_rest(fake_controller, variant):
     bal, sent = fake_controller("bfio", binding="pool", max_wait=0.05, variant=variant)
