@@ -31,7 +31,8 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import comma_list, output_file, nonneg_int, positive_float, positive_int, run_main, trace_file  # noqa: E402
+from sglang_ext.argtypes import (comma_list, output_file, nonneg_int, plot_file, positive_float, positive_int,  # noqa: E402
+                                 run_main, trace_file)
 from sglang_ext.policies import make_policy  # noqa: E402
 from sglang_ext.sim.paper import PaperConfig, simulate_paper  # noqa: E402
 from sglang_ext.traces import load_trace, paper_order  # noqa: E402
@@ -144,8 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-n", type=positive_int, default=10**9, help="cap on the requests per cell N")
     ap.add_argument("--horizon", type=nonneg_int, default=20, help="bfio look-ahead horizon H (steps)")
     ap.add_argument("--json", type=output_file, dest="json_out", help="write the config and every cell here")
-    ap.add_argument("--plot", type=output_file, help="heat map PNG")
-    ap.add_argument("--theory-plot", type=output_file, help="ratio vs sqrt(B log G) PNG")
+    ap.add_argument("--plot", type=plot_file, help="heat map PNG")
+    ap.add_argument("--theory-plot", type=plot_file, help="ratio vs sqrt(B log G) PNG")
     args = ap.parse_args(argv)
 
     Gs = [G for part in args.ranks for G in part] if args.ranks else (QUICK_G if args.quick else FULL_G)

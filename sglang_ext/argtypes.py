@@ -3,12 +3,11 @@ reported by argparse with the flag's name (exit status 2, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from pathlib import Path
-
-from .errors import UsageError
 
 
 def number(kind, ok, need: str):
@@ -100,6 +99,39 @@ def output_file(text: str) -> str:
 def output_dir(text: str) -> str:
     """argparse type: a directory to write into (created if missing)."""
     return _writable(text, want_dir=True)
+
+
+def write_json(path: str, doc, indent: int = 2) -> None:
+    """Write `doc` as JSON to an output_file path, its directory made. A failed write or
+    close (a full disk, /dev/full) raises an OSError with no file name: it is given one,
+    so the error line names the path."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(doc, fh, indent=indent)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = path
+        raise
+
+
+def _plot_formats() -> dict[str, str]:
+    """The file types matplotlib can save, by extension (backend_bases, not pyplot: no GUI
+    backend is chosen while the flags are parsed)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return FigureCanvasBase.get_supported_filetypes()
+
+
+def plot_file(text: str) -> str:
+    """argparse type: an output_file whose extension matplotlib can write (without one,
+    matplotlib adds .png): a typo such as .pgn is refused before the run, not after it."""
+    ext = Path(text).suffix[1:].lower()
+    formats = _plot_formats()
+    if ext and ext not in formats:
+        raise argparse.ArgumentTypeError(
+            f"cannot plot to {text!r}: matplotlib writes no .{ext} files (use one of {', '.join(sorted(formats))})")
+    return output_file(text)
 
 
 def server_url(text: str) -> str:
@@ -225,19 +257,36 @@ def check_online_model(ap: argparse.ArgumentParser, args: argparse.Namespace) ->
 LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level's choices, lower case
 
 
-def run_main(main, prog: str | None = None) -> None:
-    """Run a script's main() and exit with its status. Bad input that gets past
-    argparse (a malformed trace line, a bad saved file) is one line on stderr
-    naming the file and field, exit status 2, no traceback."""
+def error_line(exc: BaseException) -> str:
+    """The one-line message of a bad-input error. An OSError (a path that cannot be read
+    or written, e.g. --json /dev/full/x.json) is "PATH: reason", without the errno prefix."""
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is None:  # (a failed write or close names no file)
+            return exc.strerror
+        where = str(exc.filename)
+        if exc.filename2 is not None:  # (rename, link: both paths)
+            where += f" -> {exc.filename2}"
+        return f"{where}: {exc.strerror}"
+    return str(exc)
+
+
+def call_main(main, prog: str | None = None) -> int:
+    """Run main() and return its exit status. Bad input that gets past argparse (a
+    malformed trace line, a bad saved file, an unwritable output path) is one line on
+    stderr naming the file and field, status 2, no traceback."""
     prog = prog or Path(sys.argv[0]).name
     try:
-        code = main()
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return int(main() or 0)
     except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # output piped into `head`: stop quietly
+        return 130
+    except BrokenPipeError:  # output piped into `head`: stop quietly (before OSError, its base)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    sys.exit(int(code or 0))
+        return 1
+    except (ValueError, OSError) as exc:  # (UsageError and TraceError are ValueErrors)
+        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def run_main(main, prog: str | None = None) -> None:
+    """Run a script's main() and exit with its status (see call_main)."""
+    sys.exit(call_main(main, prog))

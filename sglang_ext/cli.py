@@ -10,7 +10,6 @@ import importlib
 import logging
 import sys
 
-from .errors import UsageError
 
 COMMANDS = {
     "simulate": ("sglang_ext.sim.command", "Replay a trace through the barrier-synchronized DP simulator and compare policies."),
@@ -19,7 +18,7 @@ COMMANDS = {
 }
 
 
-from sglang_ext.argtypes import LOG_LEVELS  # noqa: E402
+from sglang_ext.argtypes import LOG_LEVELS, call_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.main(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"sglang-ext {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return call_main(lambda: module.main(args), prog=f"sglang-ext {args.command}")
 
 
 if __name__ == "__main__":

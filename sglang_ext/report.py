@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .argtypes import output_dir, output_file
+from .argtypes import output_dir, output_file, write_json
 from .errors import UsageError
 from .telemetry import rank_files
 
@@ -38,6 +38,18 @@ _RANK_RE = re.compile(r"^rank(\d+)\.jsonl$")
 _NUMERIC = ("step", "wall_time", "batch_size", "kv_tokens", "predicted_cost_s", "step_time_s", "idle_s",
             "energy_j", "power_w")
 _REQUIRED = _NUMERIC + ("idle_source", "energy_source")
+_REQUIRED_SET = frozenset(_REQUIRED)
+# null in these means "not recorded": predicted_cost_s on a real GPU (no cost model),
+# energy_j/power_w on NVML lines never settled (killed server). The others are always written.
+_NULLABLE = frozenset(("predicted_cost_s", "energy_j", "power_w"))
+# Fields read from summary.json and requests.jsonl lines; each may be absent or null
+# (not recorded, e.g. no start_unix from an older replay, no ttft_s of a failed request).
+_SUMMARY_NUMBERS = ("wall_time_s", "start_unix", "end_unix", "output_tokens", "sent", "ok", "failed", "retries")
+_SUMMARY_OBJECTS = ("failure_reasons", "ttft_s", "tpot_s", "latency_s")
+_LATENCIES = ("ttft_s", "tpot_s", "latency_s")
+_REQUEST_NUMBERS = ("tokens_received",) + _LATENCIES
+_NUMBER_TYPES = frozenset((int, float))  # (not bool: true is no number)
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max: beyond it (or inf, nan) a number breaks the sums
 # Plots stay readable and fast on long runs: above this many steps, a rank's line
 # is the mean per step in this many equal time bins (raw per-step lines of 4
 # ranks overlap into a solid band).
@@ -59,16 +71,65 @@ class RunData:
 # -- loading ---------------------------------------------------------------------------------
 
 
+def _shown(v) -> str:
+    """v as JSON, shortened, for a message."""
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(v) -> bool:
+    """A finite JSON number (true/false are not numbers; json also parses NaN, Infinity
+    and integers too large for a float, which would poison or break the arrays)."""
+    return type(v) in _NUMBER_TYPES and -_FLOAT_MAX <= v <= _FLOAT_MAX
+
+
+def _need_number(v, where: str, field_name: str, nullable: bool = True) -> None:
+    """Raise naming the field unless v is a finite number (or, nullable, null)."""
+    if not (_is_number(v) or (nullable and v is None)):
+        kind = "a finite number" if type(v) in _NUMBER_TYPES else "a number"  # (NaN, Infinity, 1e999 parse)
+        raise UsageError(f"{where}: field {field_name!r} must be {kind}{' or null' if nullable else ''}, "
+                         f"got {_shown(v)}")
+
+
+def _need_object(v, where: str) -> None:
+    """Raise unless v is a JSON object (`where` names the file, and the field if any)."""
+    if not isinstance(v, dict):
+        raise UsageError(f"{where} must be a JSON object, got {_shown(v)}")
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes; a directory (or unreadable file) in its place is named as bad input."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+
+
 def _candidates(d: Path) -> list[Path]:
     """DIR first, then its immediate subdirectories (sorted, for determinism)."""
     return [d, *sorted(p for p in d.iterdir() if p.is_dir())]
 
 
+def _check_telemetry_line(rec, where: str) -> None:
+    """Raise naming what is wrong in a telemetry line, if anything: every field report
+    reads present, of its type (nulls only where _NULLABLE allows them)."""
+    if not isinstance(rec, dict):
+        raise UsageError(f"{where}: not a JSON object")
+    for k in _REQUIRED:
+        if k not in rec:
+            raise UsageError(f"{where}: field {k!r} missing")
+    for k in _NUMERIC:
+        _need_number(rec[k], where, k, nullable=k in _NULLABLE)
+    for k in ("idle_source", "energy_source"):
+        if not isinstance(rec[k], str):
+            raise UsageError(f"{where}: field {k!r} must be a string, got {_shown(rec[k])}")
+
+
 def _load_rank(files: list[str], run: RunData) -> dict[str, np.ndarray] | None:
     cols: dict[str, list] = {k: [] for k in _NUMERIC}
+    columns = list(cols.items())
     for fname in files:
-        with open(fname, "rb") as fh:
-            lines = fh.read().splitlines()
+        lines = _read_bytes(fname).splitlines()
         for i, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
@@ -79,23 +140,24 @@ def _load_rank(files: list[str], run: RunData) -> dict[str, np.ndarray] | None:
                     logger.warning("%s:%d: truncated last line skipped", fname, i)
                     continue
                 raise UsageError(f"{fname}:{i}: invalid JSON") from None
-            if not isinstance(rec, dict):
-                raise UsageError(f"{fname}:{i}: not a JSON object")
-            for k in _REQUIRED:
-                if k not in rec:
-                    raise UsageError(f"{fname}:{i}: field {k!r} missing")
-            for k in _NUMERIC:
+            # Inline quick tests, as files run to millions of lines; on a miss
+            # _check_telemetry_line names the field (or passes an allowed null).
+            if type(rec) is not dict or not rec.keys() >= _REQUIRED_SET:
+                _check_telemetry_line(rec, f"{fname}:{i}")
+            for k, col in columns:
                 v = rec[k]
-                # energy_j/power_w are null only for NVML lines never settled (killed server).
-                cols[k].append(math.nan if v is None else v)
-            run.energy_sources.add(rec["energy_source"])
-            run.idle_sources[rec["idle_source"]] = run.idle_sources.get(rec["idle_source"], 0) + 1
+                if type(v) not in _NUMBER_TYPES or not -_FLOAT_MAX <= v <= _FLOAT_MAX:
+                    _check_telemetry_line(rec, f"{fname}:{i}")
+                    v = math.nan
+                col.append(v)
+            idle_source, energy_source = rec["idle_source"], rec["energy_source"]
+            if type(idle_source) is not str or type(energy_source) is not str:
+                _check_telemetry_line(rec, f"{fname}:{i}")
+            run.energy_sources.add(energy_source)
+            run.idle_sources[idle_source] = run.idle_sources.get(idle_source, 0) + 1
     if not cols["step"]:
         return None
-    try:
-        out = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
-    except (TypeError, ValueError):
-        raise UsageError(f"{files[-1]}: a numeric field holds a non-number") from None
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
     order = np.argsort(out["wall_time"], kind="stable")
     return {k: v[order] for k, v in out.items()}
 
@@ -116,26 +178,55 @@ def _load_telemetry(run: RunData) -> None:
             return
 
 
+def _load_summary(path: Path) -> dict:
+    """summary.json, checked: an object whose fields report reads have their types."""
+    raw = _read_bytes(path)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
+        raise UsageError(f"{path}: invalid JSON ({exc})") from None
+    _need_object(doc, f"{path}:")
+    for k in _SUMMARY_NUMBERS:
+        _need_number(doc.get(k), str(path), k)
+    for k in _SUMMARY_OBJECTS:
+        if doc.get(k) is not None:
+            _need_object(doc[k], f"{path}: field {k!r}")
+    for k in _LATENCIES:
+        for q in ("p50", "p99"):
+            _need_number((doc.get(k) or {}).get(q), str(path), f"{k}.{q}")
+    return doc
+
+
+def _load_requests(path: Path) -> list[dict]:
+    """requests.jsonl, one result object a line, checked like the summary."""
+    rows = []
+    for i, raw in enumerate(_read_bytes(path).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            raise UsageError(f"{where}: invalid JSON") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: not a JSON object")
+        if row.get("ok") is not None and type(row["ok"]) is not bool:
+            raise UsageError(f"{where}: field 'ok' must be true or false, got {_shown(row['ok'])}")
+        for k in _REQUEST_NUMBERS:
+            _need_number(row.get(k), where, k)
+        rows.append(row)
+    return rows
+
+
 def _load_replay(run: RunData) -> None:
     for cand in _candidates(run.path):
         req, summ = cand / "requests.jsonl", cand / "summary.json"
         if not (req.exists() or summ.exists()):
             continue
         if summ.exists():
-            try:
-                run.summary = json.loads(summ.read_text())
-            except ValueError as exc:
-                raise UsageError(f"{summ}: invalid JSON ({exc})") from None
+            run.summary = _load_summary(summ)
         if req.exists():
-            rows = []
-            for i, raw in enumerate(req.read_text().splitlines(), start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    rows.append(json.loads(raw))
-                except ValueError:
-                    raise UsageError(f"{req}:{i}: invalid JSON") from None
-            run.requests = rows
+            run.requests = _load_requests(req)
         if run.summary and run.summary.get("start_unix") and run.summary.get("end_unix"):
             run.window = (float(run.summary["start_unix"]), float(run.summary["end_unix"]))
         return
@@ -379,6 +470,18 @@ def _unique_names(dirs: list[str]) -> list[str]:
     return [str(Path(d)) for d in dirs]  # same basename twice: use the full paths
 
 
+def _plots_dir(dirs: list[str], out: str | None) -> str:
+    """--out, or its default: checked like the flag (the default one is not, and a run
+    directory may hold a file named `plots` or be read-only)."""
+    default = out is None
+    if default:
+        out = str(Path(dirs[0]) / "plots") if len(dirs) == 1 else "report"
+    try:
+        return output_dir(out)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--out{f' (default {out})' if default else ''}: {exc}") from None
+
+
 def report(dirs: list[str], out: str | None = None, json_out: str | None = None,
            plots: bool = True) -> tuple[list[dict], list[str]]:
     """Load, measure and plot runs; returns (metrics per run, plot paths)."""
@@ -386,13 +489,9 @@ def report(dirs: list[str], out: str | None = None, json_out: str | None = None,
         raise UsageError("no run directory given")
     runs = [load_run(d, name) for d, name in zip(dirs, _unique_names(dirs))]
     metrics = [compute_metrics(r) for r in runs]
-    if out is None:
-        out = str(Path(dirs[0]) / "plots") if len(dirs) == 1 else "report"
-    paths = plot_runs(runs, out) if plots else []
+    paths = plot_runs(runs, _plots_dir(dirs, out)) if plots else []
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        with open(json_out, "w") as fh:
-            json.dump({"runs": metrics, "plots": paths}, fh, indent=2)
+        write_json(json_out, {"runs": metrics, "plots": paths})
     return metrics, paths
 
 

@@ -1,9 +1,12 @@
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from sglang_ext.argtypes import call_main, error_line, plot_file
 from sglang_ext.sim.metrics import RESULT_KEYS
 
 
@@ -117,3 +120,65 @@ def test_bad_trace_row_names_line(tmp_path):
     p = run_cli("simulate", "--trace", str(bad), "--mode", "online", "--ranks", "2", "--batch", "4", "--skip-bad-rows",
                 "--policies", "jsq")
     assert p.returncode == 0, p.stderr
+
+
+def test_write_errors_name_the_path_without_traceback(traces_dir):
+    # past the flag check (a device, or /sys as root): the write fails after the run
+    base = ["simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--requests", "50",
+            "--policies", "fcfs"]
+    cases = [("--json", "/dev/full", "/dev/full: No space left on device"),
+             ("--plot", "/sys/sglang_ext.png", "/sys/sglang_ext.png")]
+    for flag, path, needle in cases:
+        if not Path(path).parent.is_dir():
+            continue
+        p = run_cli(*base, flag, path)
+        assert p.returncode == 2, (flag, p.stderr)
+        assert needle in p.stderr.splitlines()[-1], p.stderr  # (not root: argparse refuses /sys, usage above)
+        assert "Traceback" not in p.stderr
+
+
+def test_call_main_reports_os_errors_as_path_and_reason(tmp_path, capsys):
+    def write_into(path):
+        return lambda: open(path, "w")
+
+    assert call_main(write_into(tmp_path), prog="prog") == 2
+    assert capsys.readouterr().err == f"prog: error: {tmp_path}: Is a directory\n"
+    assert call_main(write_into(tmp_path / "missing" / "x.json"), prog="prog") == 2
+    assert capsys.readouterr().err == f"prog: error: {tmp_path / 'missing' / 'x.json'}: No such file or directory\n"
+    assert error_line(OSError(28, "No space left on device")) == "No space left on device"
+
+
+def test_call_main_statuses():
+    def raise_(exc):
+        def main():
+            raise exc
+        return main
+
+    assert call_main(lambda: 3) == 3 and call_main(lambda: None) == 0
+    assert call_main(raise_(KeyboardInterrupt())) == 130
+    with pytest.raises(RuntimeError):  # a bug stays a traceback
+        call_main(raise_(RuntimeError("bug")))
+    # output piped into `head`: a quiet exit 1, not an OSError's "error:" line
+    code = "from sglang_ext.argtypes import run_main\ndef main():\n    raise BrokenPipeError(32, 'Broken pipe')\nrun_main(main)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr == ""
+
+
+@pytest.mark.parametrize("name", ["p.png", "p.PDF", "p.svg", "p"])  # (no extension: matplotlib adds .png)
+def test_plot_file_takes_what_matplotlib_writes(tmp_path, name):
+    assert plot_file(str(tmp_path / name)) == str(tmp_path / name)
+
+
+def test_plot_file_refuses_other_extensions_up_front(tmp_path, traces_dir):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"matplotlib writes no \.pgn files \(use one of .*png"):
+        plot_file(str(tmp_path / "p.pgn"))
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a directory"):  # and the path checks still apply
+        plot_file(str(traces_dir / "burstgpt_lengths_8000.json" / "p.png"))
+
+
+def test_simulate_refuses_a_plot_type_matplotlib_cannot_write_before_the_run(traces_dir):
+    p = run_cli("simulate", "--trace", str(traces_dir / "burstgpt_lengths_8000.json"), "--policies", "fcfs",
+                "--plot", "out.xyz")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "argument --plot: cannot plot to 'out.xyz': matplotlib writes no .xyz files" in p.stderr
+    assert "| fcfs" not in p.stdout  # (refused before any simulation ran)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,115 @@ def test_missing_and_empty_dirs_exit_2(tmp_path, capsys):
     (tmp_path / "empty" / "telemetry").mkdir(parents=True)
     assert cli.main(["report", str(tmp_path / "empty")]) == 2
     assert "empty: no telemetry" in capsys.readouterr().err
+
+
+def _report_error(capsys, *args) -> str:
+    """stderr of `sglang-ext report --no-plots ARGS`, which must fail with exit status 2."""
+    assert cli.main(["report", "--no-plots", *map(str, args)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sglang-ext report: error: ")
+    return err
+
+
+def _set_field(path, key, value):
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("break_it, needle", [
+    (lambda f: (f.unlink(), f.mkdir()), "summary.json: cannot read it: Is a directory"),
+    (lambda f: f.write_text("{nope"), "summary.json: invalid JSON"),
+    (lambda f: f.write_text("[1, 2]"), "summary.json: must be a JSON object, got [1, 2]"),
+    (lambda f: f.write_text("null"), "summary.json: must be a JSON object, got null"),
+    (lambda f: _set_field(f, "wall_time_s", "2.0"), "summary.json: field 'wall_time_s' must be a number or null, got \"2.0\""),
+    (lambda f: _set_field(f, "start_unix", [1]), "summary.json: field 'start_unix' must be a number"),
+    (lambda f: _set_field(f, "output_tokens", True), "summary.json: field 'output_tokens' must be a number"),
+    (lambda f: _set_field(f, "ttft_s", [0.1, 0.2]), "summary.json: field 'ttft_s' must be a JSON object, got [0.1, 0.2]"),
+    (lambda f: _set_field(f, "failure_reasons", ["http_500"]), "summary.json: field 'failure_reasons' must be a JSON object"),
+    (lambda f: _set_field(f, "tpot_s", {"p50": "fast", "p99": 1.0}), "summary.json: field 'tpot_s.p50' must be a number"),
+])
+def test_malformed_summary_is_one_line_naming_file_and_field(tmp_path, capsys, break_it, needle):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001])
+    break_it(run / "summary.json")
+    assert needle in _report_error(capsys, run)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("[1]", "requests.jsonl:2: not a JSON object"),
+    ("null", "requests.jsonl:2: not a JSON object"),
+    ('{"ok": true, "tokens_received": "25"}', "requests.jsonl:2: field 'tokens_received' must be a number"),
+    ('{"ok": true, "tokens_received": 25, "ttft_s": [0.1]}', "requests.jsonl:2: field 'ttft_s' must be a number"),
+    ('{"ok": "yes", "tokens_received": 25}', "requests.jsonl:2: field 'ok' must be true or false"),
+])
+def test_malformed_request_line_is_named(tmp_path, capsys, line, needle):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001])
+    f = run / "requests.jsonl"
+    lines = f.read_text().splitlines()
+    lines[1] = line
+    f.write_text("\n".join(lines) + "\n")
+    assert needle in _report_error(capsys, run)
+
+
+TELEMETRY_CASES = [
+    ("step", "3", "field 'step' must be a number, got \"3\""),
+    ("wall_time", None, "field 'wall_time' must be a number, got null"),
+    ("idle_s", True, "field 'idle_s' must be a number, got true"),
+    ("kv_tokens", [1000], "field 'kv_tokens' must be a number, got [1000]"),
+    ("step_time_s", float("inf"), "field 'step_time_s' must be a finite number, got Infinity"),
+    ("energy_j", 10 ** 400, "field 'energy_j' must be a finite number or null"),
+    ("idle_source", ["measured"], "field 'idle_source' must be a string"),
+    ("energy_source", {}, "field 'energy_source' must be a string, got {}"),
+]
+
+
+@pytest.mark.parametrize("key, value, needle", TELEMETRY_CASES, ids=[c[0] for c in TELEMETRY_CASES])
+def test_telemetry_field_of_wrong_type_names_file_line_field(tmp_path, capsys, key, value, needle):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001], with_replay=False)
+    f = run / "telemetry" / "rank1.jsonl"
+    lines = f.read_text().splitlines()
+    rec = json.loads(lines[3])
+    rec[key] = value
+    lines[3] = json.dumps(rec)
+    f.write_text("\n".join(lines) + "\n")
+    assert f"rank1.jsonl:4: {needle}" in _report_error(capsys, run)
+
+
+def test_telemetry_file_that_is_a_directory_is_named(tmp_path, capsys):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001], with_replay=False)
+    (run / "telemetry" / "rank1.jsonl.1").mkdir()  # in place of a rotated file
+    assert "rank1.jsonl.1: cannot read it: Is a directory" in _report_error(capsys, run)
+
+
+def test_nulls_the_writers_produce_are_accepted(tmp_path):
+    # a real GPU has no predicted cost; unsettled NVML lines no energy; an older replay no window
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001])
+    for f in (run / "telemetry").glob("rank*.jsonl"):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        for rec in recs:
+            rec["predicted_cost_s"] = None
+        recs[0]["energy_j"] = recs[0]["power_w"] = None
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _set_field(run / "summary.json", "start_unix", None)
+    _set_field(run / "summary.json", "ttft_s", {"p50": None, "p99": None, "mean": None, "n": 0})
+    m = compute_metrics(load_run(run))
+    assert m["idle_fraction_model"] is None and m["unsettled_energy_lines"] == 2
+    assert m["telemetry_window"] == "all" and m["ttft_p50_s"] == pytest.approx(0.25)  # from requests.jsonl
+
+
+def test_unwritable_plots_dir_is_named(tmp_path, capsys):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001])
+    (run / "plots").write_text("")  # a file where the default plots directory goes
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out (default {run / 'plots'}): '{run / 'plots'}' is not a directory" in err
+    # under /proc nothing can be created: refused by the flag, or (as root) named when creating it
+    assert cli.main(["report", str(run), "--out", "/proc/sglang_ext_plots"]) == 2
+    err = capsys.readouterr().err
+    assert "/proc/sglang_ext_plots" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_failed_json_write_names_the_file(tmp_path, capsys):
+    run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001])
+    assert "error: /dev/full: No space left on device" in _report_error(capsys, run, "--json", "/dev/full")

@@ -19,6 +19,8 @@ CASES = [
     ("bench_scale.py", ["--trace", "nope.json"], "--trace"),
     ("bench_scale.py", ["--per-slot", "0"], "--per-slot"),
     ("bench_scale.py", ["--horizon", "-1"], "--horizon"),
+    ("bench_scale.py", ["--plot", "heat.pgn"], "--plot"),  # matplotlib writes no .pgn: refused before the grid runs
+    ("bench_scale.py", ["--theory-plot", "fit.xyz"], "--theory-plot"),
     ("bench_optimality.py", ["--instances", "0"], "--instances"),
     ("bench_optimality.py", ["--time-limit", "x"], "--time-limit"),
     ("bench_optimality.py", ["--extra", "bogus:reward=2"], "--extra"),
@@ -45,6 +47,7 @@ CASES = [
     ("bench_repeats.py", ["--max-new-tokens", "0"], "--max-new-tokens"),
     ("bench_repeats.py", ["--trace-repeat", "0"], "--trace-repeat"),
     ("bench_repeats.py", ["--max-pool-wait", "inf"], "--max-pool-wait"),
+    ("bench_repeats.py", ["--plot", "ratios.jpgg"], "--plot"),
     ("demo_live.py", ["--policies", "bfio:estimator=psychic"], "--policies"),
     ("demo_live.py", ["--policies", "bfio:horizon"], "--policies"),
     ("demo_live.py", ["--max-new-tokens", "0"], "--max-new-tokens"),

@@ -11,11 +11,11 @@ Prints one row per policy and writes the JSON contract
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from ..argtypes import cost_preset_name, estimator_spec, nonneg_int, output_file, positive_float, positive_int, power_preset_name
+from ..argtypes import (cost_preset_name, estimator_spec, nonneg_int, output_file, plot_file, positive_float, positive_int,
+                        power_preset_name, write_json)
 from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
 from ..estimators import make_estimator
@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--power-preset", type=power_preset_name, default="h100", help=f"Online power model (busy/barrier-wait/idle W): {', '.join(POWER_PRESETS)}.")
     p.add_argument("--skip-bad-rows", action="store_true", help="Skip malformed trace rows (counted) instead of failing.")
     p.add_argument("--json", type=output_file, dest="json_out", default=None, help="Write results JSON here.")
-    p.add_argument("--plot", type=output_file, default=None, help="Write a comparison plot (PNG) here.")
+    p.add_argument("--plot", type=plot_file, default=None,
+                   help="Write a comparison plot here (PNG, or another type matplotlib writes, by extension).")
     p.add_argument("--progress", action="store_true", help="Show a progress bar per policy.")
 
 
@@ -199,8 +200,7 @@ def main(args) -> int:
     doc = run(args)
     print(format_table(doc))
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(doc, indent=1))
+        write_json(args.json_out, doc, indent=1)
         print(f"wrote {args.json_out}")
     if args.plot:
         plot(doc, args.plot)
