@@ -33,7 +33,6 @@ whatever the policy.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
+from sglang_ext.argtypes import write_json, output_file, comma_list, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
 from sglang_ext.plugin.config import BalancerConfig
 from sglang_ext.plugin.protocol import RankReport
 from sglang_ext.policies import policy_names
@@ -305,7 +304,7 @@ def main():
               f"| {r['during_paused']} ({r['during_lagged']}) of {DURING_ARRIVALS * args.calls} "
               f"| {r['stages_p50']:.0f} | {r['longest_stage_p50_us']:.0f} | {r['longest_stage_max_us']:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ compiled Triton kernel.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, nonneg_float, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
+from sglang_ext.argtypes import write_json, output_file, comma_list, nonneg_float, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
 from sglang_ext.policies import Candidates, ClusterView, make_policy
 from sglang_ext.traces import load_trace
 
@@ -110,7 +109,7 @@ def main():
               f"| {r['pool_p50_us']:.0f} | {r['pool_p99_us']:.0f} | {r['immediate_p50_us']:.0f} "
               f"| {r['immediate_p99_us']:.0f} | {r['jsq_p50_us']:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

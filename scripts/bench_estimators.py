@@ -12,12 +12,11 @@ request's prompt length, and the lengths of requests that finished before it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from sglang_ext.argtypes import (output_file, ONLINE_TRACES, comma_list, estimator_spec, nonneg_int, positive_int, run_main,
+from sglang_ext.argtypes import (write_json, output_file, ONLINE_TRACES, comma_list, estimator_spec, nonneg_int, positive_int, run_main,
                                  trace_file)
 from sglang_ext.errors import UsageError
 from sglang_ext.estimators import make_estimator
@@ -84,7 +83,7 @@ def main():
                 cells += [f"{r[c]:.1f}", f"{r[c] / base[c]:.2f}" if base[c] else "-"]
         print(f"| {r['trace'].split('.')[0]} | {r['estimator']} | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ run's idle, and the floor (CostModel.wait_floor) how far none can.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, add_online_model,
+from sglang_ext.argtypes import (write_json, output_file, add_deep_queue, add_online_grid, add_online_model,
                                  check_online_model, comma_list, nonneg_int,
                                  positive_float, repeat_note, run_main)
 from sglang_ext.cost import cost_preset, power_preset
@@ -120,7 +119,7 @@ def main():
               f"| {_f(r['idle_drain_hindsight'])} | {_f(r['idle_with_hindsight_drain'])} "
               f"| {ratio(r['idle_with_hindsight_drain'])} | {r['idle_floor']:.4f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 def _f(x, digits=4):

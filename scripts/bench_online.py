@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
+from sglang_ext.argtypes import (write_json, output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, positive_float,
                                  positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
@@ -80,7 +80,7 @@ def main():
                   f"| {r['latency_ms_p99']:.0f} | {r['energy_j_per_token']:.4f} |")
     print(summarize(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
 
 
 def summarize(results: list[dict]) -> str:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import (output_file, existing_file, nonneg_int, policy_spec, positive_float, positive_int,  # noqa: E402
+from sglang_ext.argtypes import (write_json, output_file, existing_file, nonneg_int, policy_spec, positive_float, positive_int,  # noqa: E402
                                  run_main, trace_file)
 from sglang_ext.optimal import feasible, instance_from_view, objective, solve_exact  # noqa: E402
 from sglang_ext.policies import Candidates, ClusterView, make_policy, parse_policy_spec  # noqa: E402
@@ -185,14 +185,13 @@ def main(argv=None) -> int:
     milp_s = np.array([r["milp_s"] for r in records])
 
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(dict(
+        write_json(args.json_out, dict(
             config=dict(instances=args.instances, seed=args.seed, trace=Path(args.trace).name,
                         time_limit=args.time_limit, G=4, B="4..8", H="5..10", weights="unit",
                         work_conserving=True),
             target_mean_gap=TARGET, target_met=met, not_proven_optimal=not_optimal,
             milp_s_median=float(np.median(milp_s)), milp_s_max=float(milp_s.max()),
-            summary=summary, instances=records), indent=1))
+            summary=summary, instances=records), indent=1)
     return 0
 
 

@@ -13,12 +13,11 @@ CostModel.wait_floor) shows how much of it none can."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (output_file, add_deep_queue, add_online_grid, add_online_model, check_online_model,
+from sglang_ext.argtypes import (write_json, output_file, add_deep_queue, add_online_grid, add_online_model, check_online_model,
                                  positive_float, repeat_note, run_main)
 from sglang_ext.cost import cost_preset, power_preset
 from sglang_ext.estimators import make_estimator
@@ -73,7 +72,7 @@ def main():
            drain, extra=lambda r: f" {_pct(r['sparse_idle_share'])} | {_f(r['floor_arrivals'])} "
                                   f"| {_f(r['floor_drain'])} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 def _table(rows, head, split, extra=lambda r: ""):

@@ -18,14 +18,12 @@ times the same call with no refit due.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, nonneg_int, positive_int, run_main
+from sglang_ext.argtypes import write_json, output_file, comma_list, nonneg_int, positive_int, run_main
 from sglang_ext.estimators import EmpiricalEstimator
 
 
@@ -92,7 +90,7 @@ def main():
         print(f"| {r['longest']} | {r['running']} | {r['buckets']} | {r['entries']:,} | {r['inline_ms']:.1f} "
               f"| {r['background_ms']:.1f} | {r['no_refit_ms']:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 if __name__ == "__main__":

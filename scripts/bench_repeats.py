@@ -19,7 +19,7 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (output_file, add_online_grid, add_online_model,
+from sglang_ext.argtypes import (write_json, output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, nonneg_int,
                                  plot_file, positive_float, positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
@@ -111,7 +111,7 @@ def main():
     if args.plot:
         plot(rows, runs, metrics, args.plot)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows, indent=1)
 
 
 def ratio_ci(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:

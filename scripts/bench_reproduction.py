@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import output_file, comma_list, estimator_spec, nonneg_int, policy_spec, positive_int, run_main, trace_file
+from sglang_ext.argtypes import write_json, output_file, comma_list, estimator_spec, nonneg_int, policy_spec, positive_int, run_main, trace_file
 from sglang_ext.estimators import make_estimator
 from sglang_ext.policies import make_policy, parse_policy_spec
 from sglang_ext.sim.paper import PaperConfig, simulate_paper
@@ -65,7 +65,7 @@ def main():
               f"| {f(rr.get('tpot_ms'), '.2f')} | {r.energy_j_per_token * 1e3:.1f} | {r.decision_us_p50:.0f} |")
         out.setdefault(tname, {})[spec] = r.to_dict()
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_json(args.json, out, indent=1)
 
 
 if __name__ == "__main__":

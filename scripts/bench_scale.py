@@ -19,7 +19,6 @@ beyond, sampled WITH replacement: default_rng(42).choice(8000, size=N, replace=T
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -31,7 +30,7 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sglang_ext.argtypes import (comma_list, output_file, nonneg_int, plot_file, positive_float, positive_int,  # noqa: E402
+from sglang_ext.argtypes import (write_json, comma_list, output_file, nonneg_int, plot_file, positive_float, positive_int,  # noqa: E402
                                  run_main, trace_file)
 from sglang_ext.policies import make_policy  # noqa: E402
 from sglang_ext.sim.paper import PaperConfig, simulate_paper  # noqa: E402
@@ -176,13 +175,12 @@ def main(argv=None) -> int:
         k = theory_plot(rows, args.theory_plot)
         print(f"theory plot: {args.theory_plot} (fit ratio = {k:.3f} * sqrt(B ln G))")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(dict(
+        write_json(args.json_out, dict(
             config=dict(trace=Path(args.trace).name, G=Gs, B=Bs, quick=args.quick, horizon=args.horizon,
                         per_slot=args.per_slot, max_n=args.max_n,
                         sampling="paper order (no replacement) for N <= 8000, else "
                                  "default_rng(42).choice(8000, size=N, replace=True)"),
-            wall_s=wall, corr_with_theory=corr, fit_slope=k, cells=rows), indent=1))
+            wall_s=wall, corr_with_theory=corr, fit_slope=k, cells=rows), indent=1)
     return 0
 
 
