@@ -9,12 +9,11 @@ total_tokens and pool jsq."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (write_json, output_file, add_online_grid, add_online_model,
+from sglang_ext.argtypes import (write_json, saved_rows, output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, positive_float,
                                  positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
@@ -45,7 +44,8 @@ def main():
     args = ap.parse_args()
     check_online_model(ap, args)
     if args.summary_from:
-        print(summarize(json.loads(args.summary_from.read_text())))
+        print(summarize(saved_rows(args.summary_from, strings=("trace", "policy", "binding"), numbers=(
+            "G", "load", "idle_fraction", "tpot_ms_p99", "latency_ms_p99", "energy_j_per_token"))))
         return
     runs = args.runs
     power = power_preset(args.power_preset)

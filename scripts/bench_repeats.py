@@ -12,14 +12,13 @@ runs with a Student-t interval on the log ratios."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from sglang_ext.argtypes import (write_json, output_file, add_online_grid, add_online_model,
+from sglang_ext.argtypes import (write_json, saved_rows, output_file, add_online_grid, add_online_model,
                                  check_online_model, comma_list, existing_file, nonneg_int,
                                  plot_file, positive_float, positive_int, repeat_note, run_main, run_specs)
 from sglang_ext.cost import cost_preset, power_preset
@@ -68,7 +67,7 @@ def main():
     if unknown := [m for m in metrics if m not in LABELS]:
         ap.error(f"--metrics: unknown {', '.join(unknown)} (choose from {', '.join(LABELS)})")
     if args.summary_from:
-        rows = json.loads(args.summary_from.read_text())
+        rows = saved_rows(args.summary_from, strings=("trace", "run"), numbers=("G",), nullable=tuple(metrics))
         saved = [r for r in dict.fromkeys(x["run"] for x in rows) if r != CONTROL]
         print(summarize(rows, saved, metrics))
         if args.plot:

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UsageError
+
 
 def number(kind, ok, need: str):
     """argparse type: parse with `kind`, then require ok(value) (message: need).
@@ -35,6 +37,19 @@ positive_float = number(float, lambda v: v > 0, "positive")
 nonneg_float = number(float, lambda v: v >= 0, ">= 0")
 
 
+# Upper bounds on sizes: past them a run would not finish or its arrays would not fit
+# in memory (a (G, H) projection per call at H = 1e9), so a typo is refused at the flag.
+MAX_RANKS = 4096  # DP ranks G (deployments run 8 to 256)
+MAX_BATCH = 1 << 16  # running requests per rank B
+MAX_HORIZON = 100_000  # lookahead steps H (the pool tail's default is 2,000)
+MAX_REPEAT = 1000  # --trace-repeat
+
+rank_count = number(int, lambda v: 1 <= v <= MAX_RANKS, f"between 1 and {MAX_RANKS}")
+batch_size = number(int, lambda v: 1 <= v <= MAX_BATCH, f"between 1 and {MAX_BATCH}")
+horizon_steps = number(int, lambda v: 0 <= v <= MAX_HORIZON, f"between 0 and {MAX_HORIZON}")
+repeat_count = number(int, lambda v: 1 <= v <= MAX_REPEAT, f"between 1 and {MAX_REPEAT}")
+
+
 def comma_list(item):
     """argparse type: a comma-separated list, each entry parsed by `item`."""
 
@@ -55,13 +70,20 @@ def existing_file(text: str) -> Path:
     return p
 
 
-def trace_file(trace_dir: Path):
+TIMED_SUFFIXES = (".csv", ".jsonl")  # traces with arrival times (Azure, Mooncake)
+
+
+def trace_file(trace_dir: Path, timed: bool = False):
     """argparse type: a trace file, as a path or a name under `trace_dir`
-    (the scripts pass the repository's data/traces)."""
+    (the scripts pass the repository's data/traces); `timed`: one with arrival
+    times, for online runs (not the paper's length-only .json)."""
 
     def parse(text: str) -> Path:
         for p in (Path(text), Path(trace_dir) / text):
             if p.is_file():
+                if timed and p.suffix.lower() not in TIMED_SUFFIXES:
+                    raise argparse.ArgumentTypeError(
+                        f"{text!r} has no arrival times (an online run needs an Azure .csv or a Mooncake .jsonl)")
                 return p
         shipped = ", ".join(sorted(f.name for f in Path(trace_dir).glob("*") if f.is_file() and f.suffix != ".md"))
         raise argparse.ArgumentTypeError(f"no such trace file: {text!r} (in {trace_dir}: {shipped})")
@@ -113,6 +135,31 @@ def write_json(path: str, doc, indent: int = 2) -> None:
         if exc.filename is None:
             exc.filename = path
         raise
+
+
+def saved_rows(path: Path, strings: tuple = (), numbers: tuple = (), nullable: tuple = ()) -> list[dict]:
+    """The rows a script's --json wrote, read back for --summary-from: a list of
+    objects, each with the `strings` and `numbers` fields (`nullable` ones may also be
+    null or left out). A file of another shape is one error naming the file, row and
+    field, not a traceback from deep in the summary."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: not a JSON file written by --json ({exc})") from None
+    if not isinstance(doc, list):
+        raise UsageError(f"{path}: expected the list of rows a --json run writes, got a JSON {type(doc).__name__}")
+    for i, row in enumerate(doc):
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
+        checks = [(k, str, False) for k in strings] + [(k, (int, float), False) for k in numbers]
+        for key, kind, may_be_null in checks + [(k, (int, float), True) for k in nullable]:
+            value = row.get(key)
+            if value is None and may_be_null:
+                continue
+            if value is None or isinstance(value, bool) or not isinstance(value, kind):
+                what = "missing" if key not in row else f"not a {'string' if kind is str else 'number'} ({value!r})"
+                raise UsageError(f"{path}: row {i}: field {key!r}: {what}")
+    return doc
 
 
 def _plot_formats() -> dict[str, str]:
@@ -193,11 +240,11 @@ ONLINE_TRACES = "azure_conv_2023.csv,azure_code_2023.csv,mooncake_conversation.j
 
 def add_online_grid(ap: argparse.ArgumentParser, trace_dir: Path) -> None:
     """--traces, --ranks, --batch: the (trace, G) cells an online script runs."""
-    ap.add_argument("--traces", type=comma_list(trace_file(trace_dir)), default=ONLINE_TRACES,
-                    help="Comma list of trace files (names under data/traces, or paths).")
-    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32", help="Comma list of DP ranks G.")
-    ap.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
-    ap.add_argument("--trace-repeat", type=positive_int, default=1,
+    ap.add_argument("--traces", type=comma_list(trace_file(trace_dir, timed=True)), default=ONLINE_TRACES,
+                    help="Comma list of timed trace files (.csv or .jsonl; names under data/traces, or paths).")
+    ap.add_argument("--ranks", type=comma_list(rank_count), default="8,32", help="Comma list of DP ranks G.")
+    ap.add_argument("--batch", type=batch_size, default=72, help="Max running requests per rank B.")
+    ap.add_argument("--trace-repeat", type=repeat_count, default=1,
                     help="Replay each trace this many times back to back (same rate): a longer run, so its "
                          "steady state outweighs the drain after the last arrival.")
 

@@ -62,7 +62,12 @@ def test_simulate_online_trace_repeat(tmp_path, traces_dir):
 
 @pytest.mark.parametrize("args, needle", [
     (["--policies", "fcfs,nope"], "unknown policy 'nope'"),
-    (["--ranks", "0"], "--ranks: must be positive"),
+    (["--ranks", "0"], "--ranks: must be between 1 and 4096, got 0"),
+    (["--ranks", "1000000000"], "--ranks: must be between 1 and 4096, got 1000000000"),
+    (["--batch", "100000000"], "--batch: must be between 1 and 65536"),
+    (["--horizon", "1000000000"], "--horizon: must be between 0 and 100000"),
+    (["--trace-repeat", "1000000000"], "--trace-repeat: must be between 1 and 1000"),
+    (["--policies", "bfio:tail_horizon=1000000000"], "tail_horizon must be between 0 and 100000"),
     (["--estimator", "psychic"], "unknown estimator"),
     (["--cost-preset", "tpu"], "argument --cost-preset: unknown cost preset 'tpu'"),
     (["--power-preset", "tpu"], "argument --power-preset: unknown power preset 'tpu'"),

@@ -76,6 +76,9 @@ def test_cli_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-horizon", "-1"])
     with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-horizon", "1000000000"])
+    assert "--balancer-horizon: must be between 0 and 100000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         _parse(["--balancer", "bfio", "--balancer-prefill-weight", "-2"])
     assert "--balancer-prefill-weight" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="only apply with --balancer"):

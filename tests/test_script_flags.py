@@ -40,6 +40,9 @@ CASES = [
     ("bench_telemetry.py", ["--max-bytes", "-1"], "--max-bytes"),
     ("bench_online.py", ["--ranks", "8,x"], "--ranks"),
     ("bench_online.py", ["--traces", "nope.csv"], "--traces"),
+    ("bench_online.py", ["--traces", "burstgpt_lengths_8000.json"], "--traces"),  # no arrival times
+    ("bench_online.py", ["--ranks", "8,100000"], "--ranks"),
+    ("bench_repeats.py", ["--trace-repeat", "1000000"], "--trace-repeat"),
     ("bench_online.py", ["--loads", "0.7,0"], "--loads"),
     ("bench_online.py", ["--cost-preset", "bogus"], "--cost-preset"),
     ("bench_online.py", ["--runs", "bfio"], "--runs"),
@@ -104,3 +107,18 @@ def test_bench_scale_takes_its_lists_space_or_comma_separated(tmp_path):
         assert r.returncode == 0, r.stderr
         cells.append([(c["G"], c["B"], c["N"]) for c in json.loads(out.read_text())["cells"]])
     assert cells[0] == cells[1] == [(4, 8, 32), (6, 8, 48)]
+
+
+@pytest.mark.parametrize("script", ["bench_online.py", "bench_repeats.py"])
+@pytest.mark.parametrize("doc, needle", [
+    ({"runs": []}, "expected the list of rows a --json run writes, got a JSON dict"),
+    ([1], "row 0: expected an object, got int"),
+    ([{"trace": ["x"], "G": 8}], "row 0: field 'trace': not a string (['x'])"),
+])
+def test_summary_from_a_file_of_another_shape_is_one_error_naming_it(tmp_path, script, doc, needle):
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, str(SCRIPTS / script), "--summary-from", str(path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().endswith(f"error: {path}: {needle}"), r.stderr

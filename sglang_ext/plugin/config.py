@@ -18,7 +18,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
-from ..argtypes import nonneg_float, nonneg_int, output_dir, positive_float, positive_int
+from ..argtypes import horizon_steps, nonneg_float, nonneg_int, output_dir, positive_float, positive_int
 from .ports import free_rendezvous_port
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
     group.add_argument(
         "--balancer-horizon",
         metavar="H",
-        type=nonneg_int,
+        type=horizon_steps,
         default=None,
         help="Number of future decode steps the bfio policy projects for a pool decision; an arriving "
         "request is weighed over its whole stay with these steps weighed more (default: 20; 0 = myopic).",

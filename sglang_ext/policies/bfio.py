@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from ..argtypes import MAX_HORIZON
 from ..triton_kernels import combine_counts, project_counts
 from . import paper_heuristic
 from .base import Candidates, ClusterView, Policy, pick_order
@@ -151,13 +152,15 @@ class BFIO(Policy):
                  scenarios: int = 0, full_wait: bool = False, backend: str = "auto", variant: str = "default"):
         if variant not in VARIANTS:
             raise ValueError(f"bfio variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if horizon < 0 or immediate_horizon < 0:
-            raise ValueError(f"bfio horizons must be >= 0, got {horizon} and {immediate_horizon}")
+        if not (0 <= horizon <= MAX_HORIZON and 0 <= immediate_horizon <= MAX_HORIZON
+                and 0 <= tail_horizon <= MAX_HORIZON):
+            raise ValueError(f"bfio horizon, immediate_horizon and tail_horizon must be between 0 and {MAX_HORIZON}, "
+                             f"got {horizon}, {immediate_horizon} and {tail_horizon}")
         if not 0 < decay <= 1 or not 0 < immediate_decay <= 1 or not 0 < tail_decay <= 1:
             raise ValueError(f"bfio decay, immediate_decay and tail_decay must be in (0, 1], "
                              f"got {decay}, {immediate_decay} and {tail_decay}")
-        if tail_horizon < 0 or tail_points < 0:
-            raise ValueError(f"bfio tail_horizon and tail_points must be >= 0, got {tail_horizon} and {tail_points}")
+        if tail_points < 0:
+            raise ValueError(f"bfio tail_points must be >= 0, got {tail_points}")
         if pool_tail < 0 or immediate_near < 0:
             raise ValueError(f"bfio pool_tail and immediate_near must be >= 0, got {pool_tail} and {immediate_near}")
         negative = [k for k, v in dict(now_weight=now_weight, immediate_now=immediate_now, reward=reward, a=a, b=b,

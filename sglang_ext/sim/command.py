@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..argtypes import (cost_preset_name, estimator_spec, nonneg_int, output_file, plot_file, positive_float, positive_int,
+from ..argtypes import (batch_size, cost_preset_name, horizon_steps, rank_count, repeat_count, estimator_spec, nonneg_int, output_file, plot_file, positive_float, positive_int,
                         power_preset_name, write_json)
 from ..cost import POWER_PRESETS, PRESETS, cost_preset, power_preset
 from ..errors import UsageError
@@ -32,14 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="Trace file: Azure .csv, Mooncake .jsonl or the paper's length .json.")
     p.add_argument("--mode", choices=("paper", "online"), default="paper",
                    help="paper: the released simulator's saturated setting; online: timed arrivals.")
-    p.add_argument("--ranks", type=positive_int, default=32, help="DP ranks G.")
-    p.add_argument("--batch", type=positive_int, default=72, help="Max running requests per rank B.")
+    p.add_argument("--ranks", type=rank_count, default=32, help="DP ranks G.")
+    p.add_argument("--batch", type=batch_size, default=72, help="Max running requests per rank B.")
     p.add_argument("--policies", default="fcfs,round_robin,jsq,bfio",
                    help=f"Comma-separated policies, each NAME or NAME:key=val:key=val. Valid: {', '.join(REGISTRY)}.")
-    p.add_argument("--horizon", type=nonneg_int, default=20, help="Lookahead H of bfio (steps).")
+    p.add_argument("--horizon", type=horizon_steps, default=20, help="Lookahead H of bfio (steps).")
     p.add_argument("--seed", type=nonneg_int, default=42, help="Request-order seed (paper mode) and policy/estimator seed.")
     p.add_argument("--requests", type=positive_int, default=None, help="Use the first N requests (paper: N drawn in the paper's order).")
-    p.add_argument("--trace-repeat", type=positive_int, default=1,
+    p.add_argument("--trace-repeat", type=repeat_count, default=1,
                    help="Online: replay the trace this many times back to back (same rate), so the steady state "
                         "outweighs the drain after the last arrival.")
     p.add_argument("--rate-scale", type=positive_float, default=1.0, help="Online: multiply the recorded arrival rate by X.")
