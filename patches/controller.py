@@ -61,6 +61,8 @@ STATS_LINE = re.compile(
 #: immediate binding: arrivals read in one turn of the loop are placed together, at most
 #: this many per policy call (bounds the wait of a burst's first request)
 ARRIVALS_PER_CALL = 64
+#: after a pooled request's send fails, the pool waits this long before it tries again
+SEND_RETRY_S = 0.1
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
 #: an inactive rank looks this loaded, so a must-place rule never picks it
@@ -195,6 +197,7 @@ class BalancedDispatch:
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
         self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
         self.pool: deque[_Pooled] = deque()
+        self._retry_after = 0.0  # monotonic time before which a pool whose send failed is not retried
         # Immediate binding, while the loop reads the tokenizer socket: the arrivals read
         # so far, placed together (`place_arrivals`); None outside that read.
         self._arrivals: list[tuple[object, tuple[int, int, bool]]] | None = None
@@ -590,6 +593,10 @@ class BalancedDispatch:
             self.stats["lagged"] += int(self._behind.any())  # (a view built now left nothing behind)
             ranks = np.asarray(self.policy.assign(view, self._candidates(rows), must_place=must_place),
                                dtype=np.int64)
+            if (ranks.shape != (len(rows),) or (ranks >= self.num_ranks).any()
+                    or (ranks < (0 if must_place else -1)).any()):
+                raise ValueError(f"placed {len(rows)} request(s) at {ranks.tolist()[:8]} "
+                                 f"(a rank per request, 0..{self.num_ranks - 1}{'' if must_place else ' or -1'})")
             self._decision_s.append(time.perf_counter() - t0)
             self.stats["placements"] += 1
         except Exception:  # noqa: BLE001  (a policy bug must not lose requests)
@@ -616,9 +623,21 @@ class BalancedDispatch:
         return out
 
     def _send(self, g: int, req, row: tuple[int, int, bool]) -> None:
-        from sglang.srt.managers.io_struct import sock_send
+        from sglang.srt.managers.io_struct import PickleWrapper, sock_send, wrap_as_pickle
 
-        sock_send(self.ctrl.workers[g], req)
+        stats = getattr(req, "time_stats", None)
+        if stats is None or isinstance(stats, PickleWrapper):
+            sock_send(self.ctrl.workers[g], req)
+        else:
+            # Sent after the dispatch call that read it (pooled, or placed with a burst):
+            # stock has put back the raw time_stats it wraps for the send, which a rank
+            # cannot decode under msgpack IPC. Wrapped again for this send (under the
+            # default pickle IPC the wrap is the object itself).
+            req.time_stats = wrap_as_pickle(stats)
+            try:
+                sock_send(self.ctrl.workers[g], req)
+            finally:
+                req.time_stats = stats
         self._record_sent(g, row)
 
     def _record_sent(self, g: int, row: tuple[int, int, bool]) -> None:
@@ -680,37 +699,62 @@ class BalancedDispatch:
 
     def release_pool(self) -> None:
         """Pool binding: let the policy fill the slots ranks reported free, then place
-        anything that has waited past the deadline by the immediate rule."""
+        anything that has waited past the deadline by the immediate rule. A request
+        leaves the pool only once it is sent: one whose send fails stays pooled, and
+        the pool is retried after `SEND_RETRY_S`."""
         if not self.pool or not self._active_mask().any():  # (pooled until a rank is active)
+            return
+        if time.monotonic() < self._retry_after:
             return
         window = list(islice(self.pool, self.window))
         ranks = self._place(np.array([p.row for p in window], dtype=np.int64), must_place=False).tolist()
-        if max(ranks) >= 0:
-            for p, g in zip(window, ranks):
-                if g >= 0:
-                    self._send(g, p.req, p.row)
-            rest = [p for p, g in zip(window, ranks) if g < 0]
-            self.pool = deque(rest + list(islice(self.pool, self.window, None)))
+        sent = {id(p) for p, g in zip(window, ranks) if g >= 0 and self._sent_pooled(g, p)}
+        if sent:
+            self.pool = deque(p for p in self.pool if id(p) not in sent)
         now = time.monotonic()
-        while self.pool and now - self.pool[0].since >= self.cfg.pool_max_wait_s:
-            p = self.pool.popleft()
-            self._send_now(p.req, p.row)
+        while self.pool and now - self.pool[0].since >= self.cfg.pool_max_wait_s and now >= self._retry_after:
+            p = self.pool[0]
+            if not self._sent_pooled(None, p):
+                break
+            self.pool.popleft()
             self.stats["pool_deadline"] += 1
 
+    def _sent_pooled(self, g: int | None, p: _Pooled) -> bool:
+        """Send a pooled request to rank g (None: by the immediate rule); False, logged,
+        if the send failed (it stays pooled: retried after SEND_RETRY_S)."""
+        try:
+            if g is None:
+                self._send_now(p.req, p.row)
+            else:
+                self._send(g, p.req, p.row)
+            return True
+        except Exception:  # noqa: BLE001
+            logger.exception("sglang-ext: failed to send pooled request %s; it stays pooled",
+                             getattr(p.req, "rid", "?"))
+            self._retry_after = time.monotonic() + SEND_RETRY_S
+            return False
+
     def _place_aborted_from_pool(self, msg) -> None:
-        """An abort for a request still pooled here: place it now (immediate rule), before the
-        abort is forwarded on the same per-rank sockets, so the rank sees the request, then
-        the abort, and answers it as aborted exactly as stock SGLang would."""
+        """An abort for requests still pooled here: send them now, before the abort is
+        forwarded, so a rank reads the request, then the abort, and answers it as
+        aborted exactly as stock SGLang would. Under DP attention stock sends control
+        messages to the first rank only (the others get them from its broadcast a step
+        later, and a request read by another rank meanwhile would run on unaborted):
+        the aborted requests go to that first rank, behind which the abort travels on
+        the same socket. Matched as the scheduler matches (a rid starting with the
+        abort's). One whose send fails stays pooled (answered in full, not lost)."""
         from sglang.srt.managers.io_struct import AbortReq
 
         if not isinstance(msg, AbortReq):
             return
-        hit = [p for p in self.pool if msg.abort_all or p.req.rid == msg.rid]
+        rid = msg.rid or ""
+        hit = [p for p in self.pool if msg.abort_all or str(p.req.rid).startswith(rid)]
         if not hit:
             return
-        self.pool = deque(p for p in self.pool if not (msg.abort_all or p.req.rid == msg.rid))
-        for p in hit:
-            self._send_now(p.req, p.row)
+        step = int(getattr(self.ctrl, "control_message_step", 1) or 1)
+        told = [g for g in self.ctrl._active_workers[::step] if g < self.num_ranks] if step > 1 else []
+        sent = {id(p) for p in hit if self._sent_pooled(told[0] if told else None, p)}
+        self.pool = deque(p for p in self.pool if id(p) not in sent)
 
     def prepare_due(self) -> bool:
         """Whether `prepare` has work: new reports, or an estimate it paused."""
@@ -781,7 +825,7 @@ class BalancedDispatch:
     def poll_timeout_ms(self) -> int:
         if not self.pool or not self._active_mask().any():  # (no rank to release to: no deadline)
             return IDLE_POLL_MS
-        wait = self.pool[0].since + self.cfg.pool_max_wait_s - time.monotonic()
+        wait = max(self.pool[0].since + self.cfg.pool_max_wait_s, self._retry_after) - time.monotonic()
         return max(0, min(IDLE_POLL_MS, int(wait * 1000) + 1))
 
     # ---- loop ------------------------------------------------------------------------
@@ -795,11 +839,13 @@ class BalancedDispatch:
             while True:
                 ctrl.soft_watchdog.feed()
                 self.wait_for_messages(poller)
-                # Reports first: placement decisions then see this step's state.
-                self.on_reports(recv_reports(self.sock))
+                # Reports first: placement decisions then see this step's state. A stage
+                # that raises is logged and the loop goes on (stock's loop would die, and
+                # the server with every request in it); each stage leaves its state whole.
+                self._stage("reading the rank reports", lambda: self.on_reports(recv_reports(self.sock)))
                 self.read_requests()
-                self.release_pool()
-                self.log_stats()
+                self._stage("releasing the pool", self.release_pool)
+                self._stage("logging stats", self.log_stats)
         finally:
             self.close()
 
@@ -856,6 +902,13 @@ class BalancedDispatch:
         logger.info("sglang-ext: a DP rank is active again; dispatching %d held message(s)", len(self._held))
         while self._held and self._active_mask().any():
             self._dispatch_one(self._held.popleft())
+
+    @staticmethod
+    def _stage(what: str, fn) -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            logger.exception("sglang-ext: %s failed", what)
 
     @staticmethod
     def _guarded(fn, *args) -> None:

@@ -1308,3 +1308,116 @@ def test_requests_read_while_no_rank_is_active_wait_for_one_in_order(fake_contro
     else:
         assert order == ["a", "a", "b", "c", "d"] and sent[2][0] == "all"
     assert all(g in range(4) for g, _ in sent[1:] if g != "all")
+
+
+# ---- faults on the live path: nothing lost, nothing sent twice ---------------------------------
+
+
+def test_a_malformed_report_is_dropped_not_fatal(tmp_path, caplog):
+    # One bad sender (a field of the wrong type, columns of different lengths) must not
+    # take the controller's loop, and the server with it, down: its report is dropped.
+    import pickle
+
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(f"ipc://{tmp_path}/r")
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.connect(f"ipc://{tmp_path}/r")
+    good = RankReport(dp_rank=1, step=3, received=2, free_slots=4, run_kv=np.array([5]), run_generated=np.array([1]),
+                      run_cap=np.array([9]))
+    bad = [RankReport(dp_rank=0, step=1, received=None, free_slots=1),
+           RankReport(dp_rank=0, step=1, received=0, free_slots=1, run_kv=[5, 6]),
+           RankReport(dp_rank=0, step=1, received=0, free_slots=1, run_kv=np.array([5, 6]),
+                      run_generated=np.array([1]), run_cap=np.array([9, 9]))]
+    for rep in bad + [good]:
+        push.send(pickle.dumps(rep))
+    got, deadline = [], time.monotonic() + 5
+    with caplog.at_level("WARNING"):
+        while len(got) < 1 and time.monotonic() < deadline:
+            got += recv_reports(pull)
+            time.sleep(0.01)
+    push.close(linger=0)
+    pull.close(linger=0)
+    assert [(r.dp_rank, r.step) for r in got] == [(1, 3)]
+    assert "field 'received' is None" in caplog.text and "'run_kv' is not a 1-D integer array" in caplog.text
+    assert "have 2, 1, 2 entries" in caplog.text
+
+
+def test_a_pooled_request_whose_send_fails_stays_pooled_and_goes_once(fake_controller, monkeypatch):
+    from sglang.srt.managers import io_struct
+
+    from sglang_ext.patches import controller
+
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=0.0)
+    real, broken = io_struct.sock_send, {"p1"}
+
+    def send(sock, obj):
+        if obj.rid in broken:
+            raise zmq.ZMQError()
+        real(sock, obj)
+
+    monkeypatch.setattr(io_struct, "sock_send", send)
+    for i in range(4):
+        bal.dispatch(_req(10 + i, rid=f"p{i}"))
+    bal.release_pool()
+    assert sorted(r.rid for _, r in sent) == ["p0", "p2", "p3"] and [p.req.rid for p in bal.pool] == ["p1"]
+    assert 0 < bal.poll_timeout_ms() <= controller.SEND_RETRY_S * 1000 + 1  # (no hot loop of failures)
+    bal.release_pool()  # before the retry time: nothing tried
+    broken.clear()
+    time.sleep(controller.SEND_RETRY_S)
+    bal.release_pool()
+    assert sorted(r.rid for _, r in sent) == ["p0", "p1", "p2", "p3"] and not bal.pool
+
+
+@pytest.mark.parametrize("bad", ["too_few", "past_G", "minus_one", "empty"])
+def test_a_policy_answer_that_is_not_a_rank_per_request_falls_back(fake_controller, monkeypatch, bad):
+    bal, sent = fake_controller("bfio")
+    bal.ctrl._active_workers = [0, 1, 2]  # rank 3 down: -1 must not wrap around to it
+    answers = {"too_few": lambda n: [0] * (n - 1), "past_G": lambda n: [9] * n, "minus_one": lambda n: [-1] * n,
+               "empty": lambda n: []}
+    monkeypatch.setattr(bal.policy, "assign", lambda view, cands, must_place: answers[bad](len(cands.prompt_len)))
+    bal._arrivals = []
+    for i in range(5):
+        bal.dispatch(_req(100, rid=f"b{i}"))
+    bal.place_arrivals()
+    assert sorted(r.rid for _, r in sent) == [f"b{i}" for i in range(5)]
+    assert all(g in (0, 1, 2) for g, _ in sent)
+    pool, psent = fake_controller("bfio", binding="pool", max_wait=60.0)
+    monkeypatch.setattr(pool.policy, "assign", lambda view, cands, must_place: answers[bad](len(cands.prompt_len)))
+    for i in range(3):
+        pool.dispatch(_req(100, rid=f"q{i}"))
+    pool.release_pool()  # a bad answer to a pool call leaves them pooled for the deadline
+    assert len(pool.pool) == 3 and not [r for _, r in psent if r.rid.startswith("q")]
+
+
+def test_an_abort_sends_its_pooled_requests_where_it_will_be_read_after_them(fake_controller):
+    # Under DP attention stock sends an abort to the first rank only: the pooled requests
+    # it hits go there, ahead of it on the same socket. It matches rids by prefix, as
+    # the scheduler does. Without DP attention (every rank gets the abort) the rule places them.
+    from sglang.srt.managers.io_struct import AbortReq
+
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=60.0)
+    bal.ctrl.control_message_step, bal.ctrl._active_workers = 4, [1, 2, 3]
+    for rid in ("chat-1", "chat-2", "other"):
+        bal.dispatch(_req(100, rid=rid))
+    bal._place_aborted_from_pool(AbortReq(rid="chat-"))
+    assert [(g, r.rid) for g, r in sent] == [(1, "chat-1"), (1, "chat-2")]
+    assert [p.req.rid for p in bal.pool] == ["other"]
+    bal.ctrl.control_message_step = 1
+    bal._place_aborted_from_pool(AbortReq(abort_all=True))
+    assert sent[-1][1].rid == "other" and sent[-1][0] in (1, 2, 3) and not bal.pool
+
+
+def test_a_request_sent_after_its_dispatch_call_carries_its_time_stats_wrapped(fake_controller, monkeypatch):
+    # Stock wraps time_stats for the send only while its dispatch call runs; a pooled
+    # request is sent later, and under msgpack IPC a raw one cannot be decoded by the rank.
+    from sglang.srt.managers import io_struct
+
+    monkeypatch.setattr(io_struct, "_USE_PICKLE_IPC", False)
+    bal, _ = fake_controller("bfio", binding="pool", max_wait=0.0)
+    seen = []
+    monkeypatch.setattr(io_struct, "sock_send", lambda sock, obj: seen.append(type(obj.time_stats).__name__))
+    req = _req(50, rid="t")
+    req.time_stats = {"created": 1.0}
+    bal.dispatch(req)
+    bal.release_pool()
+    assert seen == ["PickleWrapper"] and req.time_stats == {"created": 1.0}

@@ -151,6 +151,31 @@ class ReportSender:
         self._sock.close(linger=0)
 
 
+_REPORT_INTS = ("dp_rank", "step", "received", "free_slots", "slot_limit")
+# arrays read side by side: each group's arrays have one entry per request
+_REPORT_ARRAYS = (("run_kv", "run_generated", "run_cap"), ("wait_prompt", "wait_cap"),
+                  ("finished_lengths",))
+
+
+def malformed(rep: RankReport) -> str | None:
+    """What makes a decoded report unusable (a field of the wrong type, columns of
+    different lengths), or None. The controller reads these fields without checks."""
+    for k in _REPORT_INTS:
+        v = getattr(rep, k, None)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            return f"field {k!r} is {v!r}, not an integer"
+    for names in _REPORT_ARRAYS:
+        sizes = []
+        for k in names:
+            a = getattr(rep, k, None)
+            if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+                return f"field {k!r} is not a 1-D integer array"
+            sizes.append(a.shape[0])
+        if len(set(sizes)) > 1:
+            return f"fields {', '.join(names)} have {', '.join(map(str, sizes))} entries, not one per request"
+    return None
+
+
 def recv_reports(sock: zmq.Socket) -> list[RankReport]:
     """Drain every report waiting on the PULL socket (non-blocking)."""
     out = []
@@ -164,5 +189,11 @@ def recv_reports(sock: zmq.Socket) -> list[RankReport]:
         except Exception:  # a stray peer must not take the controller down
             logger.warning("dropping an undecodable balancer report (%d bytes)", len(raw))
             continue
-        if isinstance(obj, RankReport):
-            out.append(obj)
+        if not isinstance(obj, RankReport):
+            continue
+        bad = malformed(obj)
+        if bad:  # (one bad sender must not take the controller, and every request with it, down)
+            logger.warning("dropping a malformed balancer report from DP rank %r: %s",
+                           getattr(obj, "dp_rank", "?"), bad)
+            continue
+        out.append(obj)
