@@ -205,6 +205,13 @@ async def _attempt(session, url: str, body: bytes, cfg: ReplayConfig) -> Attempt
     start = time.perf_counter()
     tokens, first_t, last_t, dp_rank = 0, None, None, None
     done = False
+    finished_t = None  # when a chunk said the answer ended (its finish_reason)
+
+    def answered(end: float) -> Attempt:
+        tpot = (last_t - first_t) / (tokens - 1) if tokens > 1 else None
+        return Attempt(True, None, False, tokens, None if first_t is None else first_t - start, tpot, end - start,
+                       dp_rank)
+
     try:
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
             if resp.status != 200:
@@ -241,6 +248,11 @@ async def _attempt(session, url: str, body: bytes, cfg: ReplayConfig) -> Attempt
                     meta = chunk.get("meta_info") or {}
                     finish = meta.get("finish_reason")
                     if isinstance(finish, dict) and finish.get("type") == "abort":
+                        # A server-side abort of a bad request (status 400: a prompt past the
+                        # context, say) fails the same way again: not retried.
+                        status = finish.get("status_code")
+                        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+                            return Attempt(False, f"aborted_{status}", False, tokens)
                         return Attempt(False, "aborted", True, tokens)
                     now = time.perf_counter()
                     count = _chunk_tokens(chunk, tokens)
@@ -252,21 +264,25 @@ async def _attempt(session, url: str, body: bytes, cfg: ReplayConfig) -> Attempt
                     rank = _chunk_dp_rank(chunk)
                     if rank is not None:
                         dp_rank = rank
+                    if finish:
+                        finished_t = now
                 if done:
                     break
     except asyncio.TimeoutError:  # aiohttp.ServerTimeoutError is a subclass
-        return Attempt(False, "timeout", True, tokens)
+        failed = Attempt(False, "timeout", True, tokens)
     except aiohttp.ClientConnectorError:
-        return Attempt(False, "connect_error", True, tokens)
+        failed = Attempt(False, "connect_error", True, tokens)
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError):
-        return Attempt(False, "disconnected", True, tokens)
+        failed = Attempt(False, "disconnected", True, tokens)
     except aiohttp.ClientError as exc:
-        return Attempt(False, f"client_error_{type(exc).__name__}", True, tokens)
-    if not done:
-        return Attempt(False, "incomplete_stream", True, tokens)
-    end = time.perf_counter()
-    tpot = (last_t - first_t) / (tokens - 1) if tokens > 1 else None
-    return Attempt(True, None, False, tokens, None if first_t is None else first_t - start, tpot, end - start, dp_rank)
+        failed = Attempt(False, f"client_error_{type(exc).__name__}", True, tokens)
+    else:
+        if done:
+            return answered(time.perf_counter())
+        failed = Attempt(False, "incomplete_stream", True, tokens)
+    # The answer was whole (its last chunk said how it ended) and only the stream's end
+    # was lost: a retry would have the server generate it again and count it twice.
+    return answered(finished_t) if finished_t is not None else failed
 
 
 async def _request(session, spec: RequestSpec, cfg: ReplayConfig, t0: float, url: str) -> RequestResult:

@@ -265,3 +265,45 @@ def test_cli_bad_url_exits_2_before_sending(tmp_path, capsys, url, needle):
     err = capsys.readouterr().err
     assert "argument --url" in err and needle in err
     assert not out.exists()
+
+
+class EndsThenBreaks(FakeServer):
+    """Index 0: the whole answer, its last chunk with a finish_reason, then the connection
+    closes without [DONE]. Index 1: the server aborts it as a bad request (status 400),
+    as SGLang does for a prompt past the context. The rest answer normally."""
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        idx = int(body["rid"].rsplit("-", 2)[1])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = body["sampling_params"]["max_new_tokens"]
+        for k in range(1, n + 1):
+            finish = None
+            if idx == 1:
+                finish = {"type": "abort", "message": "too long", "status_code": 400}
+            elif k == n:
+                finish = {"type": "length", "length": n}
+            chunk = {"output_ids": list(range(k)), "meta_info": {"completion_tokens": k, "finish_reason": finish}}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if finish is not None:
+                break
+        if idx != 0:
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+def test_a_whole_answer_whose_stream_end_is_lost_is_not_asked_for_again(tmp_path, trace):
+    # Retrying it would have the server generate it twice; an abort of a bad request
+    # (4xx) would only fail again.
+    with EndsThenBreaks() as srv:
+        cfg = ReplayConfig(url=srv.url, trace=str(trace), out=str(tmp_path / "run"), retries=3, timeout=0.4,
+                           backoff=0.01, max_requests=4, progress=False)
+        summary = replay(cfg)
+        rids = [b["rid"] for b in srv.bodies]
+    lines = {r["rid"]: r for r in map(json.loads, (tmp_path / "run" / "requests.jsonl").read_text().splitlines())}
+    assert sorted(rids) == sorted(f"replay-{i}-a1" for i in range(4))  # each asked for once
+    assert lines[0]["ok"] and lines[0]["tokens_received"] == OUTPUT_LEN and lines[0]["attempts"] == 1
+    assert not lines[1]["ok"] and lines[1]["error"] == "aborted_400" and lines[1]["attempts"] == 1
+    assert summary["ok"] == 3 and summary["failure_reasons"] == {"aborted_400": 1} and summary["retries"] == 0
