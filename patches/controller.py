@@ -672,7 +672,15 @@ class BalancedDispatch:
                 else:
                     self._send(g, req, row)
             except Exception:  # noqa: BLE001  (one failed send must not cost the others theirs)
-                logger.exception("sglang-ext: failed to send request %s", getattr(req, "rid", "?"))
+                self._retry_later(req, row)
+
+    def _retry_later(self, req, row: tuple[int, int, bool]) -> None:
+        """A request whose send failed: to the pool, past its deadline, so `release_pool`
+        sends it by the immediate rule after SEND_RETRY_S (not lost)."""
+        logger.exception("sglang-ext: failed to send request %s; retrying in %g s", getattr(req, "rid", "?"),
+                         SEND_RETRY_S)
+        self.pool.append(_Pooled(req, float("-inf"), row))
+        self._retry_after = time.monotonic() + SEND_RETRY_S
 
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
@@ -695,7 +703,11 @@ class BalancedDispatch:
             if len(self._arrivals) >= ARRIVALS_PER_CALL:
                 self.place_arrivals()
             return
-        self._send_now(req, request_row(req))
+        row = request_row(req)
+        try:
+            self._send_now(req, row)
+        except Exception:  # noqa: BLE001
+            self._retry_later(req, row)
 
     def release_pool(self) -> None:
         """Pool binding: let the policy fill the slots ranks reported free, then place

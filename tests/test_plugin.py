@@ -860,7 +860,18 @@ def test_a_failed_send_in_a_burst_costs_the_others_nothing(fake_controller, monk
     with caplog.at_level(logging.ERROR):
         bal.place_arrivals()
     assert [r.rid for _, r in sent] == ["a", "c"]
-    assert any("failed to send request bad" in r.message for r in caplog.records)
+    assert any("failed to send request bad; retrying" in r.message for r in caplog.records)
+    # not lost: sent once, by the immediate rule, once the retry time has come
+    bal.release_pool()
+    assert [r.rid for _, r in sent] == ["a", "c"]
+    monkeypatch.setattr(io_struct, "sock_send", real)
+    time.sleep(0.11)
+    bal.release_pool()
+    assert [r.rid for _, r in sent] == ["a", "c", "bad"] and not bal.pool
+    monkeypatch.setattr(io_struct, "sock_send", send)
+    bal._arrivals = None  # (a request placed alone, outside a burst: the same)
+    bal.dispatch(_req(10, rid="bad"))
+    assert [p.req.rid for p in bal.pool] == ["bad"]
 
 
 def test_failed_estimate_in_the_idle_loop_is_logged_once_and_the_arrival_still_placed(
