@@ -61,7 +61,7 @@ STATS_LINE = re.compile(
 #: immediate binding: arrivals read in one turn of the loop are placed together, at most
 #: this many per policy call (bounds the wait of a burst's first request)
 ARRIVALS_PER_CALL = 64
-#: after a pooled request's send fails, the pool waits this long before it tries again
+#: after a send fails, the request waits in the pool this long before it is tried again
 SEND_RETRY_S = 0.1
 #: capacity assumed for a rank that has not reported yet (the paper's B)
 DEFAULT_CAPACITY = 72
@@ -197,7 +197,7 @@ class BalancedDispatch:
         # (prompt_len, max_new_tokens, ignore_eos) of requests sent but not yet acknowledged, oldest first
         self.inflight: list[deque[tuple[int, int, bool]]] = [deque() for _ in range(G)]
         self.pool: deque[_Pooled] = deque()
-        self._retry_after = 0.0  # monotonic time before which a pool whose send failed is not retried
+        self._retry_after = 0.0  # monotonic time before which the pool is not retried after a failed send
         # Immediate binding, while the loop reads the tokenizer socket: the arrivals read
         # so far, placed together (`place_arrivals`); None outside that read.
         self._arrivals: list[tuple[object, tuple[int, int, bool]]] | None = None
