@@ -10,15 +10,13 @@ import importlib
 import logging
 import sys
 
+from sglang_ext.argtypes import LOG_LEVELS, call_main
 
 COMMANDS = {
     "simulate": ("sglang_ext.sim.command", "Replay a trace through the barrier-synchronized DP simulator and compare policies."),
     "replay": ("sglang_ext.replay", "Send a timed trace to a live SGLang server and measure TTFT/TPOT/latency."),
     "report": ("sglang_ext.report", "Summarise telemetry and replay output of one or more runs, with plots."),
 }
-
-
-from sglang_ext.argtypes import LOG_LEVELS, call_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
