@@ -49,6 +49,9 @@ class _RankState:
         # the running requests of the last report and their (cap, ignore_eos) columns
         self.last_running: list = []
         self.last_fixed = np.zeros((0, 2), dtype=np.int64)
+        # the waiting requests of the last report and their (prompt, cap, ignore_eos) rows
+        self.last_waiting: list = []
+        self.last_wait_rows = np.zeros((0, 3), dtype=np.int64)
         self.finished_pending: list[tuple[int, int, bool]] = []  # (output length, prompt length, ignore_eos)
         dp_rank, leader = _rank_info()
         self.dp_rank = dp_rank
@@ -117,6 +120,35 @@ def _fixed_columns(st: _RankState, running: list) -> np.ndarray:
     return st.last_fixed
 
 
+def _wait_row(req) -> tuple[int, int, int]:
+    return (len(req.origin_input_ids), *_fixed(req))
+
+
+def _waiting_rows(st: _RankState, waiting: list) -> np.ndarray:
+    """(n, 3) prompt lengths, caps and ignore_eos flags of the waiting requests, fixed
+    while a request waits. From one step to the next a queue mostly loses requests at
+    its head (admitted) and gains them at its tail (arrivals): the rows of those still
+    there are kept and only the new ones read (a saturated rank may hold thousands
+    waiting: ~0.5 us each to read). Any other change (a policy that reorders the
+    queue) reads them all."""
+    old = st.last_waiting
+    rows = None
+    if waiting and old:
+        try:
+            k = old.index(waiting[0])  # (requests compare by identity)
+        except ValueError:
+            k = -1
+        kept = len(old) - k
+        if k >= 0 and kept <= len(waiting) and waiting[:kept] == old[k:]:
+            new = waiting[kept:]
+            rows = np.concatenate([st.last_wait_rows[k:],
+                                   np.array([_wait_row(r) for r in new], dtype=np.int64).reshape(len(new), 3)])
+    if rows is None:
+        rows = np.array([_wait_row(r) for r in waiting], dtype=np.int64).reshape(len(waiting), 3)
+    st.last_waiting, st.last_wait_rows = waiting, rows
+    return rows
+
+
 def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     running = list(getattr(scheduler.running_batch, "reqs", []) or [])
     # A prefill batch's requests join running_batch only at the next step.
@@ -127,7 +159,7 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     waiting = list(scheduler.waiting_queue)
     cap_running = int(getattr(scheduler, "max_running_requests", 0) or 0)
     fixed = _fixed_columns(st, running)
-    wait_fixed = np.array([_fixed(r) for r in waiting], dtype=np.int64).reshape(len(waiting), 2)
+    wait = _waiting_rows(st, waiting)
     done = np.array(st.finished_pending, dtype=np.int64).reshape(-1, 3)  # (output, prompt, ignore_eos)
     return RankReport(
         dp_rank=st.dp_rank,
@@ -137,12 +169,12 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
         run_kv=np.array([r.seqlen for r in running], dtype=np.int64),
         run_generated=np.array([len(r.output_ids) for r in running], dtype=np.int64),
         run_cap=fixed[:, 0].copy(),
-        wait_prompt=np.array([len(r.origin_input_ids) for r in waiting], dtype=np.int64),
-        wait_cap=wait_fixed[:, 0].copy(),
+        wait_prompt=wait[:, 0].copy(),
+        wait_cap=wait[:, 1].copy(),
         finished_lengths=done[:, 0].copy(),
         finished_prompts=done[:, 1].copy(),
         run_exact=fixed[:, 1].astype(bool),
-        wait_exact=wait_fixed[:, 1].astype(bool),
+        wait_exact=wait[:, 2].astype(bool),
         finished_exact=done[:, 2].astype(bool),
         slot_limit=cap_running,
     )

@@ -6,10 +6,11 @@ Prints two markdown tables: microseconds per record (median of several rounds,
 each timing many records back to back, so file flushes and rotations are
 amortised as in a real run), and microseconds to build one step report for a
 rank running 64 to 1,024 requests (a step that runs the same requests as the
-one before, as most do), each as a percentage of typical decode steps. The
-target is under 1% of a 10 ms step.
+one before, as most do) with none or 2,000 waiting (4 admitted and 4 arriving
+per step), each as a percentage of typical decode steps. The target is under
+1% of a 10 ms step.
 
-    .venv/bin/python scripts/bench_telemetry.py [--records 200000] [--rounds 5] [--report-running 64,256,1024]
+    .venv/bin/python scripts/bench_telemetry.py [--records 200000] [--rounds 5] [--report-running 64,256,1024] [--report-waiting 0,2000]
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sglang_ext.argtypes import comma_list, positive_float, positive_int, run_main  # noqa: E402
+from sglang_ext.argtypes import comma_list, nonneg_int, positive_float, positive_int, run_main  # noqa: E402
 from sglang_ext.telemetry import StepTelemetry  # noqa: E402
 
 
@@ -56,23 +57,30 @@ class _Req:
         return False
 
 
-def bench_report(running: int, rounds: int, reports: int = 300) -> float:
-    """Median microseconds per step report with `running` requests (and a quarter as
-    many waiting), over `rounds` rounds of `reports` reports."""
+def bench_report(running: int, waiting: int, rounds: int, reports: int = 300, churn: int = 4) -> float:
+    """Median microseconds per step report with `running` requests and `waiting` queued,
+    over `rounds` rounds of `reports` reports; before each, `churn` requests leave the
+    queue's head (admitted) and as many join its tail (arrivals), as on a busy rank."""
     from sglang_ext.patches import scheduler as patch
 
     reqs = [_Req(i) for i in range(running)]
-    sched = SimpleNamespace(running_batch=SimpleNamespace(reqs=reqs), waiting_queue=reqs[: running // 4],
+    queue = [_Req(i) for i in range(waiting)]
+    arrivals = iter([_Req(i) for i in range(rounds * reports * churn)])
+    sched = SimpleNamespace(running_batch=SimpleNamespace(reqs=reqs), waiting_queue=queue,
                             max_running_requests=running + 64)
     patch._rank_info = lambda: (0, True)  # (no SGLang process context here)
     st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
     per_round = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        elapsed = 0.0
         for _ in range(reports):
+            if waiting:
+                sched.waiting_queue = sched.waiting_queue[churn:] + [next(arrivals) for _ in range(churn)]
             st.finished_pending = [(300, 900, 0)] * 2
+            t0 = time.perf_counter()
             patch._build_report(sched, st, sched.running_batch)
-        per_round.append((time.perf_counter() - t0) / reports * 1e6)
+            elapsed += time.perf_counter() - t0
+        per_round.append(elapsed / reports * 1e6)
     return statistics.median(per_round)
 
 
@@ -84,6 +92,9 @@ def main() -> int:
                     help="typical step times (ms), comma-separated")
     ap.add_argument("--report-running", type=comma_list(positive_int), default="64,256,1024",
                     help="running requests per rank for the step-report rows, comma-separated")
+    ap.add_argument("--report-waiting", type=comma_list(nonneg_int), default="0,2000",
+                    help="waiting requests per rank for the step-report rows (4 admitted and 4 arriving "
+                         "between two reports), comma-separated")
     ap.add_argument("--max-bytes", type=positive_int, default=4 << 20,
                     help="rotation size for the benchmark (small, so rotation is included)")
     args = ap.parse_args()
@@ -103,12 +114,13 @@ def main() -> int:
     if len(rows) == 1:
         print("\n(no NVML device here: only the power-model path was measured)")
 
-    print("\n| running requests | us / step report | " + " | ".join(f"% of {s:g} ms step" for s in steps) + " |")
-    print("|" + "---|" * (2 + len(steps)))
+    print("\n| running | waiting | us / step report | " + " | ".join(f"% of {s:g} ms step" for s in steps) + " |")
+    print("|" + "---|" * (3 + len(steps)))
     for running in args.report_running:
-        us = bench_report(running, args.rounds)
-        cells = " | ".join(f"{100 * us * 1e-6 / (s * 1e-3):.3f}%" for s in steps)
-        print(f"| {running} | {us:.1f} | {cells} |")
+        for waiting in args.report_waiting:
+            us = bench_report(running, waiting, args.rounds)
+            cells = " | ".join(f"{100 * us * 1e-6 / (s * 1e-3):.3f}%" for s in steps)
+            print(f"| {running} | {waiting} | {us:.1f} | {cells} |")
     return 0
 
 

@@ -369,6 +369,26 @@ def test_report_columns_follow_the_running_set_from_step_to_step(monkeypatch):
     assert rep.run_kv.shape == rep.run_cap.shape == rep.run_exact.shape == (0,)
 
 
+def test_waiting_rows_follow_the_queue_however_it_changes(monkeypatch):
+    # The waiting requests' rows are kept while they wait; admissions at the head,
+    # arrivals at the tail, a reorder, a removal from the middle, an emptied queue:
+    # the report must read as if every row were read afresh.
+    from sglang_ext.patches import scheduler as patch
+
+    monkeypatch.setattr(patch, "_rank_info", lambda: (0, True))
+    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
+    pool = [_FakeReq(0, 0, 16 + i, prompt=100 + i, ignore_eos=i % 3 == 0) for i in range(12)]
+    sched = SimpleNamespace(max_running_requests=64, running_batch=SimpleNamespace(reqs=[]), waiting_queue=[])
+    queues = [pool[:5], pool[:5], pool[2:8], pool[2:8] + pool[8:10], pool[9:3:-1], pool[4:6] + pool[7:9], [],
+              pool[10:], pool[:1], pool[1:2]]
+    for q in queues:
+        sched.waiting_queue = list(q)
+        rep = patch._build_report(sched, st, None)
+        assert rep.wait_prompt.tolist() == [len(r.origin_input_ids) for r in q]
+        assert rep.wait_cap.tolist() == [r.sampling_params.max_new_tokens for r in q]
+        assert rep.wait_exact.tolist() == [r.sampling_params.ignore_eos for r in q]
+
+
 def test_an_aborted_answer_leaves_the_rank_but_teaches_no_length(monkeypatch, tmp_path):
     # A client gone or a timeout cuts an answer short: its length is not where it would
     # have ended, so the report leaves it out of the finished lengths the estimator learns.
