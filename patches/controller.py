@@ -352,6 +352,10 @@ class BalancedDispatch:
             for x, p in zip(lengths, prompts_of):
                 estimator.observe(x, p)
 
+    def _any_active(self) -> bool:
+        """Whether any rank is active (asked once per message read: no (G,) mask built)."""
+        return any(g < self.num_ranks for g in self.ctrl._active_workers)
+
     def _active_mask(self) -> np.ndarray:
         mask = np.zeros(self.num_ranks, dtype=bool)
         mask[[g for g in self.ctrl._active_workers if g < self.num_ranks]] = True
@@ -658,7 +662,7 @@ class BalancedDispatch:
         if not batch:
             return
         self._arrivals = []
-        if not self._active_mask().any():  # (defensive: the loop holds them before they get here)
+        if not self._any_active():  # (defensive: the loop holds them before they get here)
             self._held.extendleft(req for req, _ in reversed(batch))
             return
         ranks = [None] * len(batch)  # None: placed by a call of its own as it is sent
@@ -677,15 +681,19 @@ class BalancedDispatch:
     def _retry_later(self, req, row: tuple[int, int, bool]) -> None:
         """A request whose send failed: to the pool, past its deadline, so `release_pool`
         sends it by the immediate rule after SEND_RETRY_S (not lost)."""
+        self._send_failed(req)
+        self.pool.append(_Pooled(req, float("-inf"), row))
+
+    def _send_failed(self, req) -> None:
+        """Log a failed send; the pool (where the request now waits) is retried after SEND_RETRY_S."""
         logger.exception("sglang-ext: failed to send request %s; retrying in %g s", getattr(req, "rid", "?"),
                          SEND_RETRY_S)
-        self.pool.append(_Pooled(req, float("-inf"), row))
         self._retry_after = time.monotonic() + SEND_RETRY_S
 
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
         pin = getattr(req, "routed_dp_rank", None)
-        if pin is not None and not (0 <= pin < self.num_ranks and self._active_mask()[pin]):
+        if pin is not None and not (0 <= pin < self.num_ranks and pin in self.ctrl._active_workers):
             # Stock raises and the request is never answered (elastic EP: the rank went
             # down after the client picked it); placed by the policy instead.
             logger.warning("sglang-ext: request %s is pinned to DP rank %s, which is not active; "
@@ -714,7 +722,7 @@ class BalancedDispatch:
         anything that has waited past the deadline by the immediate rule. A request
         leaves the pool only once it is sent: one whose send fails stays pooled, and
         the pool is retried after `SEND_RETRY_S`."""
-        if not self.pool or not self._active_mask().any():  # (pooled until a rank is active)
+        if not self.pool or not self._any_active():  # (pooled until a rank is active)
             return
         if time.monotonic() < self._retry_after:
             return
@@ -741,9 +749,7 @@ class BalancedDispatch:
                 self._send(g, p.req, p.row)
             return True
         except Exception:  # noqa: BLE001
-            logger.exception("sglang-ext: failed to send pooled request %s; it stays pooled",
-                             getattr(p.req, "rid", "?"))
-            self._retry_after = time.monotonic() + SEND_RETRY_S
+            self._send_failed(p.req)
             return False
 
     def _place_aborted_from_pool(self, msg) -> None:
@@ -835,7 +841,7 @@ class BalancedDispatch:
         return True
 
     def poll_timeout_ms(self) -> int:
-        if not self.pool or not self._active_mask().any():  # (no rank to release to: no deadline)
+        if not self.pool or not self._any_active():  # (no rank to release to: no deadline)
             return IDLE_POLL_MS
         wait = max(self.pool[0].since + self.cfg.pool_max_wait_s, self._retry_after) - time.monotonic()
         return max(0, min(IDLE_POLL_MS, int(wait * 1000) + 1))
@@ -882,7 +888,7 @@ class BalancedDispatch:
                     self._held.append(recv_req)
                     continue
                 self._dispatch_one(recv_req)
-                if self._held and self._active_mask().any():  # (this message brought a rank back)
+                if self._held and self._any_active():  # (this message brought a rank back)
                     self._dispatch_held()
         finally:
             self._guarded(self.place_arrivals)
@@ -905,14 +911,14 @@ class BalancedDispatch:
             return False
         if self._held:
             return True
-        if self._active_mask().any():
+        if self._any_active():
             return False
         logger.warning("sglang-ext: no active DP rank; holding requests until one is active")
         return True
 
     def _dispatch_held(self) -> None:
         logger.info("sglang-ext: a DP rank is active again; dispatching %d held message(s)", len(self._held))
-        while self._held and self._active_mask().any():
+        while self._held and self._any_active():
             self._dispatch_one(self._held.popleft())
 
     @staticmethod

@@ -46,12 +46,9 @@ class _RankState:
         self.last_step_t = time.perf_counter()
         self.last_idle_report = 0.0
         self.last_key = None
-        # the running requests of the last report and their (cap, ignore_eos) columns
-        self.last_running: list = []
-        self.last_fixed = np.zeros((0, 2), dtype=np.int64)
-        # the waiting requests of the last report and their (prompt, cap, ignore_eos) rows
-        self.last_waiting: list = []
-        self.last_wait_rows = np.zeros((0, 3), dtype=np.int64)
+        # the last report's running (cap, ignore_eos) and waiting (prompt, cap, ignore_eos) rows
+        self.run_fixed = _KeptRows(_fixed, 2)
+        self.wait_rows = _KeptRows(_wait_row, 3)
         self.finished_pending: list[tuple[int, int, bool]] = []  # (output length, prompt length, ignore_eos)
         dp_rank, leader = _rank_info()
         self.dp_rank = dp_rank
@@ -110,43 +107,40 @@ def _fixed(req) -> tuple[int, int]:
     return _cap(req), int(runs_to_cap(req))
 
 
-def _fixed_columns(st: _RankState, running: list) -> np.ndarray:
-    """(n, 2) caps and ignore_eos flags of the running requests. Most steps run the
-    same requests as the one before (the list compares by identity, ~2 us at 256),
-    so the columns are reused then and read afresh only when the set changed."""
-    if running != st.last_running:
-        st.last_running = running
-        st.last_fixed = np.array([_fixed(r) for r in running], dtype=np.int64).reshape(len(running), 2)
-    return st.last_fixed
-
-
 def _wait_row(req) -> tuple[int, int, int]:
     return (len(req.origin_input_ids), *_fixed(req))
 
 
-def _waiting_rows(st: _RankState, waiting: list) -> np.ndarray:
-    """(n, 3) prompt lengths, caps and ignore_eos flags of the waiting requests, fixed
-    while a request waits. From one step to the next a queue mostly loses requests at
-    its head (admitted) and gains them at its tail (arrivals): the rows of those still
-    there are kept and only the new ones read (a saturated rank may hold thousands
-    waiting: ~0.5 us each to read). Any other change (a policy that reorders the
-    queue) reads them all."""
-    old = st.last_waiting
-    rows = None
-    if waiting and old:
-        try:
-            k = old.index(waiting[0])  # (requests compare by identity)
-        except ValueError:
-            k = -1
-        kept = len(old) - k
-        if k >= 0 and kept <= len(waiting) and waiting[:kept] == old[k:]:
-            new = waiting[kept:]
-            rows = np.concatenate([st.last_wait_rows[k:],
-                                   np.array([_wait_row(r) for r in new], dtype=np.int64).reshape(len(new), 3)])
-    if rows is None:
-        rows = np.array([_wait_row(r) for r in waiting], dtype=np.int64).reshape(len(waiting), 3)
-    st.last_waiting, st.last_wait_rows = waiting, rows
-    return rows
+class _KeptRows:
+    """Per-request rows that stay fixed while a request stays in a list (its cap and
+    ignore_eos flag while it runs; its prompt too while it waits), kept from one
+    report to the next. From one step to the next such a list mostly loses requests
+    at its head (admitted from the queue) and gains them at its tail (arrivals, a
+    prefill joining the running batch), or stays the same: the rows of those still
+    there are kept and only the new ones read (each ~0.5 us; a saturated rank may
+    hold thousands waiting). Any other change (a finish mid-batch, a policy that
+    reorders the queue) reads them all. Requests compare by identity."""
+
+    def __init__(self, row, width: int):
+        self.row, self.width = row, width
+        self.reqs: list = []
+        self.rows = np.zeros((0, width), dtype=np.int64)
+
+    def _read(self, reqs: list) -> np.ndarray:
+        return np.array([self.row(r) for r in reqs], dtype=np.int64).reshape(len(reqs), self.width)
+
+    def of(self, reqs: list) -> np.ndarray:
+        old, rows = self.reqs, None
+        if reqs and old:
+            try:
+                k = old.index(reqs[0])
+            except ValueError:
+                k = -1
+            kept = len(old) - k
+            if k >= 0 and kept <= len(reqs) and reqs[:kept] == old[k:]:
+                rows = self.rows[k:] if kept == len(reqs) else np.concatenate([self.rows[k:], self._read(reqs[kept:])])
+        self.reqs, self.rows = reqs, self._read(reqs) if rows is None else rows
+        return self.rows
 
 
 def _build_report(scheduler, st: _RankState, batch) -> RankReport:
@@ -158,8 +152,8 @@ def _build_report(scheduler, st: _RankState, batch) -> RankReport:
     running = [r for r in running if not r.finished()]
     waiting = list(scheduler.waiting_queue)
     cap_running = int(getattr(scheduler, "max_running_requests", 0) or 0)
-    fixed = _fixed_columns(st, running)
-    wait = _waiting_rows(st, waiting)
+    fixed = st.run_fixed.of(running)
+    wait = st.wait_rows.of(waiting)
     done = np.array(st.finished_pending, dtype=np.int64).reshape(-1, 3)  # (output, prompt, ignore_eos)
     return RankReport(
         dp_rank=st.dp_rank,
