@@ -149,11 +149,14 @@ def request_row(req) -> tuple[int, int, bool]:
 
 @dataclass
 class _Pooled:
-    """A request held by pool binding: since when (monotonic seconds), and its row."""
+    """A request held by pool binding, or one whose send failed: since when (monotonic
+    seconds; -inf for a failed send, retried first), its row, and whether a client
+    pinned it to a rank (it then goes there, never where the policy would put it)."""
 
     req: object
     since: float
     row: tuple[int, int, bool]
+    pinned: bool = False
 
 
 @dataclass
@@ -650,8 +653,27 @@ class BalancedDispatch:
         self.stats["dispatched"] += 1
 
     def _send_now(self, req, row: tuple[int, int, bool]) -> None:
-        """Place one request by the immediate rule and send it."""
-        self._send(int(self._place(np.array([row], dtype=np.int64), must_place=True)[0]), req, row)
+        """Send one request to the rank a client pinned it to, else where the immediate
+        rule places it."""
+        g = self._pinned_rank(req)
+        if g is None:
+            g = int(self._place(np.array([row], dtype=np.int64), must_place=True)[0])
+        self._send(g, req, row)
+
+    def _pinned_rank(self, req) -> int | None:
+        """The active rank a client pinned `req` to (`routed_dp_rank`), else None. A pin to
+        a rank that is not active is dropped, with a warning: stock raises and the request
+        is never answered (elastic EP: the rank went down after the client picked it);
+        the policy places it instead."""
+        pin = getattr(req, "routed_dp_rank", None)
+        if pin is None:
+            return None
+        if 0 <= pin < self.num_ranks and pin in self.ctrl._active_workers and self.ctrl.workers[pin] is not None:
+            return int(pin)
+        logger.warning("sglang-ext: request %s is pinned to DP rank %s, which is not active; "
+                       "placing it by the policy", getattr(req, "rid", "?"), pin)
+        req.routed_dp_rank = None
+        return None
 
     def place_arrivals(self) -> None:
         """Place the arrivals collected so far by the immediate rule, in one policy call
@@ -679,10 +701,14 @@ class BalancedDispatch:
                 self._retry_later(req, row)
 
     def _retry_later(self, req, row: tuple[int, int, bool]) -> None:
-        """A request whose send failed: to the pool, past its deadline, so `release_pool`
-        sends it by the immediate rule after SEND_RETRY_S (not lost)."""
+        """A request whose send failed: to the head of the pool behind the other failed
+        sends, past its deadline, so `release_pool` sends it first after SEND_RETRY_S
+        (not lost), to its pinned rank or by the immediate rule."""
         self._send_failed(req)
-        self.pool.append(_Pooled(req, float("-inf"), row))
+        at = 0
+        while at < len(self.pool) and self.pool[at].since == float("-inf"):
+            at += 1
+        self.pool.insert(at, _Pooled(req, float("-inf"), row, pinned=self._pinned_rank(req) is not None))
 
     def _send_failed(self, req) -> None:
         """Log a failed send; the pool (where the request now waits) is retried after SEND_RETRY_S."""
@@ -692,16 +718,13 @@ class BalancedDispatch:
 
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
-        pin = getattr(req, "routed_dp_rank", None)
-        if pin is not None and not (0 <= pin < self.num_ranks and pin in self.ctrl._active_workers):
-            # Stock raises and the request is never answered (elastic EP: the rank went
-            # down after the client picked it); placed by the policy instead.
-            logger.warning("sglang-ext: request %s is pinned to DP rank %s, which is not active; "
-                           "placing it by the policy", getattr(req, "rid", "?"), pin)
-            req.routed_dp_rank = None
-        if self.ctrl.maybe_external_dp_rank_routing(req):  # client-pinned: honoured as stock does
-            self._record_sent(int(req.routed_dp_rank), request_row(req))
+        if self._pinned_rank(req) is not None:  # client-pinned: honoured as stock does
             self.stats["pinned"] += 1
+            row = request_row(req)
+            try:
+                self._send_now(req, row)
+            except Exception:  # noqa: BLE001  (stock would raise and lose it)
+                self._retry_later(req, row)
             return
         if self.pool_mode:
             self.pool.append(_Pooled(req, time.monotonic(), request_row(req)))
@@ -719,15 +742,17 @@ class BalancedDispatch:
 
     def release_pool(self) -> None:
         """Pool binding: let the policy fill the slots ranks reported free, then place
-        anything that has waited past the deadline by the immediate rule. A request
-        leaves the pool only once it is sent: one whose send fails stays pooled, and
-        the pool is retried after `SEND_RETRY_S`."""
+        anything that has waited past the deadline by the immediate rule (or at its
+        pin). A request leaves the pool only once it is sent: one whose send fails
+        stays pooled, and the pool is retried after `SEND_RETRY_S`."""
         if not self.pool or not self._any_active():  # (pooled until a rank is active)
             return
         if time.monotonic() < self._retry_after:
             return
-        window = list(islice(self.pool, self.window))
-        ranks = self._place(np.array([p.row for p in window], dtype=np.int64), must_place=False).tolist()
+        # (a pinned request, whose send failed, waits at the head for the deadline path)
+        window = [p for p in islice(self.pool, self.window) if not p.pinned]
+        ranks = self._place(np.array([p.row for p in window], dtype=np.int64), must_place=False).tolist() \
+            if window else []
         sent = {id(p) for p, g in zip(window, ranks) if g >= 0 and self._sent_pooled(g, p)}
         if sent:
             self.pool = deque(p for p in self.pool if id(p) not in sent)
@@ -771,7 +796,7 @@ class BalancedDispatch:
             return
         step = int(getattr(self.ctrl, "control_message_step", 1) or 1)
         told = [g for g in self.ctrl._active_workers[::step] if g < self.num_ranks] if step > 1 else []
-        sent = {id(p) for p in hit if self._sent_pooled(told[0] if told else None, p)}
+        sent = {id(p) for p in hit if self._sent_pooled(told[0] if told and not p.pinned else None, p)}
         self.pool = deque(p for p in self.pool if id(p) not in sent)
 
     def prepare_due(self) -> bool:

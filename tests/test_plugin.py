@@ -233,6 +233,36 @@ def test_a_pin_to_a_rank_gone_inactive_is_placed_by_the_policy(fake_controller, 
     assert bal.stats["pinned"] == 0 and "pinned to DP rank 3, which is not active" in caplog.text
 
 
+@pytest.mark.parametrize("binding", ["immediate", "pool"])
+def test_a_pinned_request_whose_send_fails_is_retried_at_its_pin(fake_controller, monkeypatch, binding):
+    # Stock sends a pinned request itself and a failed send raises out of dispatch: lost.
+    from sglang.srt.managers import io_struct
+
+    from sglang_ext.patches import controller
+
+    bal, sent = fake_controller("bfio", binding=binding, max_wait=60.0)
+    real, broken = io_struct.sock_send, {"pin"}
+
+    def send(sock, obj):
+        if obj.rid in broken:
+            raise zmq.ZMQError()
+        real(sock, obj)
+
+    monkeypatch.setattr(io_struct, "sock_send", send)
+    monkeypatch.setattr(controller, "SEND_RETRY_S", 5.0)
+    for g in range(4):
+        bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=8)])
+    bal.dispatch(_req(10, pin=2, rid="pin"))
+    bal.dispatch(_req(10, rid="free"))
+    assert bal.stats["pinned"] == 1 and [p.req.rid for p in bal.pool][0] == "pin" and bal.pool[0].pinned
+    broken.clear()
+    bal._retry_after = time.monotonic()
+    bal.release_pool()  # the policy fills free slots: never with the pinned one, which goes to rank 2
+    assert sorted((r.rid, g) for g, r in sent if r.rid == "pin") == [("pin", 2)]
+    assert sorted(r.rid for _, r in sent) == ["free", "pin"] and not bal.pool
+    assert bal.stats["pinned"] == 1 and sum(map(len, bal.inflight)) == 2
+
+
 @pytest.mark.parametrize("variant", ["default", "paper"])
 def test_pool_fills_free_slots_then_deadline_places_the_rest(fake_controller, variant):
     bal, sent = fake_controller("bfio", binding="pool", max_wait=0.05, variant=variant)
