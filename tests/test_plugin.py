@@ -504,7 +504,7 @@ def test_view_lists_every_request_with_the_estimate_it_would_get_alone(fake_cont
     # build_view estimates every request of every rank in one call; each must get what
     # a call for that request alone gives (same estimator state). The policies read
     # the requests in any order, so they are compared as a set.
-    from sglang_ext.patches.controller import remaining_steps
+    from sglang_ext.plugin.cluster_state import remaining_steps
 
     bal, _ = fake_controller("bfio", estimator="empirical-prompt", scenarios=scenarios)
     rng = np.random.default_rng(3)
@@ -1248,7 +1248,7 @@ def test_the_per_rank_totals_kept_as_reports_come_are_the_newest_reports_sums(fa
     # newest report's numbers recomputed from its requests, whatever the order of the
     # reports, a stale one (ignored), a rank that never reported (its defaults) and
     # arrays that are not int64; and the estimate concatenates the same requests.
-    from sglang_ext.patches.controller import DEFAULT_CAPACITY
+    from sglang_ext.plugin.cluster_state import DEFAULT_CAPACITY
 
     bal, _ = fake_controller("bfio", ranks=5)
     rng = np.random.default_rng(3)
