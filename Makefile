@@ -32,6 +32,7 @@ bench: install
 	$(PY) scripts/bench_reproduction.py
 	$(PY) scripts/bench_decision.py
 	$(PY) scripts/bench_controller.py
+	$(PY) scripts/bench_busy_loop.py
 	$(PY) scripts/bench_refit.py
 	$(PY) scripts/bench_projection.py
 

@@ -447,7 +447,7 @@ class BalancedDispatch(ClusterState):
             if poller.poll(0 if whole_step else min(timeout, PREPARE_AFTER_QUIET_MS)):
                 return
             tokenizer = getattr(self.ctrl, "recv_from_tokenizer", None)
-            # (only a message from the tokenizer pauses it: a report would start it over, and
+            # (only a message from the tokenizer pauses it: reports come every step, and
             # where steps are shorter than the estimate none would ever finish while idle)
             self.prepare(interrupted=lambda: any(sock is tokenizer for sock, _ in poller.poll(0)))
             timeout = self.poll_timeout_ms()

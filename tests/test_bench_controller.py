@@ -45,3 +45,21 @@ def test_refit_bench_times_both_modes_on_every_cell(tmp_path):
     assert all(x["buckets"] > 1 and x["inline_ms"] > 0 and x["background_ms"] > 0 and x["no_refit_ms"] > 0
                for x in rows)
     assert "| 32768 | 2048 |" in r.stdout
+
+
+def test_busy_loop_bench_places_every_arrival_once(tmp_path):
+    out = tmp_path / "busy.json"
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8x8",
+                        "--arrivals", "2,6", "--steps", "20", "--warmup", "2", "--step-ms", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["G"], x["B"], x["arrivals_per_step"], x["step_ms"]) for x in rows] == [(8, 8, 2, 4.0), (8, 8, 6, 4.0)]
+    for x in rows:
+        assert x["placed"] == x["arrived"] > x["arrivals"] > 0  # (every arrival placed once; the warm-up's untimed)
+        assert 0 < x["wait_p50_ms"] <= x["wait_p90_ms"] <= x["wait_p99_ms"] <= x["wait_max_ms"]
+        assert 0 <= x["estimated_first"] <= x["arrivals"] and x["estimates_while_idle"] > 0
+        assert f"| 8 | 8 | bfio | 4.00 | {x['arrivals_per_step']:g} |" in r.stdout
+    bad = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8by8"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--cells: '8by8' is not GxB" in bad.stderr and "Traceback" not in bad.stderr

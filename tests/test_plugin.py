@@ -712,15 +712,37 @@ def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake
         want = straight._reported.projection_cache[key]
         assert np.array_equal(cnt, want[0]) and np.array_equal(kvs, want[1])
 
-    # paused after the fit, then the next step's reports: started over on them
+    # paused after the fit, then the next step's reports: it goes on (adopted one report
+    # behind, as a placement may use it) rather than throw its stages away, and the next
+    # estimate takes the newest; each finished length is learned once all the same
     for b in (paused, straight):
         b.on_reports(batch(3))
     assert not paused.prepare(interrupted=after(3)) and straight.prepare()
     for b in (paused, straight):
         b.on_reports(batch(4))
-    assert paused.prepare() and straight.prepare()
-    assert np.array_equal(paused._reported.req_kv, straight._reported.req_kv)
+    assert paused.prepare() and paused._behind.tolist() == [1, 1, 1, 1] and paused.prepare_due()
+    assert np.array_equal(paused._reported.req_kv, straight._reported.req_kv)  # (batch 3's)
     assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+    for b in (paused, straight):
+        b.dispatch(_req(700, max_new=400))  # (a lagged view of the same requests: the same rank)
+    assert sent[-1][0] == sent[-2][0]
+    assert paused.prepare() and straight.prepare() and not paused._behind.any()
+    assert np.array_equal(paused._reported.req_kv, straight._reported.req_kv)  # (batch 4's)
+    assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+    assert paused.estimator._seen.size == straight.estimator._seen.size == 96
+    assert [len(q) for q in paused.inflight] == [len(q) for q in straight.inflight]
+
+    # overtaken by more reports than a placement may lag behind: started over on the newest
+    for b in (paused, straight):
+        b.on_reports(batch(5))
+    assert not paused.prepare(interrupted=after(3)) and straight.prepare()
+    for step in (6, 7):
+        for b in (paused, straight):
+            b.on_reports(batch(step))
+    assert straight.prepare() and paused.prepare() and not paused._behind.any()
+    assert np.array_equal(paused._reported.req_kv, straight._reported.req_kv)  # (batch 7's)
+    assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+    assert paused.estimator._seen.size == straight.estimator._seen.size == 168
 
     # a placement that may not lag goes on with the paused estimate
     pool, _ = fake_controller("bfio", binding="pool", estimator="empirical-prompt", inline_refit=True)
@@ -729,6 +751,59 @@ def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake
     pool.dispatch(_req(100, max_new=300))
     pool.release_pool()
     assert pool._reported is not None and pool._estimate is None and pool.stats["lagged"] == 0
+
+
+def test_an_overtaken_estimate_adopted_one_step_behind_sees_every_request_once(fake_controller):
+    # An idle estimate paused for an arrival, then the next step's reports (each
+    # acknowledging what was sent before it): the estimate goes on and is adopted one
+    # report behind. Its view must hold each request once: in its reports, or in flight
+    # past what they acknowledge (the reports that overtook it must not cut the
+    # in-flight rows it still needs). The reference estimated the same reports before
+    # the next ones came.
+    paused, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    ref, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+
+    def batch(b, step):
+        rng = np.random.default_rng(step)
+        out = []
+        for g in range(4):
+            n = int(rng.integers(1, 6))
+            gen = rng.integers(1, 200, n)
+            out.append(RankReport(dp_rank=g, step=step, received=int(b.sent[g]), free_slots=72 - n, slot_limit=72,
+                                  run_kv=rng.integers(10, 3000, n) + gen, run_generated=gen,
+                                  run_cap=np.full(n, 2000), finished_lengths=rng.integers(1, 900, 3),
+                                  finished_prompts=rng.integers(10, 3000, 3)))
+        return out
+
+    def arrivals(b, prompts):
+        for p in prompts:
+            b.dispatch(_req(p, max_new=300))
+
+    for b in (paused, ref):
+        arrivals(b, [100, 200, 300, 400])
+        b.on_reports(batch(b, 1))
+        assert b.prepare()
+        arrivals(b, [500, 600, 700])
+        b.on_reports(batch(b, 2))  # (acknowledges the three)
+    asked = []
+    assert not paused.prepare(interrupted=lambda: asked.append(1) or len(asked) >= 2)
+    for b in (paused, ref):  # placed on the first step's estimate (one report behind)
+        arrivals(b, [800, 900, 1000, 1100, 1200])
+    assert [g for g, _ in sent[-10:-5]] == [g for g, _ in sent[-5:]] and paused.stats["lagged"] == 5
+    assert ref.prepare()  # (the reference estimates the second step's reports before the third come)
+    for b in (paused, ref):
+        b.on_reports(batch(b, 3))  # acknowledges the five; two reports past the paused one's last estimate
+    assert paused.prepare() and paused._behind.tolist() == ref._behind.tolist() == [1, 1, 1, 1]
+    views = [b.build_view(lagged_ok=True) for b in (paused, ref)]
+    for field in ("req_rank", "req_kv", "req_remaining", "free_slots", "kv_tokens", "num_requests"):
+        assert np.array_equal(getattr(views[0], field), getattr(views[1], field)), field
+    # each request once: the second step's reports plus the five in flight past their acknowledgements
+    assert views[0].req_rank.shape[0] == sum(len(r.run_kv) for r in batch(ref, 2)) + 5
+    for b in (paused, ref):
+        assert b.prepare()
+    assert np.array_equal(paused._reported.req_remaining, ref._reported.req_remaining)
+    assert [len(q) for q in paused.inflight] == [len(q) for q in ref.inflight] == [0, 0, 0, 0]
+    assert paused.estimator._seen.size == ref.estimator._seen.size == 36
 
 
 def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_work(fake_controller, caplog):

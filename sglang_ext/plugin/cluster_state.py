@@ -13,7 +13,10 @@ default one report per rank): with DP attention that is one decode step older,
 and estimating the newest first would make it wait (~6 ms at 256 ranks with 64k
 requests). The estimate runs in stages and pauses between two when a message
 comes from the tokenizer, so an arrival that lands during it waits for one
-stage, not the whole.
+stage, not the whole. Reports that come while it is paused do not throw its
+stages away while it would be at most `--balancer-view-lag` reports behind:
+it is finished and adopted that far behind, and the next estimate takes the
+newest.
 
 `ClusterState` is the state half of the controller's `BalancedDispatch`
 (patches/controller.py), which sets the policy the view is built for.
@@ -63,6 +66,19 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
     if exact is not None and np.any(exact):
         rem = np.where(exact, left, rem)
     return rem
+
+
+@dataclass
+class _Estimating:
+    """An estimate in progress: what it started on (the report count, `_behind`, the
+    acknowledgements its reports hold, the batches of finished lengths it learns) and
+    its stages (`ClusterState._estimate_stages`)."""
+
+    reports: int
+    behind: np.ndarray
+    acked: np.ndarray
+    lengths: int
+    stages: object = None
 
 
 @dataclass
@@ -121,8 +137,7 @@ class ClusterState:
         self._behind = np.zeros(G, dtype=np.int64)  # reports per rank since the last estimate (built)
         self._est_acked = np.zeros(G, dtype=np.int64)  # acknowledgements the in-flight deques start after
         self._to_learn: tuple[list, list] = ([], [])  # finished lengths (and prompts) not yet learned
-        # the estimate in progress (`_estimate_stages`), and the report count it started at
-        self._estimate, self._estimate_of = None, 0
+        self._estimate: _Estimating | None = None  # the estimate in progress
         # counters for the stats line (the dispatch counts its placements here too)
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0,
                       "paused": 0, "placements": 0, "lagged": 0}
@@ -160,15 +175,17 @@ class ClusterState:
         if self._behind.max() > self.cfg.view_lag:
             # The last estimate will not be read again before the next (with view_lag 0, at
             # once): what these reports acknowledge can leave the deques now, so they stay
-            # short even while every estimate fails.
-            self._drop_acknowledged()
+            # short even while every estimate fails; with an estimate in progress, only
+            # what its own reports acknowledge (it may yet be adopted).
+            self._drop_acknowledged(None if self._estimate is None else self._estimate.acked)
 
-    def _learn_finished(self, estimator) -> None:
-        """Teach `estimator` the lengths reported finished since the last estimate, in one
-        call (a report without prompts, a rare sender, keeps one call per report). Taught
-        when the reports are estimated, not as they come: a placement on the previous
-        estimate then reads the fit it was made with, and does not refit for it."""
-        lengths, prompts_of = self._to_learn
+    def _learn_finished(self, estimator, count: int) -> None:
+        """Teach `estimator` the first `count` batches of lengths reported finished since
+        the last estimate, in one call (a report without prompts, a rare sender, keeps one
+        call per report). Taught when the reports are estimated, not as they come: a
+        placement on the previous estimate then reads the fit it was made with, and does
+        not refit for it."""
+        lengths, prompts_of = (x[:count] for x in self._to_learn)
         if not lengths:
             return
         if all(p is not None for p in prompts_of):
@@ -248,42 +265,55 @@ class ClusterState:
         requests, the estimator's refit and the concatenation cost several ms).
         lagged_ok: the previous batch's, when it is at most cfg.view_lag reports behind."""
         if not self._view_is_current(lagged_ok):
-            self._advance_estimate()
+            self._advance_estimate(may_lag=lagged_ok)
+            if not self._view_is_current(lagged_ok):  # (it finished one that reports had overtaken)
+                self._advance_estimate()
         return self._reported
 
-    def _advance_estimate(self, interrupted=None) -> bool:
-        """Run the estimate of the newest reports (the one in progress, unless reports
-        came since it started) to its end: True; or, between two of its stages, stop
-        when `interrupted()` says a message waits: False (the loop places it on the
-        previous estimate, then goes on from there)."""
-        if self._estimate is None or self._estimate_of != self.stats["reports"]:
-            self._estimate, self._estimate_of = self._estimate_stages(), self.stats["reports"]
+    def _advance_estimate(self, interrupted=None, may_lag: bool = False) -> bool:
+        """Run an estimate to its end: True; or, between two of its stages, stop when
+        `interrupted()` says a message waits: False (the loop places it on the previous
+        estimate, then goes on from there). The one in progress goes on unless reports
+        came since it started; with `may_lag`, it goes on while it would be at most
+        cfg.view_lag reports behind once adopted, so a loop too busy to finish an
+        estimate within a step does not throw away the stages it ran. Else an estimate
+        of the newest reports starts."""
+        e = self._estimate
+        if e is not None and e.reports != self.stats["reports"]:
+            if not (may_lag and int((self._behind - e.behind).max()) <= self.cfg.view_lag):
+                e = None
+        if e is None:
+            e = self._estimate = _Estimating(self.stats["reports"], self._behind.copy(), self.acked.copy(),
+                                             len(self._to_learn[0]))
+            e.stages = self._estimate_stages(e)
         try:
-            for _ in self._estimate:
+            for _ in e.stages:
                 if interrupted is not None and interrupted():
                     return False
         except BaseException:
             self._estimate = None
-            self._to_learn = ([], [])  # (as if learned: lengths a failing estimate holds are dropped)
+            # (as if learned: the lengths a failing estimate holds are dropped)
+            self._to_learn = tuple(x[e.lengths:] for x in self._to_learn)
             raise
         self._estimate = None
         return True
 
-    def _estimate_stages(self):
-        """The estimate of the newest reports, stage by stage (a generator; at G=256
-        with 64k requests running: the totals, what runs now, the estimator's refit
-        in steps (`fit_stages`), every request's estimate, the policy's projection of
-        them; the longest about 1.45 ms). Until the last stage ends, the previous
+    def _estimate_stages(self, e: "_Estimating"):
+        """The estimate of the newest reports when `e` started, stage by stage (a
+        generator; at G=256 with 64k requests running: the totals, what runs now, the
+        estimator's refit in steps (`fit_stages`), every request's estimate, the
+        policy's projection of them; the longest about 1.45 ms). Until the last stage ends, the previous
         estimate stands whole for the placements that may lag: the estimator learns
         on a copy (its arrays are replaced, never written into, so a shallow one),
         adopted with the estimate, and the projection goes into the new estimate's
-        own cache."""
+        own cache. Adopted, it is as far behind as the reports that came since it
+        started."""
         self._fresh[:] = False  # (a failure is not retried by `prepare` before the next reports)
         state = self._newest_totals()
         parts = self._concatenated() if self.policy.needs_requests else None
         yield
         est = copy.copy(self.estimator)
-        self._learn_finished(est)
+        self._learn_finished(est, e.lengths)
         if self.policy.needs_requests:
             estimate = self._observe_requests(est, state, *parts)
             yield
@@ -292,9 +322,10 @@ class ClusterState:
             estimate()
             yield
             self._warm(state)
-        self.estimator, self._to_learn = est, ([], [])
-        self._drop_acknowledged()  # (built: the reports now hold them)
-        self._behind[:] = 0
+        self.estimator = est
+        self._to_learn = tuple(x[e.lengths:] for x in self._to_learn)  # (those taught to est left)
+        self._drop_acknowledged(e.acked)  # (built: its reports hold them)
+        self._behind -= e.behind
         self._reported = state
 
     def _warm(self, state: "_Reported") -> None:
@@ -310,13 +341,15 @@ class ClusterState:
             logger.exception("sglang-ext: the %s policy's projection of the reported requests failed",
                              self.cfg.policy)
 
-    def _drop_acknowledged(self) -> None:
-        """Cut the in-flight deques to what the newest reports have not acknowledged."""
-        for g in np.flatnonzero(self.acked > self._est_acked).tolist():
+    def _drop_acknowledged(self, acked: np.ndarray | None = None) -> None:
+        """Cut the in-flight deques to what reports acknowledging `acked` requests per rank
+        (default: the newest reports) have not acknowledged."""
+        acked = np.maximum(self.acked if acked is None else acked, self._est_acked)
+        for g in np.flatnonzero(acked > self._est_acked).tolist():
             q = self.inflight[g]
-            for _ in range(min(int(self.acked[g] - self._est_acked[g]), len(q))):
+            for _ in range(min(int(acked[g] - self._est_acked[g]), len(q))):
                 q.popleft()
-        self._est_acked = self.acked.copy()
+        self._est_acked = acked.copy()
 
     def _observe_requests(self, est, state: "_Reported", reps, run_kv, run_gen, wait_prompt, run_rank, wait_rank):
         """Teach the estimator `est` what runs now; returns the call that estimates every
@@ -419,7 +452,7 @@ class ClusterState:
         if not self.prepare_due():  # (nothing new: `_reported` is current, or was tried)
             return False
         try:
-            if not self._advance_estimate(interrupted):
+            if not self._advance_estimate(interrupted, may_lag=True):
                 self.stats["paused"] += 1
                 return False
         except Exception:  # noqa: BLE001  (the next placement retries it and falls back if it fails)

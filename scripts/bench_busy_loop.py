@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""The patched DP controller's loop when arrivals leave it little idle time.
+
+`bench_controller.py` times each thing the controller does on its own. Here the
+real `BalancedDispatch` runs as its event loop does, on a clock of decode steps:
+every step (`--step-ms`; by default the paper-dsv3 preset's step for the ranks' KV)
+all G ranks report, each acknowledging what was sent to it before the step
+began (the running requests drawn as in bench_controller.py: saturated ranks,
+the default empirical-prompt estimator); requests arrive as a Poisson stream
+(`--arrivals` per step on average). In each turn the loop reads the reports
+that are due, then places the arrivals that are due together (one call, as the
+loop places what it reads in one turn), and with nothing due estimates the
+newest reports while idle (`prepare`), pausing for an arrival as the live loop
+does (a report does not pause it). Per arrival: the time from its arrival to
+the end of its placement, and whether that placement had no estimate it could
+use (more than `--balancer-view-lag` reports behind) and estimated first.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bench_controller import make_controller, reports, request
+from sglang_ext.argtypes import (comma_list, nonneg_int, output_file, positive_float, positive_int, run_main,
+                                 trace_file, write_json)
+from sglang_ext.cost import cost_preset
+from sglang_ext.traces import load_trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def acknowledged(reps, sent: np.ndarray):
+    """The step's reports, each acknowledging what was sent to its rank before the step."""
+    for r in reps:
+        r.received = int(sent[r.dp_rank])
+    return reps
+
+
+def step_seconds(reps, B: int) -> float:
+    """A decode step of these ranks under the paper-dsv3 cost preset: its slowest rank's."""
+    cost = cost_preset("paper-dsv3", B)
+    return float(cost.step_time(np.array([len(r.run_kv) for r in reps]),
+                                np.array([int(r.run_kv.sum()) for r in reps])).max() + cost.sync)
+
+
+def run_cell(policy: str, trace, G: int, B: int, per_step: float, args, workdir: str) -> dict:
+    rng = np.random.default_rng(args.seed)
+    bal = make_controller(policy, "immediate", G, workdir, tag=f"-busy-{per_step:g}", view_lag=args.view_lag)
+    snapshots = [reports(rng, trace, G, B, args.free_frac, s + 1, args.max_new_tokens)
+                 for s in range(args.steps + args.warmup)]
+    step_s = args.step_ms / 1e3 if args.step_ms else step_seconds(snapshots[0], B)
+    gaps = rng.exponential(step_s / per_step, size=int(3 * per_step * len(snapshots)) + 16)
+    arrivals = np.cumsum(gaps)  # seconds after the first step's reports
+    prompts = trace.prompt_len[rng.integers(0, len(trace), size=arrivals.size)]
+    waits, estimated_first = [], []
+    step, nxt = 0, 0
+    bal.on_reports(acknowledged(snapshots[0], bal.sent))
+    bal.prepare()  # (the first estimate, before the clock runs)
+    t0 = time.perf_counter()
+    end = len(snapshots) * step_s
+    while True:
+        now = time.perf_counter() - t0
+        if now >= end:
+            break
+        due_step = min(int(now // step_s), len(snapshots) - 1)
+        if due_step > step:  # reports first: a turn reads every report that has come
+            for s in range(step + 1, due_step + 1):
+                bal.on_reports(acknowledged(snapshots[s], bal.sent))
+            step = due_step
+        due = int(np.searchsorted(arrivals, now, side="right"))
+        if due > nxt:  # the arrivals read in this turn, placed together
+            before = bal._reported
+            bal._arrivals = []
+            for p in prompts[nxt:due]:
+                bal.dispatch(request(p, args.max_new_tokens))
+            bal.place_arrivals()
+            bal._arrivals = None
+            done = time.perf_counter() - t0
+            if step >= args.warmup:
+                waits.extend(done - arrivals[nxt:due])
+                estimated_first.extend([bal._reported is not before] * (due - nxt))
+            nxt = due
+            continue
+        next_arrival = t0 + arrivals[nxt]
+        if bal.prepare_due():
+            bal.prepare(interrupted=lambda: time.perf_counter() >= next_arrival)
+            continue
+        next_step = t0 + (step + 1) * step_s
+        while time.perf_counter() < min(next_arrival, next_step):  # (idle: spin, as a poll would wake)
+            pass
+    waits = np.array(waits) * 1e3
+    ms = lambda q: float(np.percentile(waits, q)) if waits.size else float("nan")  # noqa: E731
+    return dict(policy=policy, G=G, B=B, step_ms=step_s * 1e3, arrivals_per_step=per_step, arrivals=int(waits.size),
+                wait_p50_ms=ms(50), wait_p90_ms=ms(90), wait_p99_ms=ms(99), wait_max_ms=ms(100),
+                estimated_first=int(np.sum(estimated_first)), lagged=bal.stats["lagged"],
+                arrived=nxt, placed=int(bal.sent.sum()),
+                estimates_while_idle=bal.stats["prepared"], paused=bal.stats["paused"], steps=args.steps)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
+                    help="Trace the running requests' and arrivals' lengths are drawn from.")
+    ap.add_argument("--cells", type=comma_list(str), default="256x256",
+                    help="Comma-separated GxB cells (ranks x running-request slots per rank).")
+    ap.add_argument("--policies", type=comma_list(str), default="bfio", help="Comma list of policies.")
+    ap.add_argument("--arrivals", type=comma_list(positive_float), default="1,2,4,8",
+                    help="Comma list: mean arrivals per decode step.")
+    ap.add_argument("--step-ms", type=positive_float, default=None,
+                    help="Decode step, ms (default: the paper-dsv3 preset's full-batch step at B).")
+    ap.add_argument("--steps", type=positive_int, default=200, help="Decode steps timed per run.")
+    ap.add_argument("--warmup", type=nonneg_int, default=5, help="Steps run before timing.")
+    ap.add_argument("--view-lag", type=nonneg_int, default=1, help="--balancer-view-lag of the controller.")
+    ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a report.")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="Every request's max_new_tokens.")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the reports and arrivals.")
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
+    args = ap.parse_args()
+    cells = []
+    for cell in args.cells:
+        try:
+            G, B = (int(x) for x in cell.lower().split("x"))
+        except ValueError:
+            ap.error(f"--cells: {cell!r} is not GxB (e.g. 256x256)")
+        if not (1 <= G <= 4096 and 1 <= B <= 65536):
+            ap.error(f"--cells: {cell!r} out of range (G 1..4096, B 1..65536)")
+        cells.append((G, B))
+    trace = load_trace(args.trace)
+    rows = []
+    jobs = [(p, G, B, a) for G, B in cells for p in args.policies for a in args.arrivals]
+    with tempfile.TemporaryDirectory() as workdir:
+        for policy, G, B, per_step in tqdm(jobs, desc="runs"):
+            rows.append(run_cell(policy, trace, G, B, per_step, args, workdir))
+    print(f"\nview lag {args.view_lag}, {args.steps} steps per run; arrival wait = its arrival to the end of its "
+          "placement (ms)\n")
+    print("| G | B | policy | step ms | arrivals per step | arrivals | wait p50 | p90 | p99 | max "
+          "| estimated first | estimates while idle | paused |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['G']} | {r['B']} | {r['policy']} | {r['step_ms']:.2f} | {r['arrivals_per_step']:g} "
+              f"| {r['arrivals']} | {r['wait_p50_ms']:.2f} | {r['wait_p90_ms']:.2f} | {r['wait_p99_ms']:.2f} "
+              f"| {r['wait_max_ms']:.2f} | {r['estimated_first']} | {r['estimates_while_idle']} | {r['paused']} |")
+    if args.json:
+        write_json(args.json, {"config": vars(args) | {"trace": str(args.trace)}, "rows": rows})
+
+
+if __name__ == "__main__":
+    run_main(main)
