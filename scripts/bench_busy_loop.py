@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from bench_controller import make_controller, reports, request
+from bench_controller import add_grid, grid_cells, make_controller, reports, request
 from sglang_ext.argtypes import (comma_list, nonneg_int, output_file, positive_float, positive_int, run_main,
-                                 trace_file, write_json)
+                                 write_json)
 from sglang_ext.cost import cost_preset
 from sglang_ext.traces import load_trace
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def acknowledged(reps, sent: np.ndarray):
     """The step's reports, each acknowledging what was sent to its rank before the step."""
@@ -104,15 +100,11 @@ def run_cell(policy: str, trace, G: int, B: int, per_step: float, args, workdir:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
-                    help="Trace the running requests' and arrivals' lengths are drawn from.")
-    ap.add_argument("--cells", type=comma_list(str), default="256x256",
-                    help="Comma-separated GxB cells (ranks x running-request slots per rank).")
-    ap.add_argument("--policies", type=comma_list(str), default="bfio", help="Comma list of policies.")
+    add_grid(ap, cells="256x256", policies="bfio")
     ap.add_argument("--arrivals", type=comma_list(positive_float), default="1,2,4,8",
                     help="Comma list: mean arrivals per decode step.")
     ap.add_argument("--step-ms", type=positive_float, default=None,
-                    help="Decode step, ms (default: the paper-dsv3 preset's full-batch step at B).")
+                    help="Decode step, ms (default: the paper-dsv3 preset's step for the ranks' KV).")
     ap.add_argument("--steps", type=positive_int, default=200, help="Decode steps timed per run.")
     ap.add_argument("--warmup", type=nonneg_int, default=5, help="Steps run before timing.")
     ap.add_argument("--view-lag", type=nonneg_int, default=1, help="--balancer-view-lag of the controller.")
@@ -121,15 +113,7 @@ def main():
     ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the reports and arrivals.")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
-    cells = []
-    for cell in args.cells:
-        try:
-            G, B = (int(x) for x in cell.lower().split("x"))
-        except ValueError:
-            ap.error(f"--cells: {cell!r} is not GxB (e.g. 256x256)")
-        if not (1 <= G <= 4096 and 1 <= B <= 65536):
-            ap.error(f"--cells: {cell!r} out of range (G 1..4096, B 1..65536)")
-        cells.append((G, B))
+    cells = grid_cells(ap, args)
     trace = load_trace(args.trace)
     rows = []
     jobs = [(p, G, B, a) for G, B in cells for p in args.policies for a in args.arrivals]

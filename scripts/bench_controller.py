@@ -94,6 +94,32 @@ def clear_sent(bal) -> None:
         q.clear()
 
 
+def add_grid(ap: argparse.ArgumentParser, cells: str, policies: str) -> None:
+    """--trace, --cells and --policies: what the controller benchmarks run over."""
+    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
+                    help="Trace the requests' lengths are drawn from.")
+    ap.add_argument("--cells", type=comma_list(str), default=cells,
+                    help="Comma-separated GxB cells (ranks x running-request slots per rank).")
+    ap.add_argument("--policies", type=comma_list(str), default=policies, help="Comma-separated policies.")
+
+
+def grid_cells(ap: argparse.ArgumentParser, args) -> list[tuple[int, int]]:
+    """`--cells` as (G, B) pairs, and `--policies` checked (a usage error names the flag)."""
+    cells = []
+    for cell in args.cells:
+        try:
+            G, B = (int(x) for x in cell.lower().split("x"))
+        except ValueError:
+            ap.error(f"--cells: expected GxB such as 32x72, got {cell!r}")
+        if not (1 <= G <= 4096 and 1 <= B <= 65536):
+            ap.error(f"--cells: G must be 1..4096 and B 1..65536, got {cell!r}")
+        cells.append((G, B))
+    for p in args.policies:
+        if p not in policy_names():
+            ap.error(f"--policies: unknown policy {p!r} (known: {', '.join(policy_names())})")
+    return cells
+
+
 def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
     burst_rng = np.random.default_rng(args.seed + 1)  # (the snapshots stay those of --seed)
@@ -233,12 +259,7 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
-                    help="Trace the running requests' lengths are drawn from.")
-    ap.add_argument("--cells", type=comma_list(str), default="8x72,32x72,32x256,256x256",
-                    help="Comma-separated GxB cells (ranks x running-request slots per rank).")
-    ap.add_argument("--policies", type=comma_list(str), default="total_tokens,bfio",
-                    help="Comma-separated policies to time.")
+    add_grid(ap, cells="8x72,32x72,32x256,256x256", policies="total_tokens,bfio")
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a snapshot.")
     ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="Every request's max_new_tokens.")
     ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
@@ -257,18 +278,7 @@ def main():
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
     require_device(ap, args.device)
-    cells = []
-    for cell in args.cells:
-        try:
-            G, B = (int(x) for x in cell.lower().split("x"))
-        except ValueError:
-            ap.error(f"--cells: expected GxB such as 32x72, got {cell!r}")
-        if G < 1 or B < 1:
-            ap.error(f"--cells: G and B must be positive, got {cell!r}")
-        cells.append((G, B))
-    for p in args.policies:
-        if p not in policy_names():
-            ap.error(f"--policies: unknown policy {p!r} (known: {', '.join(policy_names())})")
+    cells = grid_cells(ap, args)
     trace = load_trace(args.trace)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -62,4 +62,4 @@ def test_busy_loop_bench_places_every_arrival_once(tmp_path):
         assert f"| 8 | 8 | bfio | 4.00 | {x['arrivals_per_step']:g} |" in r.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8by8"],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--cells: '8by8' is not GxB" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--cells: expected GxB such as 32x72, got '8by8'" in bad.stderr and "Traceback" not in bad.stderr

@@ -190,6 +190,25 @@ def request_rows(reqs) -> np.ndarray:
     return np.array([request_row(r) for r in reqs], dtype=np.int64).reshape(-1, 3)
 
 
+def _break_sends(monkeypatch, rids: set) -> set:
+    """Make the send of every request whose rid is in `rids` fail (clear the set returned
+    to mend them), with a retry time long enough that a test's checks run within it."""
+    from sglang.srt.managers import io_struct
+
+    from sglang_ext.patches import controller
+
+    real = io_struct.sock_send
+
+    def send(sock, obj):
+        if obj.rid in rids:
+            raise zmq.ZMQError()
+        real(sock, obj)
+
+    monkeypatch.setattr(io_struct, "sock_send", send)
+    monkeypatch.setattr(controller, "SEND_RETRY_S", 5.0)
+    return rids
+
+
 def _req(prompt, max_new=16, pin=None, rid="r", ignore_eos=False):
     return SimpleNamespace(rid=rid, input_ids=[1] * prompt, routed_dp_rank=pin,
                            sampling_params=SimpleNamespace(max_new_tokens=max_new, ignore_eos=ignore_eos))
@@ -236,20 +255,8 @@ def test_a_pin_to_a_rank_gone_inactive_is_placed_by_the_policy(fake_controller, 
 @pytest.mark.parametrize("binding", ["immediate", "pool"])
 def test_a_pinned_request_whose_send_fails_is_retried_at_its_pin(fake_controller, monkeypatch, binding):
     # Stock sends a pinned request itself and a failed send raises out of dispatch: lost.
-    from sglang.srt.managers import io_struct
-
-    from sglang_ext.patches import controller
-
     bal, sent = fake_controller("bfio", binding=binding, max_wait=60.0)
-    real, broken = io_struct.sock_send, {"pin"}
-
-    def send(sock, obj):
-        if obj.rid in broken:
-            raise zmq.ZMQError()
-        real(sock, obj)
-
-    monkeypatch.setattr(io_struct, "sock_send", send)
-    monkeypatch.setattr(controller, "SEND_RETRY_S", 5.0)
+    broken = _break_sends(monkeypatch, {"pin"})
     for g in range(4):
         bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=8)])
     bal.dispatch(_req(10, pin=2, rid="pin"))
@@ -1479,20 +1486,10 @@ def test_a_malformed_report_is_dropped_not_fatal(tmp_path, caplog):
 
 
 def test_a_pooled_request_whose_send_fails_stays_pooled_and_goes_once(fake_controller, monkeypatch):
-    from sglang.srt.managers import io_struct
-
     from sglang_ext.patches import controller
 
     bal, sent = fake_controller("bfio", binding="pool", max_wait=0.0)
-    real, broken = io_struct.sock_send, {"p1"}
-
-    def send(sock, obj):
-        if obj.rid in broken:
-            raise zmq.ZMQError()
-        real(sock, obj)
-
-    monkeypatch.setattr(io_struct, "sock_send", send)
-    monkeypatch.setattr(controller, "SEND_RETRY_S", 5.0)  # (long: the checks below run well within it)
+    broken = _break_sends(monkeypatch, {"p1"})
     for i in range(4):
         bal.dispatch(_req(10 + i, rid=f"p{i}"))
     bal.release_pool()
