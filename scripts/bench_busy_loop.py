@@ -113,6 +113,8 @@ def main():
     ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the reports and arrivals.")
     ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
     args = ap.parse_args()
+    if args.free_frac >= 1:
+        ap.error(f"--free-frac must be below 1, got {args.free_frac}")
     cells = grid_cells(ap, args)
     trace = load_trace(args.trace)
     rows = []

@@ -13,6 +13,9 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 CASES = [
     # (script, argv, flag the error must name)
     ("bench_scale.py", ["--ranks", "x"], "--ranks"),
+    ("bench_busy_loop.py", ["--free-frac", "1.5"], "--free-frac"),
+    ("bench_busy_loop.py", ["--arrivals", "2,0"], "--arrivals"),
+    ("bench_busy_loop.py", ["--cells", "256x0"], "--cells"),
     ("bench_scale.py", ["--batches", "72", "0"], "--batches"),
     ("bench_scale.py", ["--ranks", "16,x"], "--ranks"),
     ("bench_scale.py", ["--batch", "72,0"], "--batches"),
