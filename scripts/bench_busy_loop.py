@@ -8,12 +8,16 @@ all G ranks report, each acknowledging what was sent to it before the step
 began (the running requests drawn as in bench_controller.py: saturated ranks,
 the default empirical-prompt estimator); requests arrive as a Poisson stream
 (`--arrivals` per step on average). In each turn the loop reads the reports
-that are due, then places the arrivals that are due together (one call, as the
-loop places what it reads in one turn), and with nothing due estimates the
-newest reports while idle (`prepare`), pausing for an arrival as the live loop
-does (a report does not pause it). Per arrival: the time from its arrival to
-the end of its placement, and whether that placement had no estimate it could
-use (more than `--balancer-view-lag` reports behind) and estimated first.
+that are due, then the arrivals that are due (immediate binding: placed
+together, in one call, as the loop places what it reads in one turn; pool
+binding: pooled), then releases the pool into the free slots (every turn, as
+the live loop does), and with nothing due estimates the newest reports while
+idle (`prepare`), pausing for an arrival as the live loop does (a report does
+not pause it). Per arrival: the time from its arrival to its send, and whether
+the call that sent it estimated the newest reports first (immediate binding:
+none it could use, more than `--balancer-view-lag` reports behind; a pool
+release always reads the newest); per run, the loop's time on messages and
+releases.
 """
 from __future__ import annotations
 
@@ -44,43 +48,54 @@ def step_seconds(reps, B: int) -> float:
                                 np.array([int(r.run_kv.sum()) for r in reps])).max() + cost.sync)
 
 
-def run_cell(policy: str, trace, G: int, B: int, per_step: float, args, workdir: str) -> dict:
+def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
-    bal = make_controller(policy, "immediate", G, workdir, tag=f"-busy-{per_step:g}", view_lag=args.view_lag)
+    bal = make_controller(policy, binding, G, workdir, tag=f"-busy-{per_step:g}", view_lag=args.view_lag)
     snapshots = [reports(rng, trace, G, B, args.free_frac, s + 1, args.max_new_tokens)
                  for s in range(args.steps + args.warmup)]
     step_s = args.step_ms / 1e3 if args.step_ms else step_seconds(snapshots[0], B)
     gaps = rng.exponential(step_s / per_step, size=int(3 * per_step * len(snapshots)) + 16)
     arrivals = np.cumsum(gaps)  # seconds after the first step's reports
     prompts = trace.prompt_len[rng.integers(0, len(trace), size=arrivals.size)]
-    waits, estimated_first = [], []
+    sent_at = np.full(arrivals.size, np.nan)  # when each arrival was sent, seconds on the same clock
+    estimated_first = np.zeros(arrivals.size, bool)  # sent by a call that estimated the newest reports first
+    send = bal._send
+
+    def timed_send(g, req, row):  # (every send goes through here: the time of each request's)
+        send(g, req, row)
+        k = req.index
+        sent_at[k] = time.perf_counter() - t0
+        estimated_first[k] = bal._reported is not view_before
+
+    bal._send = timed_send
     step, nxt = 0, 0
     bal.on_reports(acknowledged(snapshots[0], bal.sent))
     bal.prepare()  # (the first estimate, before the clock runs)
     t0 = time.perf_counter()
     end = len(snapshots) * step_s
+    busy = 0.0  # seconds the loop spent on messages (reports, arrivals, pool releases)
     while True:
         now = time.perf_counter() - t0
         if now >= end:
             break
+        view_before = bal._reported
         due_step = min(int(now // step_s), len(snapshots) - 1)
-        if due_step > step:  # reports first: a turn reads every report that has come
-            for s in range(step + 1, due_step + 1):
-                bal.on_reports(acknowledged(snapshots[s], bal.sent))
-            step = due_step
         due = int(np.searchsorted(arrivals, now, side="right"))
-        if due > nxt:  # the arrivals read in this turn, placed together
-            before = bal._reported
-            bal._arrivals = []
-            for p in prompts[nxt:due]:
-                bal.dispatch(request(p, args.max_new_tokens))
-            bal.place_arrivals()
+        if due_step > step or due > nxt:  # a turn of the loop: reports first, then the arrivals
+            for s_ in range(step + 1, due_step + 1):
+                bal.on_reports(acknowledged(snapshots[s_], bal.sent))
+            step = max(step, due_step)
+            bal._arrivals = [] if binding == "immediate" else None  # (read together, placed in one call)
+            for k in range(nxt, due):
+                req = request(prompts[k], args.max_new_tokens)
+                req.rid, req.index = f"a{k}", k
+                bal.dispatch(req)
+            if bal._arrivals is not None:
+                bal.place_arrivals()
             bal._arrivals = None
-            done = time.perf_counter() - t0
-            if step >= args.warmup:
-                waits.extend(done - arrivals[nxt:due])
-                estimated_first.extend([bal._reported is not before] * (due - nxt))
             nxt = due
+            bal.release_pool()  # (the loop's last stage, every turn; nothing under immediate binding)
+            busy += time.perf_counter() - t0 - now
             continue
         next_arrival = t0 + arrivals[nxt]
         if bal.prepare_due():
@@ -89,18 +104,24 @@ def run_cell(policy: str, trace, G: int, B: int, per_step: float, args, workdir:
         next_step = t0 + (step + 1) * step_s
         while time.perf_counter() < min(next_arrival, next_step):  # (idle: spin, as a poll would wake)
             pass
-    waits = np.array(waits) * 1e3
+    timed = (arrivals >= args.warmup * step_s) & (arrivals < end)
+    placed = timed & ~np.isnan(sent_at)
+    waits = (sent_at - arrivals)[placed] * 1e3
     ms = lambda q: float(np.percentile(waits, q)) if waits.size else float("nan")  # noqa: E731
-    return dict(policy=policy, G=G, B=B, step_ms=step_s * 1e3, arrivals_per_step=per_step, arrivals=int(waits.size),
+    return dict(policy=policy, binding=binding, G=G, B=B, step_ms=step_s * 1e3, arrivals_per_step=per_step,
+                arrivals=int(timed.sum()), unplaced=int((timed & ~placed).sum()),
                 wait_p50_ms=ms(50), wait_p90_ms=ms(90), wait_p99_ms=ms(99), wait_max_ms=ms(100),
-                estimated_first=int(np.sum(estimated_first)), lagged=bal.stats["lagged"],
-                arrived=nxt, placed=int(bal.sent.sum()),
+                estimated_first=int(estimated_first[placed].sum()), lagged=bal.stats["lagged"],
+                arrived=nxt, sent=int(bal.sent.sum()), pooled=len(bal.pool), busy_fraction=busy / end,
                 estimates_while_idle=bal.stats["prepared"], paused=bal.stats["paused"], steps=args.steps)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_grid(ap, cells="256x256", policies="bfio")
+    ap.add_argument("--bindings", type=comma_list(str), default="immediate",
+                    help="Comma list of --balancer-binding values: immediate (each arrival placed as it is "
+                         "read) and/or pool (held, released into the free slots every turn of the loop).")
     ap.add_argument("--arrivals", type=comma_list(positive_float), default="1,2,4,8",
                     help="Comma list: mean arrivals per decode step.")
     ap.add_argument("--step-ms", type=positive_float, default=None,
@@ -115,22 +136,25 @@ def main():
     args = ap.parse_args()
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
+    if bad := [b for b in args.bindings if b not in ("immediate", "pool")]:
+        ap.error(f"--bindings: unknown {', '.join(bad)} (choose from immediate, pool)")
     cells = grid_cells(ap, args)
     trace = load_trace(args.trace)
     rows = []
-    jobs = [(p, G, B, a) for G, B in cells for p in args.policies for a in args.arrivals]
+    jobs = [(p, b, G, B, a) for G, B in cells for p in args.policies for b in args.bindings for a in args.arrivals]
     with tempfile.TemporaryDirectory() as workdir:
-        for policy, G, B, per_step in tqdm(jobs, desc="runs"):
-            rows.append(run_cell(policy, trace, G, B, per_step, args, workdir))
-    print(f"\nview lag {args.view_lag}, {args.steps} steps per run; arrival wait = its arrival to the end of its "
-          "placement (ms)\n")
-    print("| G | B | policy | step ms | arrivals per step | arrivals | wait p50 | p90 | p99 | max "
-          "| estimated first | estimates while idle | paused |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for policy, binding, G, B, per_step in tqdm(jobs, desc="runs"):
+            rows.append(run_cell(policy, binding, trace, G, B, per_step, args, workdir))
+    print(f"\nview lag {args.view_lag}, {args.steps} steps per run; an arrival's wait: from its arrival to its "
+          "send (ms); busy: the loop's time on messages and releases, of the run's\n")
+    print("| G | B | policy | binding | step ms | arrivals per step | arrivals | wait p50 | p90 | p99 | max "
+          "| estimated first | estimates while idle | paused | busy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['G']} | {r['B']} | {r['policy']} | {r['step_ms']:.2f} | {r['arrivals_per_step']:g} "
-              f"| {r['arrivals']} | {r['wait_p50_ms']:.2f} | {r['wait_p90_ms']:.2f} | {r['wait_p99_ms']:.2f} "
-              f"| {r['wait_max_ms']:.2f} | {r['estimated_first']} | {r['estimates_while_idle']} | {r['paused']} |")
+        print(f"| {r['G']} | {r['B']} | {r['policy']} | {r['binding']} | {r['step_ms']:.2f} "
+              f"| {r['arrivals_per_step']:g} | {r['arrivals']} | {r['wait_p50_ms']:.2f} | {r['wait_p90_ms']:.2f} "
+              f"| {r['wait_p99_ms']:.2f} | {r['wait_max_ms']:.2f} | {r['estimated_first']} "
+              f"| {r['estimates_while_idle']} | {r['paused']} | {r['busy_fraction']:.0%} |")
     if args.json:
         write_json(args.json, {"config": vars(args) | {"trace": str(args.trace)}, "rows": rows})
 

@@ -50,16 +50,22 @@ def test_refit_bench_times_both_modes_on_every_cell(tmp_path):
 def test_busy_loop_bench_places_every_arrival_once(tmp_path):
     out = tmp_path / "busy.json"
     r = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8x8",
-                        "--arrivals", "2,6", "--steps", "20", "--warmup", "2", "--step-ms", "4", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                        "--bindings", "immediate,pool", "--arrivals", "2,6", "--steps", "20", "--warmup", "2",
+                        "--step-ms", "4", "--free-frac", "0.5", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [(x["G"], x["B"], x["arrivals_per_step"], x["step_ms"]) for x in rows] == [(8, 8, 2, 4.0), (8, 8, 6, 4.0)]
+    assert [(x["binding"], x["arrivals_per_step"], x["step_ms"]) for x in rows] == [
+        ("immediate", 2, 4.0), ("immediate", 6, 4.0), ("pool", 2, 4.0), ("pool", 6, 4.0)]
     for x in rows:
-        assert x["placed"] == x["arrived"] > x["arrivals"] > 0  # (every arrival placed once; the warm-up's untimed)
+        # every arrival read is sent once or still pooled at the end; the timed ones (past the
+        # warm-up) that were not sent by then are counted
+        assert x["sent"] + x["pooled"] == x["arrived"] and x["arrivals"] > 0
+        assert x["pooled"] == 0 if x["binding"] == "immediate" else x["pooled"] >= 0
+        assert 0 <= x["unplaced"] <= x["arrivals"] // 2
         assert 0 < x["wait_p50_ms"] <= x["wait_p90_ms"] <= x["wait_p99_ms"] <= x["wait_max_ms"]
         assert 0 <= x["estimated_first"] <= x["arrivals"] and x["estimates_while_idle"] > 0
-        assert f"| 8 | 8 | bfio | 4.00 | {x['arrivals_per_step']:g} |" in r.stdout
+        assert 0 < x["busy_fraction"] < 1
+        assert f"| 8 | 8 | bfio | {x['binding']} | 4.00 | {x['arrivals_per_step']:g} |" in r.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8by8"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--cells: expected GxB such as 32x72, got '8by8'" in bad.stderr and "Traceback" not in bad.stderr
