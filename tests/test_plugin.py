@@ -812,6 +812,15 @@ def test_an_overtaken_estimate_adopted_one_step_behind_sees_every_request_once(f
     assert [len(q) for q in paused.inflight] == [len(q) for q in ref.inflight] == [0, 0, 0, 0]
     assert paused.estimator._seen.size == ref.estimator._seen.size == 36
 
+    # under pool binding a release reads the newest reports: the idle loop starts over
+    pool, _ = fake_controller("bfio", binding="pool", estimator="empirical-prompt", inline_refit=True)
+    pool.on_reports(batch(pool, 1))
+    asked.clear()
+    assert not pool.prepare(interrupted=lambda: asked.append(1) or len(asked) >= 2)
+    pool.on_reports(batch(pool, 2))
+    assert pool.prepare() and not pool._behind.any()
+    assert np.array_equal(pool._reported.req_kv, np.concatenate([r.run_kv for r in batch(pool, 2)]))
+
 
 def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_work(fake_controller, caplog):
     # The estimate's last stage lets the policy project the estimated requests into the

@@ -145,6 +145,9 @@ class ClusterState:
     # ---- reports in ------------------------------------------------------------------
 
     def on_reports(self, reports: list[RankReport]) -> None:
+        """Take a batch of rank reports: each rank's newest is kept (one from before the
+        kept one is stale and dropped), with its totals, acknowledgements and finished
+        lengths; what they say is estimated later (`prepare`, or the next placement)."""
         lengths, prompts_of = self._to_learn  # natural finished lengths, taught at the next estimate
         for rep in reports:
             g = rep.dp_rank
@@ -452,7 +455,9 @@ class ClusterState:
         if not self.prepare_due():  # (nothing new: `_reported` is current, or was tried)
             return False
         try:
-            if not self._advance_estimate(interrupted, may_lag=True):
+            # (an overtaken estimate goes on only for the placements that may lag: a pool
+            # release reads the newest reports, so under pool binding it starts over)
+            if not self._advance_estimate(interrupted, may_lag=not self.pool_mode):
                 self.stats["paused"] += 1
                 return False
         except Exception:  # noqa: BLE001  (the next placement retries it and falls back if it fails)
