@@ -353,26 +353,20 @@ class BalancedDispatch(ClusterState):
 
     def dispatch(self, req) -> None:
         """Replaces `DataParallelController.dispatching` (never sees health checks)."""
-        if self._pinned_rank(req) is not None:  # client-pinned: honoured as stock does
-            self.stats["pinned"] += 1
-            row = request_row(req)
-            try:
-                self._send_now(req, row)
-            except Exception:  # noqa: BLE001  (stock would raise and lose it)
-                self._retry_later(req, row)
-            return
-        if self.pool_mode:
-            self.pool.append(_Pooled(req, time.monotonic(), request_row(req)))
+        row = request_row(req)
+        pinned = self._pinned_rank(req) is not None  # client-pinned: sent there at once, as stock does
+        self.stats["pinned"] += pinned
+        if self.pool_mode and not pinned:
+            self.pool.append(_Pooled(req, time.monotonic(), row))
             return  # released by the event loop once this batch of messages is read
-        if self._arrivals is not None:  # the loop is reading a burst: placed together
-            self._arrivals.append((req, request_row(req)))
+        if self._arrivals is not None and not pinned:  # the loop is reading a burst: placed together
+            self._arrivals.append((req, row))
             if len(self._arrivals) >= ARRIVALS_PER_CALL:
                 self.place_arrivals()
             return
-        row = request_row(req)
         try:
             self._send_now(req, row)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001  (stock would raise and lose it)
             self._retry_later(req, row)
 
     def release_pool(self) -> None:
@@ -565,15 +559,11 @@ class BalancedDispatch(ClusterState):
         except Exception:  # noqa: BLE001
             logger.exception("sglang-ext: %s failed", what)
 
-    @staticmethod
-    def _guarded(fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            # Stock lets this kill the controller (and with it the server); one bad
-            # message (e.g. a pin to an inactive rank) must not take the others down.
-            logger.exception("sglang-ext: failed to dispatch %s",
-                             type(args[0]).__name__ if args else "the arrivals read together")
+    def _guarded(self, fn, *args) -> None:
+        # Stock lets a failed dispatch kill the controller (and with it the server); one
+        # bad message must not take the others down.
+        what = type(args[0]).__name__ if args else "the arrivals read together"
+        self._stage(f"dispatching {what}", lambda: fn(*args))
 
     def close(self) -> None:
         try:
