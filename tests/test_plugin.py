@@ -715,9 +715,9 @@ def test_an_idle_estimate_pauses_for_a_message_and_goes_on_where_it_stopped(fake
     assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
     # the projection went into the new estimate's cache, and equals one computed afresh
     assert paused._reported.projection_cache.keys() == straight._reported.projection_cache.keys() != set()
-    for key, (cnt, kvs) in paused._reported.projection_cache.items():
+    for key, got in paused._reported.projection_cache.items():  # (counts, and the cost kept with them)
         want = straight._reported.projection_cache[key]
-        assert np.array_equal(cnt, want[0]) and np.array_equal(kvs, want[1])
+        assert len(got) == len(want) and all(np.array_equal(x, y) for x, y in zip(got, want))
 
     # paused after the fit, then the next step's reports: it goes on (adopted one report
     # behind, as a placement may use it) rather than throw its stages away, and the next
@@ -1565,3 +1565,37 @@ def test_a_request_sent_after_its_dispatch_call_carries_its_time_stats_wrapped(f
     bal.dispatch(req)
     bal.release_pool()
     assert seen == ["PickleWrapper"] and req.time_stats == {"created": 1.0}
+
+
+@pytest.mark.parametrize("scenarios", [0, 3])
+def test_requests_in_flight_go_in_front_of_the_reported_ones_as_a_concatenation_would(scenarios):
+    # The reported requests sit at the end of buffers with room in front, where each view
+    # writes its in-flight ones: the arrays a concatenation gives, without copying the
+    # reported ones; more than the room holds, a concatenation.
+    from sglang_ext.plugin.cluster_state import _Reported
+
+    rng = np.random.default_rng(3)
+    shape = (scenarios,) if scenarios else ()
+    rep = _Reported(free=np.zeros(4, np.int64), kv=np.zeros(4, np.int64), num=np.zeros(4, np.int64),
+                    pending=np.zeros(4, np.int64), slot_limit=None)
+    reported = [rng.integers(0, 4, 50), rng.integers(1, 900, 50), rng.integers(1, 90, shape + (50,))]
+    rep.set_requests(req_rank=reported[0], req_kv=reported[1])
+    rep.set_requests(req_remaining=reported[2])
+    for f in (5, 0, 2, rep.FRONT, rep.FRONT + 1, 7):
+        ours = [rng.integers(0, 4, f), rng.integers(1, 900, f), rng.integers(1, 90, shape + (f,))]
+        got = rep.with_in_flight(*ours)
+        for g, a, x in zip(got, ours, reported):
+            assert np.array_equal(g, np.concatenate([a, x], axis=-1))
+        shares = all(np.shares_memory(g, x) for g, x in zip(got, (rep.req_rank, rep.req_kv, rep.req_remaining)))
+        assert shares == (f <= rep.FRONT)
+    assert all(np.array_equal(x, y) for x, y in zip((rep.req_rank, rep.req_kv, rep.req_remaining), reported))
+
+
+def test_the_active_mask_follows_the_controllers_list(fake_controller):
+    bal, _ = fake_controller("bfio")
+    first = bal._active_mask()
+    assert first.tolist() == [True] * 4 and bal._active_mask() is first and not first.flags.writeable
+    bal.ctrl._active_workers = [0, 2]
+    assert bal._active_mask().tolist() == [True, False, True, False]
+    bal.ctrl._active_workers.append(3)  # (changed in place, as the stock controller does)
+    assert bal._active_mask().tolist() == [True, False, True, True]

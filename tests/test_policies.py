@@ -333,16 +333,17 @@ def test_bfio_immediate_rule_places_as_the_plain_reference_to_the_last_bit():
 @pytest.mark.parametrize("k", [0, 3])
 def test_bfio_projection_keeps_the_counts_of_requests_that_outlive_the_view(k):
     # The view's last `cached_requests` are the same in every view sharing the cache:
-    # their counts are kept per horizon, the rest added per call. The projection must
-    # be the one computed from scratch, to the last bit (3 scenarios: not a power of 2).
+    # their counts (and cost) are kept per horizon, the rest added per call: fewer than
+    # G in numpy on the columns of their ranks, more through the kernel. The projection
+    # must be the one computed from scratch, to the last bit (3 scenarios: not a power of 2).
     rng = np.random.default_rng(6)
     p = make_policy("bfio", pool_tail=0.002, scenarios=k, backend="torch")
     G, m = 6, 400
     kept_rank, kept_kv = rng.integers(0, G, m), rng.integers(1, 3000, m)
     kept_rem = rng.integers(1, 900, (k, m) if k else m)
     cache = {}
-    for trial in range(4):
-        f = int(rng.integers(0, 5)) * (trial > 0)  # requests in flight, new each time
+    for trial in range(6):
+        f = int(rng.integers(1, 5) if trial % 2 else rng.integers(6, 13)) * (trial > 0)  # in flight, new each time
         rank = np.concatenate([rng.integers(0, G, f), kept_rank])
         kv = np.concatenate([rng.integers(1, 3000, f), kept_kv])
         rem = np.concatenate([rng.integers(1, 900, (k, f) if k else f), kept_rem], axis=-1)
@@ -355,7 +356,7 @@ def test_bfio_projection_keeps_the_counts_of_requests_that_outlive_the_view(k):
                 p.warm(shared, must_place=True)
             got, want = p.project(shared, hz.axis), p.project(fresh, hz.axis)
             assert got.dtype == want.dtype and np.array_equal(got, want)
-    assert len(cache) == 2  # one entry per horizon, reused by every later view
+    assert len(cache) == 4  # counts and cost per horizon, reused by every later view
 
 
 def test_bfio_full_wait_sends_a_request_where_a_slot_frees_first():

@@ -19,6 +19,8 @@ import torch  # noqa: E402
 from sglang_ext.triton_kernels import (  # noqa: E402
     Projection,
     combine_counts,
+    combine_counts_numpy,
+    few_counts,
     project_cost,
     project_counts,
     project_cost_reference,
@@ -309,6 +311,33 @@ def test_counts_of_two_parts_add_up_to_the_projection_of_both(backend, growth):
             assert kept[2] == new[2] == backend
             cost = combine_counts(kept[0] + new[0], kept[1] + new[1], a, b, c).cpu()
             exact(cost, project_cost(*part(rank, kv, rem), 7, horizon, a, b, c, growth, backend).cost.cpu())
+
+
+@pytest.mark.parametrize("growth", [True, False])
+@pytest.mark.parametrize("G,N,horizon", [(256, 8, 200), (7, 40, 12), (3, 1, 0), (9, 5, np.array([0, 2, 5, 40, 300])),
+                                         (1, 30, 7), (50, 0, 10)])
+def test_few_counts_are_the_reference_counts_at_their_ranks(G, N, horizon, growth):
+    # The numpy counts of a few requests, at their ranks' columns: the torch
+    # reference's at those columns, and every other column of it 0. Remaining steps
+    # of 0, negative, and past the horizon included.
+    rng = np.random.default_rng(N + G)
+    rank, kv, _ = random_inputs(rng, N, G)
+    rem = rng.integers(-3, 320, N, dtype=np.int64)
+    cols, cnt, kvs = few_counts(rank, kv, rem, horizon, growth)
+    ref_cnt, ref_kvs, _ = project_counts(rank, kv, rem, G, horizon, growth, "torch")
+    assert cols.tolist() == sorted(set(rank.tolist())) and cnt.dtype == kvs.dtype == np.int64
+    assert np.array_equal(cnt, ref_cnt.numpy()[:, cols]) and np.array_equal(kvs, ref_kvs.numpy()[:, cols])
+    others = np.setdiff1d(np.arange(G), cols)
+    assert not ref_cnt.numpy()[:, others].any() and not ref_kvs.numpy()[:, others].any()
+
+
+@pytest.mark.parametrize("abc", [(0.0, 0.0, 1.0), (0.3, 0.7, 1e-3), (0.0, 1.0, 0.25), (1.5, 0.0, 3.0)])
+def test_numpy_combination_is_the_kernel_combination(abc):
+    rng = np.random.default_rng(11)
+    cnt = torch.from_numpy(rng.integers(0, 300, (21, 9)))
+    kvs = torch.from_numpy(rng.integers(0, 2**40, (21, 9)))
+    got = combine_counts_numpy(cnt.numpy(), kvs.numpy(), *abc)
+    exact(torch.from_numpy(got), combine_counts(cnt, kvs, *abc))
 
 
 def test_package_import_does_not_need_triton():

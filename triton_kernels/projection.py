@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Projection", "combine_counts", "project_cost", "project_cost_reference", "project_cost_triton",
-           "project_counts"]
+__all__ = ["Projection", "combine_counts", "combine_counts_numpy", "few_counts", "project_cost",
+           "project_cost_reference", "project_cost_triton", "project_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,56 @@ def project_cost_reference(
     (horizon: H, or the steps to project at; see the module docstring)."""
     rank, kv, rem, G, hs = _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon)
     return _reference(rank, kv, rem, G, hs, a, b, c, bool(growth))
+
+
+# --------------------------------------------------------------------------- numpy, a few requests
+
+
+def few_counts(req_rank: np.ndarray, req_kv: np.ndarray, req_remaining: np.ndarray, horizon,
+               growth: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`project_counts`' n and S of a few requests, in numpy, at the columns of the
+    ranks they are on only: (ranks, n, S) with `ranks` the distinct ranks, sorted,
+    and n, S of shape (H+1, len(ranks)), column j for rank ranks[j] (every other
+    column of the full counts is 0). For the requests sent since a rank's last
+    report, added to counts kept for the rest: a torch call costs tens of us a
+    tensor op on a CPU, and with a few requests on a few of G ranks the formula
+    itself, O((H+1) * N) with a column sum per rank, costs a few us. The same
+    int64 sums as `_counts_torch`: bit for bit the same counts. 1-D int64 arrays
+    in (numpy only, no validation: the caller's own requests); `horizon` as in
+    `project_counts`."""
+    rank = np.asarray(req_rank, dtype=np.int64)
+    rem = np.asarray(req_remaining, dtype=np.int64)
+    kv = np.asarray(req_kv, dtype=np.int64)
+    h = np.arange(int(horizon) + 1, dtype=np.int64) if np.isscalar(horizon) else np.asarray(horizon, np.int64)
+    if not rank.size:
+        return rank, np.zeros((h.size, 0), np.int64), np.zeros((h.size, 0), np.int64)
+    order = np.argsort(rank, kind="stable")
+    rank = rank[order]
+    starts = np.flatnonzero(np.concatenate([[True], rank[1:] != rank[:-1]]))  # each rank's first column
+    active = h[:, None] < rem[order][None, :]  # (H+1, N)
+    load = kv[order][None, :] + h[:, None] if growth else np.broadcast_to(kv[order], active.shape)
+    cnt = np.add.reduceat(active.astype(np.int64), starts, axis=1)
+    kvs = np.add.reduceat(np.where(active, load, 0), starts, axis=1)
+    return rank[starts], cnt, kvs
+
+
+def combine_counts_numpy(cnt: np.ndarray, kvs: np.ndarray, a: float = 0.0, b: float = 0.0,
+                         c: float = 1.0) -> np.ndarray:
+    """`combine_counts` on numpy arrays: the same operations in the same order
+    (`_combine`), so the same float64 values, to the last bit."""
+    a, b, c = float(a), float(b), float(c)
+    cs = kvs.astype(np.float64)
+    if c != 1.0:
+        cs *= c
+    if a == 0.0 and b == 0.0:
+        return cs
+    cost = cnt.astype(np.float64)
+    if b != 1.0:
+        cost *= b
+    if a != 0.0:
+        cost += a
+    cost += cs
+    return cost
 
 
 # --------------------------------------------------------------------------- triton

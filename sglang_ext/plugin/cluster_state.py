@@ -96,6 +96,38 @@ class _Reported:
     req_remaining: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     # what the policy computes once from the reported requests (`ClusterView.projection_cache`)
     projection_cache: dict = field(default_factory=dict)
+    # the buffers `set_requests` put the request arrays in, by name
+    _room: dict = field(default_factory=dict, repr=False)
+
+    #: rows in flight a view puts in front of the reported requests without copying them
+    FRONT = 256
+
+    def set_requests(self, **arrays: np.ndarray) -> None:
+        """Set req_rank, req_kv or req_remaining, each at the end of a buffer with
+        FRONT columns of room in front (`with_in_flight`)."""
+        for name, x in arrays.items():
+            buf = np.empty(x.shape[:-1] + (self.FRONT + x.shape[-1],), x.dtype)
+            buf[..., self.FRONT:] = x
+            self._room[name] = buf
+            setattr(self, name, buf[..., self.FRONT:])
+
+    def with_in_flight(self, rank: np.ndarray, kv: np.ndarray, remaining: np.ndarray) -> list[np.ndarray]:
+        """[rank, kv, remaining] of these requests followed by the reported ones, as
+        `np.concatenate` gives them. With at most FRONT of them, written into the room
+        in front of the reported ones and returned as views of the buffers: the
+        reported ones (64k at G=256) are not copied once per placement. Such views
+        hold until the next call."""
+        names = ("req_rank", "req_kv", "req_remaining")
+        ours = [getattr(self, k) for k in names]
+        f = rank.shape[0]
+        if f > self.FRONT or any(x.base is None or x.base is not self._room.get(k) for k, x in zip(names, ours)):
+            return [np.concatenate([a, x], axis=-1) for a, x in zip((rank, kv, remaining), ours)]
+        out = []
+        for a, x in zip((rank, kv, remaining), ours):
+            buf = x.base
+            buf[..., self.FRONT - f:self.FRONT] = a
+            out.append(buf[..., self.FRONT - f:])
+        return out
 
 
 class ClusterState:
@@ -138,6 +170,7 @@ class ClusterState:
         self._est_acked = np.zeros(G, dtype=np.int64)  # acknowledgements the in-flight deques start after
         self._to_learn: tuple[list, list] = ([], [])  # finished lengths (and prompts) not yet learned
         self._estimate: _Estimating | None = None  # the estimate in progress
+        self._mask_of, self._mask = None, None  # the active-rank mask, and the list it was built from
         # counters for the stats line (the dispatch counts its placements here too)
         self.stats = {"dispatched": 0, "pinned": 0, "pool_deadline": 0, "reports": 0, "prepared": 0,
                       "paused": 0, "placements": 0, "lagged": 0}
@@ -204,15 +237,21 @@ class ClusterState:
         return any(g < self.num_ranks for g in self.ctrl._active_workers)
 
     def _active_mask(self) -> np.ndarray:
-        mask = np.zeros(self.num_ranks, dtype=bool)
-        mask[[g for g in self.ctrl._active_workers if g < self.num_ranks]] = True
-        return mask
+        """(G,) bool, read-only: the active ranks (rebuilt only when the controller's
+        list of them changes; asked twice a placement)."""
+        key = tuple(self.ctrl._active_workers)
+        if key != self._mask_of:
+            mask = np.zeros(self.num_ranks, dtype=bool)
+            mask[[g for g in key if g < self.num_ranks]] = True
+            mask.flags.writeable = False
+            self._mask_of, self._mask = key, mask
+        return self._mask
 
     def _inflight_rows(self, unacked_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Requests sent but not acknowledged when the current estimate was built (or,
         unacked_only, by the newest reports): an (n, 3) array of (prompt_len,
         max_new_tokens, ignore_eos), rank by rank, and each rank's row count."""
-        held = np.fromiter((len(q) for q in self.inflight), np.int64, self.num_ranks)
+        held = np.fromiter(map(len, self.inflight), np.int64, self.num_ranks)
         if not unacked_only:
             return np.array([t for q in self.inflight for t in q], dtype=np.int64).reshape(-1, 3), held
         # (only the ranks still holding some: at G=256 a pass over every deque is most of it)
@@ -369,13 +408,12 @@ class ClusterState:
         # under ignore_eos excepted: their lengths are forced.
         natural = ~exact[:run_kv.shape[0]]
         est.observe_running(run_gen[natural], prompt[:run_kv.shape[0]][natural])
-        state.req_rank = np.concatenate([run_rank, wait_rank])
-        state.req_kv = np.concatenate([run_kv, wait_prompt])
+        state.set_requests(req_rank=np.concatenate([run_rank, wait_rank]), req_kv=np.concatenate([run_kv, wait_prompt]))
         cap = np.concatenate([_cat(r.run_cap for r in reps), _cat(r.wait_cap for r in reps)])
 
         def estimate():
-            state.req_remaining = remaining_steps(est, generated, cap, self._scenarios, prompt,
-                                                  exact).astype(np.int64)
+            state.set_requests(req_remaining=remaining_steps(est, generated, cap, self._scenarios, prompt,
+                                                             exact).astype(np.int64))
         return estimate
 
     def build_view(self, lagged_ok: bool = False):
@@ -410,9 +448,8 @@ class ClusterState:
         # Requests in flight are estimated as they come (the reported ones were, once).
         fl_rem = remaining_steps(self.estimator, np.zeros(inflight.shape[0], np.int64), inflight[:, 1],
                                  self._scenarios, inflight[:, 0], inflight[:, 2].astype(bool)).astype(np.int64)
-        return self._view_with_requests(rep, free, kv, num, pending, totals.slot_limit, active, [
-            np.concatenate([fl_rank, rep.req_rank]), np.concatenate([inflight[:, 0], rep.req_kv]),
-            np.concatenate([fl_rem, rep.req_remaining], axis=-1)])
+        return self._view_with_requests(rep, free, kv, num, pending, totals.slot_limit, active,
+                                        rep.with_in_flight(fl_rank, inflight[:, 0], fl_rem))
 
     def _view_with_requests(self, rep: "_Reported", free, kv, num, pending, slot_limit, active, arrays):
         """A view holding per-request arrays (rank, KV, remaining), shipped to the GPU on

@@ -51,7 +51,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..argtypes import MAX_HORIZON
-from ..triton_kernels import combine_counts, project_counts
+from ..triton_kernels import combine_counts, combine_counts_numpy, few_counts, project_counts
 from . import paper_heuristic
 from .base import Candidates, ClusterView, Policy, pick_order
 from .search import imbalance, improve
@@ -261,19 +261,26 @@ class BFIO(Policy):
         return (self._imm if must_place else self._pool).axis
 
     def warm(self, view: ClusterView, must_place: bool) -> None:
-        # the counts of the requests that outlive the view, for the steps the call will use
+        # the counts (and cost) of the requests that outlive the view, for the steps the
+        # call will use
         if view.projection_cache is not None and view.cached_requests and view.req_rank.shape[0]:
-            self._counts(view, self._call_axis(must_place))
+            H = self._call_axis(must_place)
+            self._counts(view, H)
+            if isinstance(view.req_rank, np.ndarray):  # (on a GPU the counts stay there: `_patched_cost`)
+                self._kept_cost(view, H)
 
     # -- projection -------------------------------------------------------
     def project(self, view: ClusterView, H=None) -> np.ndarray:
         """(H+1, G) projected cost of what each rank already holds (H: the
-        horizon, default the pool's; or the steps to project at, one row each)."""
+        horizon, default the pool's; or the steps to project at, one row each): a
+        new array, the caller's to write into."""
         G = view.num_ranks
         H = self.horizon if H is None else H
         _, b, c = self.weights
         if view.req_rank.shape[0] or not view.kv_tokens.any():
-            cost = combine_counts(*self._counts(view, H), a=0.0, b=b, c=c).cpu().numpy()
+            cost = self._patched_cost(view, H)
+            if cost is None:
+                cost = combine_counts(*self._counts(view, H), a=0.0, b=b, c=c).cpu().numpy()
             # k equally likely scenarios of remaining steps: the expected cost is the
             # mean of k projections, i.e. one of the requests repeated k times, over k
             return cost / view.req_remaining.shape[0] if view.req_remaining.ndim == 2 else cost
@@ -281,32 +288,80 @@ class BFIO(Policy):
         rows = H + 1 if np.isscalar(H) else len(H)
         return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (rows, G)).astype(np.float64)
 
-    def _counts(self, view: ClusterView, H):
-        """The projection's exact int64 counts (n, S) of the view's requests (each
-        scenario a copy of its request). Those the view says outlive it (its last
-        `cached_requests`, under `projection_cache`) are counted once per horizon and
-        kept; each call adds the others': the same sums, so the same projection."""
-        rank, kv, rem = view.req_rank, view.req_kv, view.req_remaining  # numpy, or torch on a GPU
+    @staticmethod
+    def _part(view: ClusterView, part: slice) -> tuple:
+        """The view's requests `part` as (rank, kv, remaining), 1-D: each scenario a copy
+        of its request (numpy, or torch on a GPU)."""
+        rank, kv, rem = view.req_rank[part], view.req_kv[part], view.req_remaining[..., part]
         k = rem.shape[0] if rem.ndim == 2 else 0
-        tile = (lambda x: np.tile(x, k)) if isinstance(rank, np.ndarray) else (lambda x: x.repeat(k))
+        if k:
+            tile = (lambda x: np.tile(x, k)) if isinstance(rank, np.ndarray) else (lambda x: x.repeat(k))
+            rank, kv, rem = tile(rank), tile(kv), rem.reshape(-1)
+        return rank, kv, rem
 
-        def counts(part: slice):
-            r, v, t = rank[part], kv[part], rem[..., part]
-            if k:
-                r, v, t = tile(r), tile(v), t.reshape(-1)
-            return project_counts(r, v, t, view.num_ranks, H, growth=self.growth, backend=self.backend)[:2]
+    def _part_counts(self, view: ClusterView, part: slice, H):
+        """The projection's int64 counts (n, S) of the view's requests `part`."""
+        return project_counts(*self._part(view, part), view.num_ranks, H, growth=self.growth,
+                              backend=self.backend)[:2]
 
-        n, m = rank.shape[0], view.cached_requests if view.projection_cache is not None else 0
-        if not 0 < m <= n:
-            return counts(slice(None))
-        key = (H if np.isscalar(H) else tuple(np.asarray(H).tolist()), self.growth, k, self.backend)
+    def _cache_key(self, view: ClusterView, H) -> tuple:
+        k = view.req_remaining.shape[0] if view.req_remaining.ndim == 2 else 0
+        return H if np.isscalar(H) else tuple(np.asarray(H).tolist()), self.growth, k, self.backend
+
+    def _kept(self, view: ClusterView, H):
+        """The counts of the requests that outlive the view (its last `cached_requests`),
+        computed once per horizon into its `projection_cache`."""
+        key = self._cache_key(view, H)
         kept = view.projection_cache.get(key)
         if kept is None:
-            kept = view.projection_cache[key] = counts(slice(n - m, n))
+            n, m = view.req_rank.shape[0], view.cached_requests
+            kept = view.projection_cache[key] = self._part_counts(view, slice(n - m, n), H)
+        return kept
+
+    def _kept_cost(self, view: ClusterView, H) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Their cost (before any scenario mean) and their counts as numpy arrays, kept
+        beside the counts."""
+        key = ("cost", self._cache_key(view, H), self.weights[1:])
+        kept = view.projection_cache.get(key)
+        if kept is None:
+            _, b, c = self.weights
+            cnt, kvs = (x.cpu().numpy() for x in self._kept(view, H))
+            kept = view.projection_cache[key] = (combine_counts_numpy(cnt, kvs, a=0.0, b=b, c=c), cnt, kvs)
+        return kept
+
+    def _counts(self, view: ClusterView, H):
+        """The projection's exact int64 counts (n, S) of the view's requests (each
+        scenario a copy of its request). Those the view says outlive it are counted
+        once per horizon and kept (`_kept`); each call adds the others': the same sums,
+        so the same projection."""
+        n, m = view.req_rank.shape[0], view.cached_requests if view.projection_cache is not None else 0
+        if not 0 < m <= n:
+            return self._part_counts(view, slice(None), H)
+        kept = self._kept(view, H)
         if m == n:
             return kept
-        cnt, kvs = counts(slice(0, n - m))
+        cnt, kvs = self._part_counts(view, slice(0, n - m), H)
         return kept[0] + cnt, kept[1] + kvs
+
+    def _patched_cost(self, view: ClusterView, H) -> np.ndarray | None:
+        """The cost `project` computes, as the kept cost of the requests that outlive the
+        view with only the columns of the ranks the others are on recomputed: fewer
+        others than ranks (requests sent since the last reports) touch a few of G
+        columns, so the (H+1, G) sums and their conversion are done once per view, not
+        once per call, and the others are counted in numpy (`few_counts`). The cost is
+        elementwise in the counts: the same to the last bit. None where nothing is
+        kept, there are many others, or the arrays are on a GPU."""
+        n, m = view.req_rank.shape[0], view.cached_requests if view.projection_cache is not None else 0
+        if not (0 < m <= n and n - m < view.num_ranks and isinstance(view.req_rank, np.ndarray)):
+            return None
+        kept_cost, kc, ks = self._kept_cost(view, H)
+        cost = kept_cost.copy()
+        if m == n:
+            return cost
+        cols, cnt, kvs = few_counts(*self._part(view, slice(0, n - m)), H, growth=self.growth)
+        _, b, c = self.weights
+        cost[:, cols] = combine_counts_numpy(kc[:, cols] + cnt, ks[:, cols] + kvs, a=0.0, b=b, c=c)
+        return cost
 
     def profiles(self, cands: Candidates, H=None) -> np.ndarray:
         """(n, H+1) cost each candidate adds at each horizon step (H: the
@@ -346,7 +401,7 @@ class BFIO(Policy):
             return paper_heuristic.assign(L, cands.prompt_len, cands.output_est, view.free_slots, self.horizon,
                                           must_place, view.active)
         hz = self._imm if must_place else self._pool
-        L = self.project(view, self._call_axis(must_place)).copy()  # (rows, G)
+        L = self.project(view, self._call_axis(must_place))  # (rows, G)
         X = self.profiles(cands, hz.axis)  # (n, rows)
         if self.prefill > 0 and view.pending_prefill is not None:
             L[0] += self.prefill * np.asarray(view.pending_prefill, dtype=np.float64)
