@@ -19,7 +19,6 @@ import torch  # noqa: E402
 from sglang_ext.triton_kernels import (  # noqa: E402
     Projection,
     combine_counts,
-    combine_counts_numpy,
     few_counts,
     project_cost,
     project_counts,
@@ -336,7 +335,7 @@ def test_numpy_combination_is_the_kernel_combination(abc):
     rng = np.random.default_rng(11)
     cnt = torch.from_numpy(rng.integers(0, 300, (21, 9)))
     kvs = torch.from_numpy(rng.integers(0, 2**40, (21, 9)))
-    got = combine_counts_numpy(cnt.numpy(), kvs.numpy(), *abc)
+    got = combine_counts(cnt.numpy(), kvs.numpy(), *abc)
     exact(torch.from_numpy(got), combine_counts(cnt, kvs, *abc))
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Projection", "combine_counts", "combine_counts_numpy", "few_counts", "project_cost",
+__all__ = ["Projection", "combine_counts", "few_counts", "project_cost",
            "project_cost_reference", "project_cost_triton", "project_counts"]
 
 logger = logging.getLogger(__name__)
@@ -118,23 +118,26 @@ def _prepare(req_rank, req_kv, req_remaining, num_ranks, horizon):
     return rank, kv, rem, G, (H, steps)
 
 
-def _combine(cnt: torch.Tensor, kvsum: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+def _combine(cnt, kvsum, a: float, b: float, c: float):
     """cost = a + b*n + c*S in float64 from exact int64 n, S, evaluated as the
     scalar expression is, (a + b*n) + c*S, with separate (unfused) ops so each
     entry rounds exactly like it. Terms that are exact no-ops are skipped
-    (c == 1, b == 1, a == b == 0): same values, fewer passes."""
+    (c == 1, b == 1, a == b == 0): same values, fewer passes. Torch tensors or
+    numpy arrays (the same operations either way, so the same values)."""
     a, b, c = float(a), float(b), float(c)
-    cs = kvsum.to(torch.float64)
+    f64 = (lambda x: x.to(torch.float64)) if isinstance(kvsum, torch.Tensor) else (lambda x: x.astype(np.float64))
+    cs = f64(kvsum)
     if c != 1.0:
-        cs.mul_(c)
+        cs *= c
     if a == 0.0 and b == 0.0:
         return cs
-    cost = cnt.to(torch.float64)
+    cost = f64(cnt)
     if b != 1.0:
-        cost.mul_(b)
+        cost *= b
     if a != 0.0:
-        cost.add_(a)
-    return cost.add_(cs)
+        cost += a
+    cost += cs
+    return cost
 
 
 # --------------------------------------------------------------------------- torch
@@ -239,25 +242,6 @@ def few_counts(req_rank: np.ndarray, req_kv: np.ndarray, req_remaining: np.ndarr
     cnt = np.add.reduceat(active.astype(np.int64), starts, axis=1)
     kvs = np.add.reduceat(np.where(active, load, 0), starts, axis=1)
     return rank[starts], cnt, kvs
-
-
-def combine_counts_numpy(cnt: np.ndarray, kvs: np.ndarray, a: float = 0.0, b: float = 0.0,
-                         c: float = 1.0) -> np.ndarray:
-    """`combine_counts` on numpy arrays: the same operations in the same order
-    (`_combine`), so the same float64 values, to the last bit."""
-    a, b, c = float(a), float(b), float(c)
-    cs = kvs.astype(np.float64)
-    if c != 1.0:
-        cs *= c
-    if a == 0.0 and b == 0.0:
-        return cs
-    cost = cnt.astype(np.float64)
-    if b != 1.0:
-        cost *= b
-    if a != 0.0:
-        cost += a
-    cost += cs
-    return cost
 
 
 # --------------------------------------------------------------------------- triton
@@ -481,8 +465,8 @@ def project_counts(req_rank, req_kv, req_remaining, num_ranks: int, horizon, gro
     return (*counts(rank, kv, rem, G, hs, growth), chosen)
 
 
-def combine_counts(cnt: torch.Tensor, kvs: torch.Tensor, a: float = 0.0, b: float = 0.0,
-                   c: float = 1.0) -> torch.Tensor:
-    """cost = a + b*n + c*S in float64 from `project_counts`' n and S: the values
-    `project_cost` returns, to the last bit."""
+def combine_counts(cnt, kvs, a: float = 0.0, b: float = 0.0, c: float = 1.0):
+    """cost = a + b*n + c*S in float64 from `project_counts`' n and S (torch tensors,
+    or numpy arrays such as `few_counts`'): the values `project_cost` returns, to
+    the last bit."""
     return _combine(cnt, kvs, a, b, c)

@@ -51,7 +51,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ..argtypes import MAX_HORIZON
-from ..triton_kernels import combine_counts, combine_counts_numpy, few_counts, project_counts
+from ..triton_kernels import combine_counts, few_counts, project_counts
 from . import paper_heuristic
 from .base import Candidates, ClusterView, Policy, pick_order
 from .search import imbalance, improve
@@ -326,7 +326,7 @@ class BFIO(Policy):
         if kept is None:
             _, b, c = self.weights
             cnt, kvs = (x.cpu().numpy() for x in self._kept(view, H))
-            kept = view.projection_cache[key] = (combine_counts_numpy(cnt, kvs, a=0.0, b=b, c=c), cnt, kvs)
+            kept = view.projection_cache[key] = (combine_counts(cnt, kvs, a=0.0, b=b, c=c), cnt, kvs)
         return kept
 
     def _counts(self, view: ClusterView, H):
@@ -360,7 +360,7 @@ class BFIO(Policy):
             return cost
         cols, cnt, kvs = few_counts(*self._part(view, slice(0, n - m)), H, growth=self.growth)
         _, b, c = self.weights
-        cost[:, cols] = combine_counts_numpy(kc[:, cols] + cnt, ks[:, cols] + kvs, a=0.0, b=b, c=c)
+        cost[:, cols] = combine_counts(kc[:, cols] + cnt, ks[:, cols] + kvs, a=0.0, b=b, c=c)
         return cost
 
     def profiles(self, cands: Candidates, H=None) -> np.ndarray:
