@@ -321,6 +321,9 @@ def test_bfio_immediate_rule_places_as_the_plain_reference_to_the_last_bit():
         X = rng.integers(0, 3000, (n, R)) * (rng.random((n, R)) < 0.9).astype(np.float64)
         free = rng.integers(-1, 3, G)
         out = p._place_each(hz, L.copy(), X, free.copy(), np.full(n, -1), range(n))
+        ranks_first = p._place_each(hz, L.T.copy(), X, free.copy(), np.full(n, -1), range(n),
+                                    rank_major=True)
+        assert ranks_first.tolist() == out.tolist()
         ref, Lr, fr = [], L.copy(), free.copy()
         for j in range(n):
             g = _least_growth_reference(hz.w, hz.tie_scale, Lr, X[j], fr)
@@ -356,6 +359,9 @@ def test_bfio_projection_keeps_the_counts_of_requests_that_outlive_the_view(k):
                 p.warm(shared, must_place=True)
             got, want = p.project(shared, hz.axis), p.project(fresh, hz.axis)
             assert got.dtype == want.dtype and np.array_equal(got, want)
+            for view in (shared, fresh):  # (the immediate rule's layout: a rank's steps contiguous)
+                ranks_first = p.project(view, hz.axis, rank_major=True)
+                assert ranks_first.flags.c_contiguous and np.array_equal(ranks_first, want.T)
     assert len(cache) == 4  # counts and cost per horizon, reused by every later view
 
 

@@ -62,8 +62,8 @@ def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios
         if estimator.reads_total else cap
     rem = estimator.steps_left(generated, total, scenarios, prompt)
     left = np.maximum(cap - generated, 1)
-    rem = np.clip(rem, 1, left)
-    if exact is not None and np.any(exact):
+    rem = np.minimum(np.maximum(rem, 1), left)  # (np.clip's own overhead is most of it at one request)
+    if exact is not None and np.asarray(exact).any():
         rem = np.where(exact, left, rem)
     return rem
 

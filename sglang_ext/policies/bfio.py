@@ -270,23 +270,28 @@ class BFIO(Policy):
                 self._kept_cost(view, H)
 
     # -- projection -------------------------------------------------------
-    def project(self, view: ClusterView, H=None) -> np.ndarray:
+    def project(self, view: ClusterView, H=None, rank_major: bool = False) -> np.ndarray:
         """(H+1, G) projected cost of what each rank already holds (H: the
         horizon, default the pool's; or the steps to project at, one row each): a
-        new array, the caller's to write into."""
+        new array, the caller's to write into. rank_major: its transpose (G, H+1),
+        C-contiguous (a rank's row contiguous), the same values."""
         G = view.num_ranks
         H = self.horizon if H is None else H
         _, b, c = self.weights
         if view.req_rank.shape[0] or not view.kv_tokens.any():
-            cost = self._patched_cost(view, H)
+            cost = self._patched_cost(view, H, rank_major)
             if cost is None:
                 cost = combine_counts(*self._counts(view, H), a=0.0, b=b, c=c).cpu().numpy()
+                cost = np.ascontiguousarray(cost.T) if rank_major else cost
             # k equally likely scenarios of remaining steps: the expected cost is the
             # mean of k projections, i.e. one of the requests repeated k times, over k
-            return cost / view.req_remaining.shape[0] if view.req_remaining.ndim == 2 else cost
+            if view.req_remaining.ndim == 2:
+                cost /= view.req_remaining.shape[0]
+            return cost
         # No per-request detail (e.g. a coarse load report): hold today's load flat.
         rows = H + 1 if np.isscalar(H) else len(H)
-        return np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (rows, G)).astype(np.float64)
+        flat = np.broadcast_to(b * view.num_requests + c * view.kv_tokens, (rows, G)).astype(np.float64)
+        return np.ascontiguousarray(flat.T) if rank_major else flat
 
     @staticmethod
     def _part(view: ClusterView, part: slice) -> tuple:
@@ -319,14 +324,15 @@ class BFIO(Policy):
         return kept
 
     def _kept_cost(self, view: ClusterView, H) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Their cost (before any scenario mean) and their counts as numpy arrays, kept
-        beside the counts."""
+        """Their cost (before any scenario mean) rank-major, (G, H+1) C-contiguous, and
+        their counts as numpy arrays, (H+1, G): kept beside the counts."""
         key = ("cost", self._cache_key(view, H), self.weights[1:])
         kept = view.projection_cache.get(key)
         if kept is None:
             _, b, c = self.weights
             cnt, kvs = (x.cpu().numpy() for x in self._kept(view, H))
-            kept = view.projection_cache[key] = (combine_counts(cnt, kvs, a=0.0, b=b, c=c), cnt, kvs)
+            cost = np.ascontiguousarray(combine_counts(cnt, kvs, a=0.0, b=b, c=c).T)
+            kept = view.projection_cache[key] = (cost, cnt, kvs)
         return kept
 
     def _counts(self, view: ClusterView, H):
@@ -343,24 +349,29 @@ class BFIO(Policy):
         cnt, kvs = self._part_counts(view, slice(0, n - m), H)
         return kept[0] + cnt, kept[1] + kvs
 
-    def _patched_cost(self, view: ClusterView, H) -> np.ndarray | None:
-        """The cost `project` computes, as the kept cost of the requests that outlive the
-        view with only the columns of the ranks the others are on recomputed: fewer
-        others than ranks (requests sent since the last reports) touch a few of G
-        columns, so the (H+1, G) sums and their conversion are done once per view, not
-        once per call, and the others are counted in numpy (`few_counts`). The cost is
-        elementwise in the counts: the same to the last bit. None where nothing is
-        kept, there are many others, or the arrays are on a GPU."""
+    def _patched_cost(self, view: ClusterView, H, rank_major: bool = False) -> np.ndarray | None:
+        """The cost `project` computes (rank_major: as (G, H+1)), as the kept cost of the
+        requests that outlive the view with only the rows of the ranks the others are
+        on recomputed: fewer others than ranks (requests sent since the last reports)
+        touch a few of G ranks, so the (H+1, G) sums and their conversion are done
+        once per view, not once per call, and the others are counted in numpy
+        (`few_counts`). The cost is elementwise in the counts: the same to the last
+        bit. None where nothing is kept, there are many others, or the arrays are on
+        a GPU."""
         n, m = view.req_rank.shape[0], view.cached_requests if view.projection_cache is not None else 0
         if not (0 < m <= n and n - m < view.num_ranks and isinstance(view.req_rank, np.ndarray)):
             return None
         kept_cost, kc, ks = self._kept_cost(view, H)
-        cost = kept_cost.copy()
+        cost = np.array(kept_cost if rank_major else kept_cost.T, order="C")  # (one copy either way)
         if m == n:
             return cost
-        cols, cnt, kvs = few_counts(*self._part(view, slice(0, n - m)), H, growth=self.growth)
+        ranks, cnt, kvs = few_counts(*self._part(view, slice(0, n - m)), H, growth=self.growth)
         _, b, c = self.weights
-        cost[:, cols] = combine_counts(kc[:, cols] + cnt, ks[:, cols] + kvs, a=0.0, b=b, c=c)
+        patched = combine_counts(kc[:, ranks] + cnt, ks[:, ranks] + kvs, a=0.0, b=b, c=c)  # (H+1, ranks)
+        if rank_major:
+            cost[ranks] = patched.T
+        else:
+            cost[:, ranks] = patched
         return cost
 
     def profiles(self, cands: Candidates, H=None) -> np.ndarray:
@@ -401,10 +412,12 @@ class BFIO(Policy):
             return paper_heuristic.assign(L, cands.prompt_len, cands.output_est, view.free_slots, self.horizon,
                                           must_place, view.active)
         hz = self._imm if must_place else self._pool
-        L = self.project(view, self._call_axis(must_place))  # (rows, G)
+        # (rows, G); one at a time, each placement reads and updates whole ranks: rank-major
+        L = self.project(view, self._call_axis(must_place), rank_major=must_place)
         X = self.profiles(cands, hz.axis)  # (n, rows)
         if self.prefill > 0 and view.pending_prefill is not None:
-            L[0] += self.prefill * np.asarray(view.pending_prefill, dtype=np.float64)
+            now = L[:, 0] if must_place else L[0]  # (a view: every rank's next step)
+            now += self.prefill * np.asarray(view.pending_prefill, dtype=np.float64)
             X[:, 0] += self.prefill * cands.prompt_len
         free = view.free_slots.copy()
         if must_place:
@@ -414,7 +427,7 @@ class BFIO(Policy):
                 active = view.active_ranks
                 wait = np.where(active, self._slot_wait(view), np.inf)  # (a rank that is down frees nothing for it)
                 free = ((wait == wait.min()) & active).astype(np.int64)
-            return self._place_each(hz, L, X, free, out, range(n), view.active)
+            return self._place_each(hz, L, X, free, out, range(n), view.active, rank_major=True)
         slots = int(np.maximum(free, 0).sum())
         if slots == 0:
             return out
@@ -503,13 +516,14 @@ class BFIO(Policy):
         wait[ok] = rem[order][(starts + q)[ok]]
         return wait
 
-    def _place_each(self, hz, L, X, free, out, order, active=None):
+    def _place_each(self, hz, L, X, free, out, order, active=None, rank_major=False):
         """One candidate at a time, in `order`, each where the envelope grows least
-        (among the ranks with a free slot; with none, among the `active` ones)."""
-        # The loads rank-major: the ranks open to a candidate are gathered, and the
-        # chosen one updated, a contiguous row each (a column gather of L costs 3x
-        # the scoring at G=256); the scores see them as (steps, ranks) again.
-        LT = np.ascontiguousarray(L.T)
+        (among the ranks with a free slot; with none, among the `active` ones).
+        L: the loads (steps, G), or with rank_major their (G, steps) transpose."""
+        # The loads rank-major: the ranks open to a candidate are gathered, scored
+        # and the chosen one updated a contiguous row each (a column gather of L
+        # costs 3x the scoring at G=256).
+        LT = L if rank_major else np.ascontiguousarray(L.T)
         for j in order:
             g = self._least_growth(hz, LT, X[j], free, active)
             out[j] = g
@@ -526,13 +540,15 @@ class BFIO(Policy):
         if not ok.any():  # (no rank active: the caller's problem, not a crash here)
             ok = np.ones_like(ok)
         live = np.flatnonzero(ok)
-        # (steps, live) with the memory layout of a column gather of the (steps, G)
-        # loads, so the weighted sums add in the same order, to the last bit.
-        Ll = LT.T if live.size == LT.shape[0] else LT[live].T
+        # (live, steps): each weighted sum runs along a rank's contiguous row, in the
+        # order a column sum of the (steps, G) loads adds, to the last bit
+        whole = live.size == LT.shape[0]
+        Ll = LT if whole else LT[live]
         # Envelope over all ranks: a full rank still sets the barrier.
-        grow = np.maximum(Ll + (x - LT.max(axis=0))[:, None], 0.0)
-        primary = weighted_sum(hz.w, grow)
-        shared = weighted_sum(hz.w * x, Ll)
+        lift = x - LT.max(axis=0)
+        shared = weighted_rows(Ll, hz.w * x)
+        grow = Ll + lift if whole else np.add(Ll, lift, out=Ll)  # (a gather is ours to overwrite)
+        primary = weighted_rows(np.maximum(grow, 0.0, out=grow), hz.w)
         key = primary + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         return int(live[np.argmin(key)])
 
