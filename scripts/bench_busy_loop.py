@@ -50,7 +50,8 @@ def step_seconds(reps, B: int) -> float:
 
 def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
-    bal = make_controller(policy, binding, G, workdir, tag=f"-busy-{per_step:g}", view_lag=args.view_lag)
+    bal = make_controller(policy, binding, G, workdir, tag=f"-busy-{per_step:g}", view_lag=args.view_lag,
+                          cpu_threads=args.cpu_threads)
     snapshots = [reports(rng, trace, G, B, args.free_frac, s + 1, args.max_new_tokens)
                  for s in range(args.steps + args.warmup)]
     step_s = args.step_ms / 1e3 if args.step_ms else step_seconds(snapshots[0], B)
@@ -129,6 +130,9 @@ def main():
     ap.add_argument("--steps", type=positive_int, default=200, help="Decode steps timed per run.")
     ap.add_argument("--warmup", type=nonneg_int, default=5, help="Steps run before timing.")
     ap.add_argument("--view-lag", type=nonneg_int, default=1, help="--balancer-view-lag of the controller.")
+    ap.add_argument("--cpu-threads", type=nonneg_int, default=1,
+                    help="--balancer-cpu-threads of the controller (torch threads of the CPU projection; "
+                    "0: torch's default).")
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a report.")
     ap.add_argument("--max-new-tokens", type=positive_int, default=2048, help="Every request's max_new_tokens.")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the reports and arrivals.")

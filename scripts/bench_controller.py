@@ -54,7 +54,7 @@ DURING_ARRIVALS = 8
 
 
 def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False, tag: str = "",
-                    device: str = "cpu", view_lag: int = 1):
+                    device: str = "cpu", view_lag: int = 1, cpu_threads: int = 1):
     """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
     import sglang.srt.managers.io_struct as io_struct
 
@@ -64,7 +64,7 @@ def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refi
     ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
                            maybe_external_dp_rank_routing=lambda req: False)
     cfg = BalancerConfig(policy=policy, binding=binding, device=device, inline_refit=inline_refit, view_lag=view_lag,
-                         report_addr=f"ipc://{workdir}/reports-{policy}-{binding}{tag}-{G}")
+                         cpu_threads=cpu_threads, report_addr=f"ipc://{workdir}/reports-{policy}-{binding}{tag}-{G}")
     return BalancedDispatch(ctrl, cfg)
 
 
@@ -125,17 +125,22 @@ def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     burst_rng = np.random.default_rng(args.seed + 1)  # (the snapshots stay those of --seed)
     inline = args.refit == "inline"
     dev = args.device
-    immediate = make_controller(policy, "immediate", G, workdir, inline, device=dev, view_lag=0)
+
+    def make(binding: str, tag: str = "", **kw):  # (every controller of the cell alike but for these)
+        return make_controller(policy, binding, G, workdir, inline, tag=tag, device=dev, cpu_threads=args.cpu_threads,
+                               **kw)
+
+    immediate = make("immediate", view_lag=0)
     if immediate.device != dev:  # (the controller falls back to cpu when its CUDA probe fails, and logs why)
         raise SystemExit(f"--device {dev}: the controller runs on {immediate.device} (see the warning above)")
-    prepared = make_controller(policy, "immediate", G, workdir, inline, tag="-prepared", device=dev)
-    lagging = make_controller(policy, "immediate", G, workdir, inline, tag="-lagging", device=dev)
-    pool = make_controller(policy, "pool", G, workdir, inline, device=dev)
-    each = make_controller(policy, "immediate", G, workdir, inline, tag="-each", device=dev)
-    together = make_controller(policy, "immediate", G, workdir, inline, tag="-together", device=dev)
-    whole = make_controller(policy, "immediate", G, workdir, inline, tag="-whole", device=dev)
-    pausing = make_controller(policy, "immediate", G, workdir, inline, tag="-pausing", device=dev)
-    staged = make_controller(policy, "immediate", G, workdir, inline, tag="-staged", device=dev)
+    prepared = make("immediate", "-prepared")
+    lagging = make("immediate", "-lagging")
+    pool = make("pool")
+    each = make("immediate", "-each")
+    together = make("immediate", "-together")
+    whole = make("immediate", "-whole")
+    pausing = make("immediate", "-pausing")
+    staged = make("immediate", "-staged")
     arrive_rng = np.random.default_rng(args.seed + 2)
     t_whole, t_paused, paused, lagged = [], [], [], []
     t_reports, t_dispatch, t_next, t_prepare, t_prepared, t_release, placed, free = ([] for _ in range(8))
@@ -269,6 +274,9 @@ def main():
     ap.add_argument("--refit", choices=("background", "inline"), default="background",
                     help="Where the estimator refits: in a worker thread (the live default) or inside "
                     "the timed call (--balancer-inline-refit).")
+    ap.add_argument("--cpu-threads", type=nonneg_int, default=1,
+                    help="The controllers' --balancer-cpu-threads (torch threads of the CPU projection; "
+                    "0: torch's default).")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="The controller's --balancer-device: cpu (numpy views, the torch projection) or cuda "
                          "(the requests shipped to the GPU, the compiled Triton projection).")

@@ -10,13 +10,20 @@ then median with torch.cuda.synchronize around every call), checks the results
 are identical, and prints a markdown table. Without CUDA the kernel row reads
 "n/a (no CUDA)". With --steps P, the same projection at P steps of 0..H (dense
 near 0, sparse far out, as bfio's pool tail evaluates it) is timed too and
-checked equal to those rows of the full projection.
+checked equal to those rows of the full projection. With --contention, the CPU
+reference is timed instead on 1 thread and on torch's default (one per core),
+each with the machine idle and with a thread keeping one core busy (a BLAS
+product in a loop, which releases the GIL, as another process on that core
+would): p50, p99 and max of --repeats calls, the controller's
+--balancer-cpu-threads choice.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -51,6 +58,44 @@ def median_us(fn, repeats: int, sync=None) -> float:
     return statistics.median(times) / 1e3
 
 
+def contention_table(rank, kv, rem, G: int, H: int, w: dict, repeats: int) -> None:
+    """The CPU reference per torch thread count, idle and beside a busy core."""
+    default = torch.get_num_threads()
+    stop = threading.Event()
+
+    def busy():  # (one core's worth: the BLAS library on one thread, the GIL released)
+        x = np.random.default_rng(0).random((1000, 1000))
+        while not stop.is_set():
+            x @ x
+
+    print(f"cost projection on the CPU, G={G}, N={rank.size} requests, H={H}, {repeats} calls per row "
+          f"({cpu_name()}, {os.cpu_count()} cores; ms)\n")
+    print("| torch threads | another core busy | p50 | p99 | max |")
+    print("|---|---|---:|---:|---:|")
+    try:
+        for threads in (1, default) if default > 1 else (1,):
+            torch.set_num_threads(threads)
+            for loaded in (False, True):
+                stop.clear()
+                other = threading.Thread(target=busy, daemon=True) if loaded else None
+                if other:
+                    other.start()
+                    time.sleep(0.05)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter_ns()
+                    project_cost_reference(rank, kv, rem, G, H, **w)
+                    times.append((time.perf_counter_ns() - t0) / 1e6)
+                stop.set()
+                if other:
+                    other.join()
+                t = np.array(times)
+                print(f"| {threads} | {'yes' if loaded else 'no'} | {np.median(t):.2f} | {np.percentile(t, 99):.2f} | "
+                      f"{t.max():.2f} |")
+    finally:
+        torch.set_num_threads(default)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=positive_int, default=32, help="DP ranks G")
@@ -62,6 +107,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random requests")
     ap.add_argument("--steps", type=nonneg_int, default=0,
                     help="also project at about this many steps of 0..H (0: only every step)")
+    ap.add_argument("--contention", action="store_true",
+                    help="time the CPU reference on 1 thread and on torch's default, idle and beside a busy core")
     args = ap.parse_args(argv)
 
     G, H = args.ranks, args.horizon
@@ -73,6 +120,9 @@ def main(argv=None) -> None:
     rem = rng.integers(0, 2 * H + 1, N, dtype=np.int64)  # about half outlive the horizon
     w = dict(a=1e-3, b=5e-5, c=7.5e-8, growth=growth)
     torch.set_num_threads(torch.get_num_threads())  # as configured (OMP_NUM_THREADS)
+    if args.contention:
+        contention_table(rank, kv, rem, G, H, w, args.repeats)
+        return
 
     ref = project_cost_reference(rank, kv, rem, G, H, **w)
     for _ in range(args.warmup):

@@ -62,6 +62,8 @@ def test_cli_defaults_and_values():
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-stats-interval", "0"]).stats_interval_s == 0.0
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).view_lag == 1
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-view-lag", "0"]).view_lag == 0
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).cpu_threads == 1
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-cpu-threads", "0"]).cpu_threads == 0
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -112,6 +114,11 @@ def test_cli_rejects_bad_flags(capsys):
     assert "--balancer-view-lag" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--balancer-view-lag only apply"):
         _parse(["--balancer-view-lag", "2"])
+    with pytest.raises(SystemExit):
+        _parse(["--balancer", "bfio", "--balancer-cpu-threads", "-1"])
+    assert "--balancer-cpu-threads" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--balancer-cpu-threads only apply"):
+        _parse(["--balancer-cpu-threads", "2"])
     # an infinite deadline would overflow the controller's poll timeout once a request is pooled
     for flag, value in [("--balancer-pool-max-wait", "inf"), ("--balancer-prefill-weight", "nan"),
                         ("--balancer-sim-time-scale", "inf"), ("--balancer-seed", "-1")]:
@@ -848,6 +855,28 @@ def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_
         good.dispatch(_req(prompt, max_new=300))
         assert sent[-1][0] == sent[-2][0]
     assert bad._reported.projection_cache  # (the placement projected them, and kept it)
+
+
+def test_the_controller_pins_torch_threads_for_its_cpu_projection(fake_controller):
+    # A parallel torch op waits for its slowest thread: the controller projecting on the
+    # CPU runs torch on --balancer-cpu-threads threads (default 1); 0 leaves torch's
+    # setting, and a policy that projects nothing leaves it too.
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fake_controller("bfio")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        fake_controller("bfio", cpu_threads=0)
+        assert torch.get_num_threads() == 2
+        fake_controller("total_tokens")
+        assert torch.get_num_threads() == 2
+        fake_controller("bfio", cpu_threads=3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_idle_loop_pauses_its_estimate_when_a_message_comes(fake_controller):

@@ -51,6 +51,7 @@ class BalancerConfig:
     device: str = "auto"
     estimator: str = "empirical-prompt"
     inline_refit: bool = False  # refit the learned estimator in the dispatch loop (else in a worker thread)
+    cpu_threads: int = 1  # torch intra-op threads of the controller's CPU projection (0: torch's default)
     stats_interval_s: float = 60.0  # the controller logs its counters and decision times this often (0: never)
     log_dir: str | None = None
     report_addr: str | None = None  # PULL socket the controller binds, ranks PUSH to
@@ -224,6 +225,16 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         "thread and estimate from the previous fit meanwhile.",
     )
     group.add_argument(
+        "--balancer-cpu-threads",
+        metavar="THREADS",
+        type=nonneg_int,
+        default=None,
+        help="Threads torch may use for the DP controller's projection on the CPU (process-wide "
+        "in the controller; default: 1). A parallel op waits for its slowest thread, so with "
+        "another process on one of its cores a projection of 64k requests took 88 ms at p99 "
+        "instead of 1.5 (2 threads against 1 on a 2-core host). 0 = torch's default (one per core).",
+    )
+    group.add_argument(
         "--balancer-stats-interval",
         metavar="SECONDS",
         type=nonneg_float,
@@ -347,7 +358,8 @@ def from_cli_args(result, cls, args: argparse.Namespace):
             for k in ("balancer_horizon", "balancer_prefill_weight", "balancer_scenarios", "balancer_full_wait",
                       "balancer_variant",
                       "balancer_pool_tail", "balancer_pool_tail_horizon", "balancer_binding", "balancer_pool_max_wait", "balancer_view_lag",
-                      "balancer_device", "balancer_estimator", "balancer_inline_refit", "balancer_report_addr",
+                      "balancer_device", "balancer_estimator", "balancer_inline_refit", "balancer_cpu_threads",
+                      "balancer_report_addr",
                       "balancer_seed", "balancer_stats_interval")
             if getattr(args, k, None) is not None
         ]
@@ -364,6 +376,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
                        ("pool_max_wait_s", "balancer_pool_max_wait"), ("view_lag", "balancer_view_lag"),
                        ("device", "balancer_device"),
                        ("estimator", "balancer_estimator"), ("inline_refit", "balancer_inline_refit"),
+                       ("cpu_threads", "balancer_cpu_threads"),
                        ("stats_interval_s", "balancer_stats_interval"),
                        ("log_dir", "balancer_log"),
                        ("seed", "balancer_seed"), ("sim_backend", "balancer_sim_backend"),
