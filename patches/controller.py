@@ -167,8 +167,8 @@ class BalancedDispatch(ClusterState):
         """torch's intra-op threads for the projection on the CPU (`--balancer-cpu-threads`):
         a parallel op ends when its slowest thread does, so on a host whose other cores
         run the schedulers and the tokenizer, one thread scheduled late stalls the whole
-        placement (a 64k-request projection: 1.5 ms at p99 on one thread, 88 ms on two
-        with one core busy elsewhere). SGLang pins its own CPU-side processes to one
+        placement (a 64k-request projection with one core busy elsewhere: 5.7 ms at p99
+        on one thread, 143 ms on two). SGLang pins its own CPU-side processes to one
         thread for the same reason; this process runs nothing else on torch."""
         if self.cfg.cpu_threads > 0:
             import torch

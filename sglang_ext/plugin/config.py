@@ -231,8 +231,9 @@ def add_cli_args(result, parser: argparse.ArgumentParser):
         default=None,
         help="Threads torch may use for the DP controller's projection on the CPU (process-wide "
         "in the controller; default: 1). A parallel op waits for its slowest thread, so with "
-        "another process on one of its cores a projection of 64k requests took 88 ms at p99 "
-        "instead of 1.5 (2 threads against 1 on a 2-core host). 0 = torch's default (one per core).",
+        "another process on one of its cores a projection of 64k requests took 143 ms at p99 "
+        "instead of 5.7 (2 threads against 1 on a 2-core host; scripts/bench_projection.py "
+        "--contention). 0 = torch's default (one per core).",
     )
     group.add_argument(
         "--balancer-stats-interval",
