@@ -17,6 +17,7 @@ loop.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -492,8 +493,26 @@ class BalancedDispatch(ClusterState):
 
     # ---- loop ------------------------------------------------------------------------
 
+    def freeze_gc(self, why: str, threshold=None) -> None:
+        """Take every object alive now out of the garbage collector's passes (`gc.freeze`;
+        `threshold`: new collection thresholds first, as SGLang's /freeze_gc sets them).
+
+        Why: a full (generation-2) collection walks every tracked object, and this
+        process holds ~690k of them from its imports alone (sglang, torch, scipy): each
+        full pass stalls the loop ~290 ms on a 2-core VM (`scripts/bench_gc.py`), a dozen
+        decode steps in which no arrival is placed and no pool released. Frozen, a full
+        pass walks only what was made since. SGLang freezes its tokenizer, scheduler and
+        detokenizer after warm-up but not this process; we freeze it when the loop
+        starts and again when SGLang's post-warm-up /freeze_gc passes through."""
+        from sglang.srt.utils.common import freeze_gc
+
+        freeze_gc(f"DP controller (sglang-ext, {why})", threshold)
+        logger.info("sglang-ext: %d objects taken out of the garbage collector's passes (%s)",
+                    gc.get_freeze_count(), why)
+
     def event_loop(self) -> None:
         ctrl = self.ctrl
+        self.freeze_gc("the loop starts")
         poller = zmq.Poller()
         poller.register(ctrl.recv_from_tokenizer, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)
@@ -539,6 +558,10 @@ class BalancedDispatch(ClusterState):
             self._arrivals = None
 
     def _dispatch_one(self, msg) -> None:
+        from sglang.srt.managers.io_struct import FreezeGCReq
+
+        if isinstance(msg, FreezeGCReq):  # (then on to the ranks, as stock sends it)
+            self._stage("freezing the garbage collector", lambda: self.freeze_gc("/freeze_gc", msg.gc_threshold))
         if self._arrivals and not _is_request(msg):
             self._guarded(self.place_arrivals)
         if self.pool:
@@ -593,6 +616,11 @@ def after_init(result, self, server_args, *args, **kwargs):
     cfg = get_config(server_args)
     if cfg is None or not cfg.enabled:
         return None
+    if (gc_warn_s := getattr(server_args, "gc_warning_threshold_secs", 0.0) or 0.0) > 0:
+        # (SGLang logs its long collections in the tokenizer manager only: --gc-warning-threshold-secs)
+        from sglang.srt.utils.common import configure_gc_warning
+
+        configure_gc_warning(gc_warn_s)
     self._sglang_ext_balancer = BalancedDispatch(self, cfg)
     self.dispatching = self._sglang_ext_balancer.dispatch
     # Stock refreshes its shm load budget per dispatch for total_* methods; we have our own state.

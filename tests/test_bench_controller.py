@@ -69,3 +69,25 @@ def test_busy_loop_bench_places_every_arrival_once(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8by8"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--cells: expected GxB such as 32x72, got '8by8'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gc_bench_times_full_passes_with_and_without_the_freeze(tmp_path):
+    out = tmp_path / "gc.json"
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_gc.py"), "--cells", "8x8", "--pool", "2000",
+                        "--grow", "60000", "--repeats", "2", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    # the imports alone hold far more tracked objects than 2000 pooled requests make
+    assert row["tracked"] > 100_000 and row["frozen"] >= row["tracked"] - 1000
+    assert 1 <= row["tracked_per_pooled"] <= 6
+    assert row["frozen_p50_ms"] < row["unfrozen_p50_ms"] / 5
+    for name in ("unfrozen", "frozen"):
+        grow = row[f"{name}_grow"]
+        assert grow["full_passes"] == len(grow["depth_at"]) == len(grow["full_ms"])
+        assert grow["depth_at"] == sorted(grow["depth_at"]) and all(0 < d <= 60000 for d in grow["depth_at"])
+    # frozen, each full pass walks the pool only: none as long as the unfrozen ones
+    assert row["frozen_grow"]["full_passes"] >= 1
+    if row["unfrozen_grow"]["full_passes"]:
+        assert max(row["frozen_grow"]["full_ms"]) < min(row["unfrozen_grow"]["full_ms"])
+    assert "| 8 | 8 | frozen |" in r.stdout and "| 8 | 8 | unfrozen |" in r.stdout

@@ -879,6 +879,86 @@ def test_the_controller_pins_torch_threads_for_its_cpu_projection(fake_controlle
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def restore_gc():
+    import gc
+
+    threshold = gc.get_threshold()
+    yield gc
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_the_loop_takes_the_startup_heap_out_of_full_collections(fake_controller, restore_gc):
+    # A full collection walks every tracked object (the imports alone: ~690k, a ~290 ms
+    # stall): the loop freezes what exists when it starts, so later passes skip it.
+    gc = restore_gc
+    bal, _ = fake_controller("total_tokens")
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    bal.ctrl.soft_watchdog = SimpleNamespace(feed=stop)
+    bal.ctrl.recv_from_tokenizer = bal.ctrl.context.socket(zmq.PULL)
+    try:
+        with pytest.raises(Stop):
+            bal.event_loop()
+    finally:
+        bal.ctrl.recv_from_tokenizer.close(linger=0)
+    assert gc.get_freeze_count() > 100_000  # (sglang and torch are imported here)
+    assert all(o is not bal for o in gc.get_objects())  # the controller itself: out of every pass
+
+
+def test_sglang_freeze_gc_request_freezes_the_controller_and_goes_on(fake_controller, restore_gc):
+    # SGLang's post-warm-up /freeze_gc reaches the ranks through this controller: it
+    # freezes here too, with the thresholds it carries, and is forwarded as before.
+    from sglang.srt.managers.io_struct import FreezeGCReq
+
+    gc = restore_gc
+    bal, _ = fake_controller("total_tokens")
+    forwarded = []
+    bal.ctrl._request_dispatcher = forwarded.append
+    gc.unfreeze()
+    msg = FreezeGCReq(gc_threshold=[1234, 11, 12])
+    bal._dispatch_one(msg)
+    assert forwarded == [msg]
+    assert gc.get_freeze_count() > 100_000 and gc.get_threshold() == (1234, 11, 12)
+    gc.unfreeze()
+    bal._dispatch_one(FreezeGCReq())  # (no thresholds: they stay)
+    assert gc.get_freeze_count() > 0 and gc.get_threshold() == (1234, 11, 12)
+
+
+def test_gc_warning_threshold_reaches_the_controller(fake_controller, monkeypatch, caplog, restore_gc):
+    # --gc-warning-threshold-secs logs SGLang's long collections in its tokenizer manager;
+    # with a balancer the controller's process logs its own too.
+    from sglang_ext.patches import controller
+
+    gc = restore_gc
+    bal, _ = fake_controller("total_tokens")
+    callbacks = list(gc.callbacks)
+    for warn_s in (0.0, 1e-9):
+        server_args = SimpleNamespace(_balancer=bal.cfg, gc_warning_threshold_secs=warn_s)
+        monkeypatch.setattr(bal.cfg, "report_addr", bal.cfg.report_addr + f"-{warn_s:g}")
+        ctrl = SimpleNamespace(**vars(bal.ctrl))
+        try:
+            with caplog.at_level(logging.WARNING):
+                caplog.clear()
+                controller.after_init(None, ctrl, server_args)
+                gc.collect()
+        finally:
+            ctrl._sglang_ext_balancer.close()
+            added = [cb for cb in gc.callbacks if cb not in callbacks]
+            for cb in added:
+                gc.callbacks.remove(cb)
+        assert len(added) == (warn_s > 0)
+        assert ("LONG GARBAGE COLLECTION DETECTED" in caplog.text) == (warn_s > 0)
+
+
 def test_the_idle_loop_pauses_its_estimate_when_a_message_comes(fake_controller):
     # wait_for_messages hands prepare a question that polls for a message from the
     # tokenizer: one that comes while it estimates stops it at the next stage, and the

@@ -16,6 +16,8 @@ CASES = [
     ("bench_busy_loop.py", ["--free-frac", "1.5"], "--free-frac"),
     ("bench_busy_loop.py", ["--arrivals", "2,0"], "--arrivals"),
     ("bench_busy_loop.py", ["--cells", "256x0"], "--cells"),
+    ("bench_gc.py", ["--grow", "0"], "--grow"),
+    ("bench_gc.py", ["--cells", "8x"], "--cells"),
     ("bench_scale.py", ["--batches", "72", "0"], "--batches"),
     ("bench_scale.py", ["--ranks", "16,x"], "--ranks"),
     ("bench_scale.py", ["--batch", "72,0"], "--batches"),
