@@ -34,6 +34,7 @@ bench: install
 	$(PY) scripts/bench_controller.py
 	$(PY) scripts/bench_busy_loop.py
 	$(PY) scripts/bench_refit.py
+	$(PY) scripts/bench_gc.py
 	$(PY) scripts/bench_projection.py
 
 clean:
