@@ -498,8 +498,8 @@ class BalancedDispatch(ClusterState):
         `threshold`: new collection thresholds first, as SGLang's /freeze_gc sets them).
 
         Why: a full (generation-2) collection walks every tracked object, and this
-        process holds ~690k of them from its imports alone (sglang, torch, scipy): each
-        full pass stalls the loop ~290 ms on a 2-core VM (`scripts/bench_gc.py`), a dozen
+        process holds 620-680k of them from its imports alone (sglang, torch, scipy): each
+        full pass stalls the loop ~260 ms on a 2-core VM (`scripts/bench_gc.py`), a dozen
         decode steps in which no arrival is placed and no pool released. Frozen, a full
         pass walks only what was made since. SGLang freezes its tokenizer, scheduler and
         detokenizer after warm-up but not this process; we freeze it when the loop
@@ -512,7 +512,7 @@ class BalancedDispatch(ClusterState):
 
     def event_loop(self) -> None:
         ctrl = self.ctrl
-        self.freeze_gc("the loop starts")
+        self._stage("freezing the garbage collector", lambda: self.freeze_gc("the loop starts"))
         poller = zmq.Poller()
         poller.register(ctrl.recv_from_tokenizer, zmq.POLLIN)
         poller.register(self.sock, zmq.POLLIN)

@@ -2,7 +2,7 @@
 """The controller process's full garbage collections, with and without the startup freeze.
 
 CPython collects in three generations; a full (generation-2) pass walks every object
-the collector tracks. The DP controller's process tracks ~690k objects from its
+the collector tracks. The DP controller's process tracks 620-680k objects from its
 imports alone (sglang, torch, scipy), so each full pass stalls its loop: no arrival
 is placed and no pool released until it ends. `BalancedDispatch.freeze_gc`
 (`gc.freeze`) takes what exists when the loop starts out of every later pass.

@@ -889,29 +889,47 @@ def restore_gc():
     gc.set_threshold(*threshold)
 
 
-def test_the_loop_takes_the_startup_heap_out_of_full_collections(fake_controller, restore_gc):
-    # A full collection walks every tracked object (the imports alone: ~690k, a ~290 ms
+class _StopLoop(Exception):
+    pass
+
+
+def _run_loop_until_first_turn(bal) -> None:
+    """The controller's event loop, stopped where its first turn begins."""
+    def stop():
+        raise _StopLoop
+
+    bal.ctrl.soft_watchdog = SimpleNamespace(feed=stop)
+    bal.ctrl.recv_from_tokenizer = bal.ctrl.context.socket(zmq.PULL)
+    try:
+        with pytest.raises(_StopLoop):
+            bal.event_loop()
+    finally:
+        bal.ctrl.recv_from_tokenizer.close(linger=0)
+
+
+def test_the_loop_takes_the_startup_heap_out_of_full_collections(fake_controller, restore_gc, monkeypatch, caplog):
+    # A full collection walks every tracked object (the imports alone: ~620k, a ~260 ms
     # stall): the loop freezes what exists when it starts, so later passes skip it.
     gc = restore_gc
     bal, _ = fake_controller("total_tokens")
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
-
-    class Stop(Exception):
-        pass
-
-    def stop():
-        raise Stop
-
-    bal.ctrl.soft_watchdog = SimpleNamespace(feed=stop)
-    bal.ctrl.recv_from_tokenizer = bal.ctrl.context.socket(zmq.PULL)
-    try:
-        with pytest.raises(Stop):
-            bal.event_loop()
-    finally:
-        bal.ctrl.recv_from_tokenizer.close(linger=0)
+    _run_loop_until_first_turn(bal)
     assert gc.get_freeze_count() > 100_000  # (sglang and torch are imported here)
     assert all(o is not bal for o in gc.get_objects())  # the controller itself: out of every pass
+
+    # A freeze that fails is logged, and the loop runs all the same.
+    import sglang.srt.utils.common as sglang_common
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no freeze here")
+
+    gc.unfreeze()
+    monkeypatch.setattr(sglang_common, "freeze_gc", broken)
+    again, _ = fake_controller("total_tokens", binding="pool")
+    with caplog.at_level(logging.ERROR):
+        _run_loop_until_first_turn(again)
+    assert gc.get_freeze_count() == 0 and "freezing the garbage collector failed" in caplog.text
 
 
 def test_sglang_freeze_gc_request_freezes_the_controller_and_goes_on(fake_controller, restore_gc):
