@@ -1726,3 +1726,18 @@ def test_the_active_mask_follows_the_controllers_list(fake_controller):
     assert bal._active_mask().tolist() == [True, False, True, False]
     bal.ctrl._active_workers.append(3)  # (changed in place, as the stock controller does)
     assert bal._active_mask().tolist() == [True, False, True, True]
+
+
+def test_standin_freezes_its_heap_at_sglang_freeze_gc(restore_gc):
+    # The real scheduler freezes its process at SGLang's post-warm-up /freeze_gc (with the
+    # thresholds it carries); the stand-in takes it the same way.
+    from sglang.srt.managers.io_struct import FreezeGCReq
+
+    from sglang_ext.plugin.standin import StandinScheduler
+
+    gc = restore_gc
+    rank = object.__new__(StandinScheduler)  # the message handling only: no sockets
+    rank.dp_rank, rank.control_from_leader = 0, False
+    gc.unfreeze()
+    rank._handle(FreezeGCReq(gc_threshold=[999, 9, 9]))
+    assert gc.get_freeze_count() > 100_000 and gc.get_threshold() == (999, 9, 9)

@@ -214,6 +214,7 @@ class StandinScheduler:
         from sglang.srt.managers.io_struct import (
             AbortReq,
             BatchTokenizedGenerateReqInput,
+            FreezeGCReq,
             TokenizedEmbeddingReqInput,
             TokenizedGenerateReqInput,
         )
@@ -228,6 +229,10 @@ class StandinScheduler:
             self._finish_now(msg, "embedding requests are not supported by the sim backend")
         elif isinstance(msg, AbortReq):
             self._abort(msg)
+        elif isinstance(msg, FreezeGCReq):  # (SGLang's post-warm-up /freeze_gc, as the real scheduler takes it)
+            from sglang.srt.utils.common import freeze_gc
+
+            freeze_gc(f"Scheduler (stand-in DP{self.dp_rank})", msg.gc_threshold)
         else:
             logger.debug("stand-in DP%d: ignoring %s", self.dp_rank, type(msg).__name__)
 
