@@ -499,7 +499,7 @@ class BalancedDispatch(ClusterState):
 
         Why: a full (generation-2) collection walks every tracked object, and this
         process holds 620-680k of them from its imports alone (sglang, torch, scipy): each
-        full pass stalls the loop ~260 ms on a 2-core VM (`scripts/bench_gc.py`), a dozen
+        full pass stalls the loop 260-290 ms on a 2-core VM (`scripts/bench_gc.py`), a dozen
         decode steps in which no arrival is placed and no pool released. Frozen, a full
         pass walks only what was made since. SGLang freezes its tokenizer, scheduler and
         detokenizer after warm-up but not this process; we freeze it when the loop

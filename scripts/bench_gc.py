@@ -7,8 +7,9 @@ imports alone (sglang, torch, scipy), so each full pass stalls its loop: no arri
 is placed and no pool released until it ends. `BalancedDispatch.freeze_gc`
 (`gc.freeze`) takes what exists when the loop starts out of every later pass.
 
-Per cell this script builds the real `BalancedDispatch` (pool binding, one step's
-reports of a saturated server estimated, as in bench_controller.py) and times:
+Per cell and policy (`--policies`) this script builds the real `BalancedDispatch`
+(pool binding, one step's reports of a saturated server estimated, as in
+bench_controller.py) and times:
 
 1. a full pass (`gc.collect(2)`, `--repeats` times) with nothing frozen, and after
    the freeze, with `--pool` requests pooled after it (real
@@ -99,16 +100,16 @@ def grow(bal, data: bytes, n: int) -> dict:
     return dict(full_passes=len(full), depth_at=[d for d, _ in full], full_ms=[ms for _, ms in full])
 
 
-def run_cell(trace, G: int, B: int, args, workdir: str) -> dict:
+def run_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     from sglang.srt.managers.io_struct import msgpack_decode
 
     rng = np.random.default_rng(args.seed)
-    bal = make_controller("bfio", "pool", G, workdir, tag=f"-gc-{G}x{B}")
+    bal = make_controller(policy, "pool", G, workdir, tag=f"-gc-{G}x{B}")
     bal.on_reports(reports(rng, trace, G, B, 0.02, 1, args.max_new_tokens))
     bal.prepare()
     data = request_bytes(int(np.median(trace.prompt_len)), args.max_new_tokens)
     gc.collect()
-    row = dict(G=G, B=B, tracked=len(gc.get_objects()), pool=args.pool, grow=args.grow)
+    row = dict(G=G, B=B, policy=policy, tracked=len(gc.get_objects()), pool=args.pool, grow=args.grow)
     row["unfrozen_ms"] = full_pass_ms(args.repeats)
     row["unfrozen_grow"] = grow(bal, data, args.grow)
     bal.freeze_gc("bench")
@@ -149,25 +150,25 @@ def main():
     trace = load_trace(args.trace)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        for G, B in tqdm(cells, desc="cells"):
-            rows.append(run_cell(trace, G, B, args, workdir))
+        for G, B, policy in tqdm([(G, B, p) for G, B in cells for p in args.policies], desc="runs"):
+            rows.append(run_cell(policy, trace, G, B, args, workdir))
     print(f"\nA full garbage collection in the controller's process (ms, p50 / max of {args.repeats}); frozen: "
           f"after BalancedDispatch.freeze_gc, with {args.pool} requests pooled after it\n")
-    print("| G | B | tracked objects | full pass, nothing frozen | frozen objects | tracked per pooled request "
+    print("| G | B | policy | tracked objects | full pass, nothing frozen | frozen objects | tracked per pooled request "
           "| full pass, frozen | ratio (p50) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['G']} | {r['B']} | {r['tracked']} | {r['unfrozen_p50_ms']:.1f} / {r['unfrozen_max_ms']:.1f} "
+        print(f"| {r['G']} | {r['B']} | {r['policy']} | {r['tracked']} | {r['unfrozen_p50_ms']:.1f} / {r['unfrozen_max_ms']:.1f} "
               f"| {r['frozen']} | {r['tracked_per_pooled']:.1f} | {r['frozen_p50_ms']:.2f} / {r['frozen_max_ms']:.2f} "
               f"| {r['frozen_p50_ms'] / r['unfrozen_p50_ms']:.4f} |")
     print(f"\nCPython's own full passes while a pool grows to {args.grow} requests (none released): "
           "the pool's depth at each, and its pause (ms)\n")
-    print("| G | B | collector | full passes | pool depth at each | pause of each |")
-    print("|---|---|---|---|---|---|")
+    print("| G | B | policy | collector | full passes | pool depth at each | pause of each |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         for name in ("unfrozen", "frozen"):
             s = r[f"{name}_grow"]
-            print(f"| {r['G']} | {r['B']} | {name} | {s['full_passes']} | {', '.join(map(str, s['depth_at']))} "
+            print(f"| {r['G']} | {r['B']} | {r['policy']} | {name} | {s['full_passes']} | {', '.join(map(str, s['depth_at']))} "
                   f"| {', '.join(f'{ms:.1f}' for ms in s['full_ms'])} |")
     if args.json:
         write_json(args.json, {"config": vars(args) | {"trace": str(args.trace)}, "rows": rows})

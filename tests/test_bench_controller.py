@@ -90,4 +90,4 @@ def test_gc_bench_times_full_passes_with_and_without_the_freeze(tmp_path):
     assert row["frozen_grow"]["full_passes"] >= 1
     if row["unfrozen_grow"]["full_passes"]:
         assert max(row["frozen_grow"]["full_ms"]) < min(row["unfrozen_grow"]["full_ms"])
-    assert "| 8 | 8 | frozen |" in r.stdout and "| 8 | 8 | unfrozen |" in r.stdout
+    assert "| 8 | 8 | bfio | frozen |" in r.stdout and "| 8 | 8 | bfio | unfrozen |" in r.stdout
