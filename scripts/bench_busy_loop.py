@@ -17,11 +17,13 @@ not pause it). Per arrival: the time from its arrival to its send, and whether
 the call that sent it estimated the newest reports first (immediate binding:
 none it could use, more than `--balancer-view-lag` reports behind; a pool
 release always reads the newest); per run, the loop's time on messages and
-releases.
+releases, and the garbage collector's own passes while the clock runs (how many,
+how many of them full, the longest).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 
@@ -29,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_controller import add_grid, grid_cells, make_controller, reports, request
+from bench_gc import Pauses
 from sglang_ext.argtypes import (comma_list, nonneg_int, output_file, positive_float, positive_int, run_main,
                                  write_json)
 from sglang_ext.cost import cost_preset
@@ -72,6 +75,8 @@ def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, 
     step, nxt = 0, 0
     bal.on_reports(acknowledged(snapshots[0], bal.sent))
     bal.prepare()  # (the first estimate, before the clock runs)
+    bal.freeze_gc("bench")  # (as the live loop does when it starts; undone after the run)
+    gc_pauses = Pauses().start()  # (the collector's own passes while the clock runs)
     t0 = time.perf_counter()
     end = len(snapshots) * step_s
     busy = 0.0  # seconds the loop spent on messages (reports, arrivals, pool releases)
@@ -105,6 +110,9 @@ def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, 
         next_step = t0 + (step + 1) * step_s
         while time.perf_counter() < min(next_arrival, next_step):  # (idle: spin, as a poll would wake)
             pass
+    gc_pauses.stop()
+    gc.unfreeze()
+    gc_ms = [ms for _, ms in gc_pauses.passes]
     timed = (arrivals >= args.warmup * step_s) & (arrivals < end)
     placed = timed & ~np.isnan(sent_at)
     waits = (sent_at - arrivals)[placed] * 1e3
@@ -114,7 +122,8 @@ def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, 
                 wait_p50_ms=ms(50), wait_p90_ms=ms(90), wait_p99_ms=ms(99), wait_max_ms=ms(100),
                 estimated_first=int(estimated_first[placed].sum()), lagged=bal.stats["lagged"],
                 arrived=nxt, sent=int(bal.sent.sum()), pooled=len(bal.pool), busy_fraction=busy / end,
-                estimates_while_idle=bal.stats["prepared"], paused=bal.stats["paused"], steps=args.steps)
+                estimates_while_idle=bal.stats["prepared"], paused=bal.stats["paused"], steps=args.steps,
+                gc_passes=len(gc_ms), gc_full_passes=int(gc_pauses.full().size), gc_max_ms=max(gc_ms, default=0.0))
 
 
 def main():
@@ -152,13 +161,14 @@ def main():
     print(f"\nview lag {args.view_lag}, {args.steps} steps per run; an arrival's wait: from its arrival to its "
           "send (ms); busy: the loop's time on messages and releases, of the run's\n")
     print("| G | B | policy | binding | step ms | arrivals per step | arrivals | wait p50 | p90 | p99 | max "
-          "| estimated first | estimates while idle | paused | busy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| estimated first | estimates while idle | paused | busy | GC passes (full) | longest GC pause |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['G']} | {r['B']} | {r['policy']} | {r['binding']} | {r['step_ms']:.2f} "
               f"| {r['arrivals_per_step']:g} | {r['arrivals']} | {r['wait_p50_ms']:.2f} | {r['wait_p90_ms']:.2f} "
               f"| {r['wait_p99_ms']:.2f} | {r['wait_max_ms']:.2f} | {r['estimated_first']} "
-              f"| {r['estimates_while_idle']} | {r['paused']} | {r['busy_fraction']:.0%} |")
+              f"| {r['estimates_while_idle']} | {r['paused']} | {r['busy_fraction']:.0%} "
+              f"| {r['gc_passes']} ({r['gc_full_passes']}) | {r['gc_max_ms']:.2f} |")
     if args.json:
         write_json(args.json, {"config": vars(args) | {"trace": str(args.trace)}, "rows": rows})
 

@@ -62,12 +62,18 @@ class Pauses:
         else:
             self.passes.append((info["generation"], (time.perf_counter() - self._t) * 1e3))
 
-    def __enter__(self):
+    def start(self) -> "Pauses":
         gc.callbacks.append(self)
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         gc.callbacks.remove(self)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def full(self) -> np.ndarray:
         return np.array([ms for gen, ms in self.passes if gen == 2])

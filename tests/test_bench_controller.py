@@ -65,6 +65,7 @@ def test_busy_loop_bench_places_every_arrival_once(tmp_path):
         assert 0 < x["wait_p50_ms"] <= x["wait_p90_ms"] <= x["wait_p99_ms"] <= x["wait_max_ms"]
         assert 0 <= x["estimated_first"] <= x["arrivals"] and x["estimates_while_idle"] > 0
         assert 0 < x["busy_fraction"] < 1
+        assert 0 <= x["gc_full_passes"] <= x["gc_passes"] and (x["gc_max_ms"] > 0) == (x["gc_passes"] > 0)
         assert f"| 8 | 8 | bfio | {x['binding']} | 4.00 | {x['arrivals_per_step']:g} |" in r.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_busy_loop.py"), "--cells", "8by8"],
                          capture_output=True, text=True, timeout=60)
