@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -262,6 +263,19 @@ class TestBfioImmediate:
         # (idle estimates paused for a message from the tokenizer: counted in every line)
         assert all(x["paused"] is not None and x["paused"] >= 0 for x in lines)
         print("\n" + STATS_LINE.search(server.log_path.read_text(errors="replace")).group(0))
+
+    def test_controller_freezes_its_startup_heap(self, server):
+        # Out of the collector's full passes: when its loop starts, and again when
+        # SGLang's post-warm-up /freeze_gc passes through it to the ranks.
+        frozen = re.compile(r"sglang-ext: (\d+) objects taken out of the garbage collector's passes \((.+)\)")
+        deadline = time.monotonic() + 10
+        while True:
+            found = frozen.findall(server.log_path.read_text(errors="replace"))
+            if len(found) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert [why for _, why in found] == ["the loop starts", "/freeze_gc"], server.log_tail()
+        assert all(int(n) > 100_000 for n, _ in found)
 
     def test_a_batch_of_prompts_is_placed_in_one_call(self, server):
         _check_batch_placed_in_one_call(server)
