@@ -502,8 +502,8 @@ class BalancedDispatch(ClusterState):
         full pass stalls the loop 260-290 ms on a 2-core VM (`scripts/bench_gc.py`), a dozen
         decode steps in which no arrival is placed and no pool released. Frozen, a full
         pass walks only what was made since. SGLang freezes its tokenizer, scheduler and
-        detokenizer after warm-up but not this process; we freeze it when the loop
-        starts and again when SGLang's post-warm-up /freeze_gc passes through."""
+        detokenizer after warm-up but not this process, so the controller freezes when
+        its loop starts and again when SGLang's post-warm-up /freeze_gc passes through."""
         from sglang.srt.utils.common import freeze_gc
 
         freeze_gc(f"DP controller (sglang-ext, {why})", threshold)
