@@ -50,14 +50,18 @@ def request_bytes(prompt_len: int, max_new_tokens: int) -> bytes:
 
 
 class Pauses:
-    """The collector's own passes while installed: (generation, ms) each."""
+    """The collector's own passes while installed: (generation, ms) each, and with
+    `at`, what it returned when each pass began (`self.at`)."""
 
-    def __init__(self):
+    def __init__(self, at=None):
         self.passes: list[tuple[int, float]] = []
+        self._at, self.at = at, []
         self._t = 0.0
 
     def __call__(self, phase, info):
         if phase == "start":
+            if self._at is not None:
+                self.at.append(self._at())
             self._t = time.perf_counter()
         else:
             self.passes.append((info["generation"], (time.perf_counter() - self._t) * 1e3))
@@ -88,27 +92,27 @@ def full_pass_ms(repeats: int) -> np.ndarray:
     return np.array(out)
 
 
+def pool_requests(bal, data: bytes, n: int, tag: str) -> None:
+    """`n` requests decoded from `data` (rids tag0, tag1, ...) and dispatched into the pool."""
+    from sglang.srt.managers.io_struct import msgpack_decode
+
+    for k in range(n):
+        req = msgpack_decode(data)
+        req.rid = f"{tag}{k}"
+        bal.dispatch(req)
+
+
 def grow(bal, data: bytes, n: int) -> dict:
     """`n` requests decoded and pooled, none released (a queue building under
     saturation): the full passes CPython starts meanwhile, with the pool's depth at each."""
-    from sglang.srt.managers.io_struct import msgpack_decode
-
-    with Pauses() as p:
-        depth = []
-        for k in range(n):
-            req = msgpack_decode(data)
-            req.rid = f"s{k}"
-            bal.dispatch(req)
-            if len(p.passes) > len(depth):
-                depth.extend([len(bal.pool)] * (len(p.passes) - len(depth)))
-    full = [(d, ms) for (gen, ms), d in zip(p.passes, depth) if gen == 2]
+    with Pauses(at=lambda: len(bal.pool)) as p:
+        pool_requests(bal, data, n, "s")
+    full = [(d, ms) for (gen, ms), d in zip(p.passes, p.at) if gen == 2]
     bal.pool.clear()
     return dict(full_passes=len(full), depth_at=[d for d, _ in full], full_ms=[ms for _, ms in full])
 
 
 def run_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
-    from sglang.srt.managers.io_struct import msgpack_decode
-
     rng = np.random.default_rng(args.seed)
     bal = make_controller(policy, "pool", G, workdir, tag=f"-gc-{G}x{B}")
     bal.on_reports(reports(rng, trace, G, B, 0.02, 1, args.max_new_tokens))
@@ -122,10 +126,7 @@ def run_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     try:
         row["frozen"] = gc.get_freeze_count()
         before = len(gc.get_objects())
-        for k in range(args.pool):  # (pooled after the freeze, as the live pool forms)
-            req = msgpack_decode(data)
-            req.rid = f"p{k}"
-            bal.dispatch(req)
+        pool_requests(bal, data, args.pool, "p")  # (pooled after the freeze, as the live pool forms)
         row["tracked_per_pooled"] = (len(gc.get_objects()) - before) / max(args.pool, 1)
         row["frozen_ms"] = full_pass_ms(args.repeats)
         bal.pool.clear()
