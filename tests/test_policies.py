@@ -333,6 +333,72 @@ def test_bfio_immediate_rule_places_as_the_plain_reference_to_the_last_bit():
         assert out.tolist() == ref
 
 
+def test_bfio_burst_places_as_one_at_a_time_with_the_envelope_kept():
+    # A burst (several candidates in one immediate call) keeps the envelope and each
+    # rank's room under it instead of recomputing them per candidate, and sums the
+    # growth only where a candidate does not fit in the room. Each placement must be
+    # the plain reference's, to the last bit: projections that decay with h (as real
+    # ones do), equal ranks, loads that are not whole numbers, ranks that fill during
+    # the burst, bursts with no free slot, and envelopes that rise.
+    from sglang_ext.policies.bfio import _Envelope
+
+    rng = np.random.default_rng(11)
+    fitted = rose = 0
+    for t in range(40):
+        p = make_policy("bfio", horizon=int(rng.choice([5, 20])))
+        hz = p._imm
+        R = len(hz.w)
+        G, n = int(rng.choice([1, 7, 64, 256])), int(rng.integers(2, 60))
+        decay = np.exp(-np.arange(R) / rng.uniform(20, 400))
+        L = rng.uniform(2e4, 6e5, G)[None, :] * decay[:, None] * rng.uniform(0.97, 1.0, (R, G))
+        if t % 3 == 0:
+            L[:, : G // 2] = L[:, :1]  # equal ranks: ties to the first
+        if t % 4 == 0:
+            L = np.round(L)
+        if t % 5 == 0:
+            L[:, rng.random(G) < 0.3] = 0
+        prompt = rng.integers(1, 8000, n).astype(np.float64)
+        X = (prompt[:, None] + np.arange(R)) * (np.arange(R)[None, :] < rng.integers(1, 2 * R, n)[:, None])
+        if t % 7 == 0:
+            X *= 100  # big enough to raise the envelope
+        free = rng.integers(0, 3, G) if t % 6 else np.zeros(G, np.int64)
+        active = rng.random(G) < 0.9 if t % 8 == 0 else None
+        out = p._place_each(hz, L.T.copy(), X, free.copy(), np.full(n, -1), range(n), active, rank_major=True)
+        Lr, fr = L.copy(), free.copy()
+        for j in range(n):
+            if (fr > 0).any() or active is None:
+                fr_ref = fr
+            else:  # no free slot: the reference chooses among the active ranks
+                fr_ref = active.astype(np.int64)
+            live = np.flatnonzero(fr_ref > 0) if (fr_ref > 0).any() else np.arange(G)
+            E = Lr.max(axis=1)
+            fitted += int((X[j][:, None] <= E[:, None] - Lr[:, live]).all(axis=0).any())
+            g = _least_growth_reference(hz.w, hz.tie_scale, Lr, X[j], fr_ref)
+            assert out[j] == g, (t, j)
+            Lr[:, g] += X[j]
+            rose += int((Lr[:, g] > E).any())
+            fr[g] -= 1
+    assert fitted > 100 and rose > 10  # both ways of scoring a rank were taken
+
+    # The room never exceeds the exact one: where a profile fits in it, its growth is 0
+    # to the last bit, even with loads a rounding away from the envelope.
+    for scale in (1.0, 1e9, 1e15):
+        LT = scale * rng.uniform(0.5, 1.0, (64, 33))
+        LT[::2] = LT.max(axis=0) * (1 - rng.integers(0, 4, (32, 33)) * 2.0 ** -52)
+        LT[1::4] = scale * 2.0 ** -60 * rng.integers(1, 9, (16, 33))  # E - L rounds up
+        env = _Envelope(LT)
+        for k in range(400):
+            if k % 2:
+                x = scale * 10.0 ** rng.uniform(-17, -1) * rng.random(33)
+            else:  # at the boundary: the rounded room of a rank at one step, a few ulps off
+                g, h = rng.integers(0, 64), rng.integers(0, 33)
+                x = np.full(33, (env.E[h] - LT[g, h]) * (1 + rng.integers(-3, 4) * 2.0 ** -53))
+            fits = env.room >= x.max()
+            grow = np.maximum(LT + (x - env.E), 0.0)
+            assert not grow[fits].any()
+            assert (env.room <= (env.E - LT).min(axis=1)).all()
+
+
 @pytest.mark.parametrize("k", [0, 3])
 def test_bfio_projection_keeps_the_counts_of_requests_that_outlive_the_view(k):
     # The view's last `cached_requests` are the same in every view sharing the cache:

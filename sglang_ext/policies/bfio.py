@@ -136,6 +136,36 @@ class _Horizon:
                    wrows.astype(np.float32), steps)
 
 
+class _Envelope:
+    """The envelope of rank-major loads LT (G, steps), per step the most loaded rank's
+    load, and each rank's room under it: the least, over the steps, of the envelope
+    minus its load, less a margin for the rounding of that subtraction. A profile x
+    with x[h] <= room at every step adds exactly 0 growth on that rank: (x - E) + L
+    rounds to <= 0. Placements only add to rows (profiles are non-negative), so the
+    envelope is kept by a max with the raised row, and the room recomputed for that
+    row alone unless the envelope rose."""
+
+    def __init__(self, LT: np.ndarray):
+        self.E = LT.max(axis=0)
+        self._rooms(LT)
+
+    def _rooms(self, LT: np.ndarray) -> None:
+        # |E - L| <= 2 spread, so each subtraction (and the margin's own) rounds by at
+        # most 2^-52 spread: 8x that keeps room below the exact room (loads only grow,
+        # so the spread still bounds them after a placement)
+        spread = max(float(np.abs(self.E).max()), -float(LT.min()))
+        self.margin = 2.0 ** -49 * spread
+        self.room = (self.E - LT).min(axis=1) - self.margin
+
+    def raise_row(self, LT: np.ndarray, g: int) -> None:
+        row = LT[g]
+        if (row > self.E).any():
+            np.maximum(self.E, row, out=self.E)
+            self._rooms(LT)
+        else:
+            self.room[g] = (self.E - row).min() - self.margin
+
+
 class BFIO(Policy):
     name = "bfio"
     needs_requests = True
@@ -524,31 +554,57 @@ class BFIO(Policy):
         # and the chosen one updated a contiguous row each (a column gather of L
         # costs 3x the scoring at G=256).
         LT = L if rank_major else np.ascontiguousarray(L.T)
+        order = list(order)
+        if len(order) == 1:
+            j = order[0]
+            out[j] = self._least_growth(hz, LT, X[j], self._open_ranks(free, active))
+            return out
+        # Several: the envelope and each rank's room under it are kept as rows change
+        # (one pass each per call, not per candidate), the open ranks as slots fill.
+        env = _Envelope(LT)
+        live = self._open_ranks(free, active)
         for j in order:
-            g = self._least_growth(hz, LT, X[j], free, active)
-            out[j] = g
+            out[j] = g = self._least_growth(hz, LT, X[j], live, env)
             LT[g] += X[j]
             free[g] -= 1
+            env.raise_row(LT, g)
+            if free[g] == 0:  # (its last slot: the open ranks change)
+                live = self._open_ranks(free, active)
         return out
 
-    def _least_growth(self, hz: "_Horizon", LT: np.ndarray, x: np.ndarray, free: np.ndarray,
-                      active: np.ndarray | None = None) -> int:
-        """The rank (of those with a free slot, else the active ones) where x lifts the
-        envelope least over the horizon; ties to the least load shared with x.
-        LT: the (G, steps) loads, rank-major."""
+    @staticmethod
+    def _open_ranks(free: np.ndarray, active: np.ndarray | None) -> np.ndarray:
+        """The ranks a placement may choose: those with a free slot, else the active ones
+        (else, with none active, every rank: the caller's problem, not a crash here)."""
         ok = pick_order(free, True, active)
-        if not ok.any():  # (no rank active: the caller's problem, not a crash here)
-            ok = np.ones_like(ok)
-        live = np.flatnonzero(ok)
+        return np.flatnonzero(ok) if ok.any() else np.arange(free.shape[0])
+
+    def _least_growth(self, hz: "_Horizon", LT: np.ndarray, x: np.ndarray, live: np.ndarray,
+                      env: "_Envelope | None" = None) -> int:
+        """The rank of `live` where x lifts the envelope least over the horizon; ties to
+        the least load shared with x. LT: the (G, steps) loads, rank-major; env: their
+        `_Envelope`, if kept."""
         # (live, steps): each weighted sum runs along a rank's contiguous row, in the
         # order a column sum of the (steps, G) loads adds, to the last bit
         whole = live.size == LT.shape[0]
-        Ll = LT if whole else LT[live]
-        # Envelope over all ranks: a full rank still sets the barrier.
-        lift = x - LT.max(axis=0)
-        shared = weighted_rows(Ll, hz.w * x)
-        grow = Ll + lift if whole else np.add(Ll, lift, out=Ll)  # (a gather is ours to overwrite)
-        primary = weighted_rows(np.maximum(grow, 0.0, out=grow), hz.w)
+        if env is None:
+            Ll = LT if whole else LT[live]
+            # Envelope over all ranks: a full rank still sets the barrier.
+            lift = x - LT.max(axis=0)
+            shared = weighted_rows(Ll, hz.w * x)
+            grow = Ll + lift if whole else np.add(Ll, lift, out=Ll)  # (a gather is ours to overwrite)
+            primary = weighted_rows(np.maximum(grow, 0.0, out=grow), hz.w)
+        else:
+            lift = x - env.E
+            shared = weighted_rows(LT, hz.w * x)  # (every rank's: cheaper than a gather)
+            shared = shared if whole else shared[live]
+            # Where x fits in a rank's room at every step it lifts nothing: growth 0,
+            # the sum the others get would be 0 there too. The rest are summed.
+            primary = np.zeros(live.size)
+            tight = env.room[live] < x.max()
+            if tight.any():
+                grow = LT[live[tight]] + lift
+                primary[tight] = weighted_rows(np.maximum(grow, 0.0, out=grow), hz.w)
         key = primary + shared * (hz.tie_scale / (np.abs(shared).max() + 1.0))
         return int(live[np.argmin(key)])
 
