@@ -399,6 +399,42 @@ def test_bfio_burst_places_as_one_at_a_time_with_the_envelope_kept():
             assert (env.room <= (env.E - LT).min(axis=1)).all()
 
 
+@pytest.mark.parametrize("split", ["per point", "all sparse", "all dense"])
+def test_envelope_rise_skips_only_zero_terms_and_sums_as_the_dense_rise(split):
+    # The pool rule's rise of the envelope sums only the terms that can be non-zero
+    # (a candidate above a rank's room at a point), point by point in ascending order.
+    # It must be the dense sum to the last bit: loads at the envelope and a rounding
+    # below it, empty far points (every rank at an envelope of 0), candidates exactly
+    # at a rank's room, magnitudes from 1 to 1e12, ties among candidates' sizes.
+    from sglang_ext.policies.rise import EnvelopeRise, dense_rise
+
+    rng = np.random.default_rng(5)
+    for t in range(60):
+        P, k, n = int(rng.integers(1, 30)), int(rng.integers(1, 120)), int(rng.integers(1, 400))
+        scale = 10.0 ** rng.uniform(0, 12)
+        L = scale * rng.uniform(0.3, 1.0, (P, k)) * np.exp(-np.arange(P) / rng.uniform(2, 40))[:, None]
+        L[:, rng.random(k) < 0.2] = L.max(axis=1, keepdims=True)  # ranks at the envelope
+        L[P // 2:, :] *= rng.random() < 0.3  # empty far points
+        L[:, rng.random(k) < 0.1] = scale * 2.0 ** -60  # e - l rounds to e in float64
+        L32 = L.astype(np.float32)
+        E32 = np.maximum(L32.max(axis=1), np.float32(scale * rng.random() * (t % 2)))  # a floor above, at times
+        X = scale * 0.05 * rng.random((P, n)) * (rng.random((P, n)) < 0.7)
+        X[:, : n // 4] = X[:, :1]  # equal sizes
+        X32 = X.astype(np.float32)
+        hit = rng.integers(0, k, n // 5)  # candidates exactly at (or a rounding off) some rank's room
+        X32[:, : hit.size] = (E32[:, None] - L32[:, hit]) * (1 + rng.integers(-2, 3, hit.size) * 2.0 ** -24)
+        X32[:, -(n // 5):] = E32[:, None]  # exactly the envelope: above the room of a rank with any load
+        X32 = np.maximum(X32, 0).astype(np.float32)
+        w32 = (0.8 ** np.arange(P) * rng.uniform(0.5, 2, P)).astype(np.float32)
+        A = X32 - E32[:, None]
+        rise = EnvelopeRise(X32, w32)
+        rise.dense_below = 0
+        rise.sparse_below = {"per point": 0.15, "all sparse": 2.0, "all dense": -1.0}[split]
+        got, want = rise(L32, E32, A), dense_rise(w32, L32, A)
+        assert got.dtype == want.dtype == np.float32
+        assert np.array_equal(got, want), t
+
+
 @pytest.mark.parametrize("k", [0, 3])
 def test_bfio_projection_keeps_the_counts_of_requests_that_outlive_the_view(k):
     # The view's last `cached_requests` are the same in every view sharing the cache:

@@ -54,6 +54,7 @@ from ..argtypes import MAX_HORIZON
 from ..triton_kernels import combine_counts, few_counts, project_counts
 from . import paper_heuristic
 from .base import Candidates, ClusterView, Policy, pick_order
+from .rise import EnvelopeRise
 from .search import imbalance, improve
 from .sums import weighted_cross, weighted_rows, weighted_sum
 
@@ -669,16 +670,16 @@ class BFIO(Policy):
         taken = np.zeros(n, bool)
         XT = X.T[pts]  # (points, n) float64: the loads' updates
         XT32 = XT.astype(np.float32)  # the scores' operand
-        A = XT32 - E[:, None].astype(np.float32)  # candidate minus envelope
+        E32 = E.astype(np.float32)
+        A = XT32 - E32[:, None]  # candidate minus envelope
+        rise_of = EnvelopeRise(XT32, w32)  # (the terms that can be non-zero, summed as densely)
         stale = np.flatnonzero(free > 0)
         while True:
             live = np.flatnonzero(free > 0)
             if live.size == 0 or taken.all():
                 break
             if stale.size:
-                gap = Lp[:, stale, None].astype(np.float32) + A[:, None, :]  # (points, k, n)
-                np.maximum(gap, 0.0, out=gap)
-                rise = weighted_sum(w32, gap).reshape(stale.size, n)
+                rise = rise_of(Lp[:, stale].astype(np.float32), E32, A)  # (k, n)
                 ST[stale] = gain - pen * rise  # taken candidates have gain _NEG
             js, gs = self._match_round(ST[live], live)
             if js.size == 0:
@@ -692,7 +693,8 @@ class BFIO(Policy):
             newE = np.maximum(E, Lp[:, gs].max(axis=1))
             if (newE > E).any():  # the envelope rose: every rank's deficit changed
                 E = newE
-                A = XT32 - E[:, None].astype(np.float32)
+                E32 = E.astype(np.float32)
+                A = XT32 - E32[:, None]
                 stale = np.flatnonzero(free > 0)
             else:
                 stale = gs[free[gs] > 0]
