@@ -428,8 +428,8 @@ def test_envelope_rise_skips_only_zero_terms_and_sums_as_the_dense_rise(split):
         w32 = (0.8 ** np.arange(P) * rng.uniform(0.5, 2, P)).astype(np.float32)
         A = X32 - E32[:, None]
         rise = EnvelopeRise(X32, w32)
-        rise.dense_below = 0
-        rise.sparse_below = {"per point": 0.15, "all sparse": 2.0, "all dense": -1.0}[split]
+        rise.dense_below, rise.sparse_below = 0, 2.0
+        rise.point_sparse_below = {"per point": 0.15, "all sparse": 2.0, "all dense": -1.0}[split]
         got, want = rise(L32, E32, A), dense_rise(w32, L32, A)
         assert got.dtype == want.dtype == np.float32
         assert np.array_equal(got, want), t

@@ -29,19 +29,22 @@ def dense_rise(w32: np.ndarray, L32: np.ndarray, A: np.ndarray) -> np.ndarray:
 class EnvelopeRise:
     """The rise for one call's candidates X32 (P, n) float32 at points weighted w32,
     against loads and envelopes that change between rounds (`__call__`). The
-    candidates are sorted by size at each point once per call, so the terms that
-    may be non-zero at a point are, for each rank, a suffix of that order."""
+    candidates are sorted by size at each point once (at the first round large
+    enough to read it), so the terms that may be non-zero at a point are, for each
+    rank, a suffix of that order."""
 
     #: below this many terms (points x ranks x candidates) the dense sum is as quick
-    dense_below = 1 << 18
-    #: a point with more of its terms possibly non-zero than this fraction is summed
-    #: densely (at far points every rank may be as empty as the envelope)
-    sparse_below = 0.15
+    dense_below = 1 << 20
+    #: with more of a call's terms possibly non-zero than this fraction, the dense sum
+    #: is as quick (paper mode, 12 points: 10-20% of them in most rounds at G=256)
+    sparse_below = 0.1
+    #: and a point with more of its own than this is summed densely (at far points
+    #: every rank may be as empty as the envelope)
+    point_sparse_below = 0.15
 
     def __init__(self, X32: np.ndarray, w32: np.ndarray):
-        self.w32 = w32
-        self.order = np.argsort(X32, axis=1, kind="stable")  # (P, n)
-        self.sorted = np.take_along_axis(X32, self.order, axis=1).astype(np.float64)
+        self.X32, self.w32 = X32, w32
+        self.order = self.sorted = None  # (sorted on the first call that reads them)
 
     def __call__(self, L32: np.ndarray, E32: np.ndarray, A: np.ndarray) -> np.ndarray:
         """(k, n) rise of k ranks' loads L32 (P, k), against the envelope E32 (P,) with
@@ -56,17 +59,23 @@ class EnvelopeRise:
         # skipped is one that is 0.
         spread = max(float(np.abs(E32).max(initial=0.0)), -float(L32.min(initial=0.0)))
         room = (E32.astype(np.float64)[:, None] - L32) - 2.0 ** -49 * spread  # (P, k)
+        if self.order is None:
+            self.order = np.argsort(self.X32, axis=1, kind="stable")  # (P, n)
+            self.sorted = np.take_along_axis(self.X32, self.order, axis=1).astype(np.float64)
+        firsts = np.stack([np.searchsorted(self.sorted[p], room[p], side="right") for p in range(P)])
+        if n * firsts.size - int(firsts.sum()) > self.sparse_below * P * k * n:
+            return dense_rise(self.w32, L32, A)
         rise = np.zeros((k, n), np.float32)
         flat = rise.reshape(-1)
         ranks = np.arange(k)
         # point by point, in ascending order: each sum adds its terms as the dense one does
         for p in range(P):
-            first = np.searchsorted(self.sorted[p], room[p], side="right")  # (k,)
+            first = firsts[p]  # (k,)
             counts = n - first
             total = int(counts.sum())
             if total == 0:
                 continue
-            if total > self.sparse_below * k * n:
+            if total > self.point_sparse_below * k * n:
                 term = L32[p][:, None] + A[p][None, :]
                 np.maximum(term, 0.0, out=term)
                 term *= self.w32[p]
