@@ -5,7 +5,7 @@ over the scoring points: the hot loop of bfio's pool rule.
 
 At scale almost every term is 0: a candidate lifts the envelope only on the ranks
 that are close to it, and only at the points where the candidate is large (at
-G=256, B=72, about 1% of the terms of a first round). `EnvelopeRise` sums the terms
+G=256, B=72 with the online tail, 1-8% of the terms of a release's first round). `EnvelopeRise` sums the terms
 that can be non-zero, those where X[p, j] is above the rank's room E[p] - L[p, r]
 at that point, and skips the others, which round to exactly 0. It adds them with
 the same float32 operations in the same order (points ascending) as the dense sum,
