@@ -426,11 +426,10 @@ def test_envelope_rise_skips_only_zero_terms_and_sums_as_the_dense_rise(split):
         X32[:, -(n // 5):] = E32[:, None]  # exactly the envelope: above the room of a rank with any load
         X32 = np.maximum(X32, 0).astype(np.float32)
         w32 = (0.8 ** np.arange(P) * rng.uniform(0.5, 2, P)).astype(np.float32)
-        A = X32 - E32[:, None]
-        rise = EnvelopeRise(X32, w32)
+        rise = EnvelopeRise(X32, w32, E32)
         rise.dense_below, rise.sparse_below = 0, 2.0
         rise.point_sparse_below = {"per point": 0.15, "all sparse": 2.0, "all dense": -1.0}[split]
-        got, want = rise(L32, E32, A), dense_rise(w32, L32, A)
+        got, want = rise(L32), dense_rise(w32, L32, X32 - E32[:, None])
         assert got.dtype == want.dtype == np.float32
         assert np.array_equal(got, want), t
 

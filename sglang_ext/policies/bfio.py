@@ -588,15 +588,14 @@ class BFIO(Policy):
         # (live, steps): each weighted sum runs along a rank's contiguous row, in the
         # order a column sum of the (steps, G) loads adds, to the last bit
         whole = live.size == LT.shape[0]
+        # Envelope over all ranks: a full rank still sets the barrier.
+        lift = x - (LT.max(axis=0) if env is None else env.E)
         if env is None:
             Ll = LT if whole else LT[live]
-            # Envelope over all ranks: a full rank still sets the barrier.
-            lift = x - LT.max(axis=0)
             shared = weighted_rows(Ll, hz.w * x)
             grow = Ll + lift if whole else np.add(Ll, lift, out=Ll)  # (a gather is ours to overwrite)
             primary = weighted_rows(np.maximum(grow, 0.0, out=grow), hz.w)
         else:
-            lift = x - env.E
             shared = weighted_rows(LT, hz.w * x)  # (every rank's: cheaper than a gather)
             shared = shared if whole else shared[live]
             # Where x fits in a rank's room at every step it lifts nothing: growth 0,
@@ -670,16 +669,15 @@ class BFIO(Policy):
         taken = np.zeros(n, bool)
         XT = X.T[pts]  # (points, n) float64: the loads' updates
         XT32 = XT.astype(np.float32)  # the scores' operand
-        E32 = E.astype(np.float32)
-        A = XT32 - E32[:, None]  # candidate minus envelope
-        rise_of = EnvelopeRise(XT32, w32)  # (the terms that can be non-zero, summed as densely)
+        # (candidate minus envelope, summed over the terms that can be non-zero, as densely)
+        rise_of = EnvelopeRise(XT32, w32, E.astype(np.float32))
         stale = np.flatnonzero(free > 0)
         while True:
             live = np.flatnonzero(free > 0)
             if live.size == 0 or taken.all():
                 break
             if stale.size:
-                rise = rise_of(Lp[:, stale].astype(np.float32), E32, A)  # (k, n)
+                rise = rise_of(Lp[:, stale].astype(np.float32))  # (k, n)
                 ST[stale] = gain - pen * rise  # taken candidates have gain _NEG
             js, gs = self._match_round(ST[live], live)
             if js.size == 0:
@@ -693,8 +691,7 @@ class BFIO(Policy):
             newE = np.maximum(E, Lp[:, gs].max(axis=1))
             if (newE > E).any():  # the envelope rose: every rank's deficit changed
                 E = newE
-                E32 = E.astype(np.float32)
-                A = XT32 - E32[:, None]
+                rise_of.set_envelope(E.astype(np.float32))
                 stale = np.flatnonzero(free > 0)
             else:
                 stale = gs[free[gs] > 0]

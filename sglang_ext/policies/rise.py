@@ -18,6 +18,14 @@ import numpy as np
 from .sums import weighted_sum
 
 
+def _terms(L32, A, w):
+    """w * max(L + A, 0), float32, broadcast: the terms as the dense sum weighs them."""
+    term = L32 + A
+    np.maximum(term, 0.0, out=term)
+    term *= w
+    return term
+
+
 def dense_rise(w32: np.ndarray, L32: np.ndarray, A: np.ndarray) -> np.ndarray:
     """(k, n) rise of k ranks' loads L32 (P, k) for n candidates, A = X - E (P, n),
     all float32: every term computed."""
@@ -28,10 +36,10 @@ def dense_rise(w32: np.ndarray, L32: np.ndarray, A: np.ndarray) -> np.ndarray:
 
 class EnvelopeRise:
     """The rise for one call's candidates X32 (P, n) float32 at points weighted w32,
-    against loads and envelopes that change between rounds (`__call__`). The
-    candidates are sorted by size at each point once (at the first round large
-    enough to read it), so the terms that may be non-zero at a point are, for each
-    rank, a suffix of that order."""
+    against an envelope E32 (P,) that may rise between rounds (`set_envelope`) and
+    loads that change (`__call__`). The candidates are sorted by size at each point
+    once (at the first round large enough to read it), so the terms that may be
+    non-zero at a point are, for each rank, a suffix of that order."""
 
     #: below this many terms (points x ranks x candidates) the dense sum is as quick
     dense_below = 1 << 20
@@ -42,13 +50,18 @@ class EnvelopeRise:
     #: every rank may be as empty as the envelope)
     point_sparse_below = 0.15
 
-    def __init__(self, X32: np.ndarray, w32: np.ndarray):
+    def __init__(self, X32: np.ndarray, w32: np.ndarray, E32: np.ndarray):
         self.X32, self.w32 = X32, w32
         self.order = self.sorted = None  # (sorted on the first call that reads them)
+        self.set_envelope(E32)
 
-    def __call__(self, L32: np.ndarray, E32: np.ndarray, A: np.ndarray) -> np.ndarray:
-        """(k, n) rise of k ranks' loads L32 (P, k), against the envelope E32 (P,) with
-        A = X32 - E32[:, None] (what the dense sum adds to the loads), all float32."""
+    def set_envelope(self, E32: np.ndarray) -> None:
+        self.E32 = E32
+        self.A = self.X32 - E32[:, None]  # candidate minus envelope: what the sum adds to the loads
+
+    def __call__(self, L32: np.ndarray) -> np.ndarray:
+        """(k, n) rise of k ranks' loads L32 (P, k) float32."""
+        E32, A = self.E32, self.A
         P, k = L32.shape
         n = A.shape[1]
         if P * k * n < self.dense_below:
@@ -70,22 +83,15 @@ class EnvelopeRise:
         ranks = np.arange(k)
         # point by point, in ascending order: each sum adds its terms as the dense one does
         for p in range(P):
-            first = firsts[p]  # (k,)
-            counts = n - first
+            counts = n - firsts[p]  # (k,)
             total = int(counts.sum())
             if total == 0:
                 continue
             if total > self.point_sparse_below * k * n:
-                term = L32[p][:, None] + A[p][None, :]
-                np.maximum(term, 0.0, out=term)
-                term *= self.w32[p]
-                rise += term
+                rise += _terms(L32[p][:, None], A[p][None, :], self.w32[p])
                 continue
             r = np.repeat(ranks, counts)
             # each rank's terms: the last counts[r] candidates of the point's order
-            j = self.order[p][np.arange(total) + np.repeat(first - (np.cumsum(counts) - counts), counts)]
-            term = L32[p][r] + A[p][j]
-            np.maximum(term, 0.0, out=term)
-            term *= self.w32[p]
-            flat[r * n + j] += term  # (a pair at most once per point)
+            j = self.order[p][np.arange(total) + np.repeat(firsts[p] - (np.cumsum(counts) - counts), counts)]
+            flat[r * n + j] += _terms(L32[p][r], A[p][j], self.w32[p])  # (a pair at most once per point)
         return rise
