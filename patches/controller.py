@@ -30,6 +30,7 @@ import zmq
 
 from sglang_ext.plugin.cluster_state import ClusterState, remaining_steps
 from sglang_ext.plugin.config import BalancerConfig, get_config
+from sglang_ext.plugin.metrics import controller_metrics
 from sglang_ext.plugin.protocol import allow_ipv6, recv_reports, request_types, runs_to_cap
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class BalancedDispatch(ClusterState):
         # and the time of each placement call since (the latest DECISION_TIMES_KEPT)
         self._stats_since, self._stats_logged = time.monotonic(), dict(self.stats)
         self._decision_s: deque[float] = deque(maxlen=DECISION_TIMES_KEPT)
+        # under --enable-metrics: the counters above, the pool and the call times on /metrics
+        self.metrics = controller_metrics(cfg, getattr(controller, "server_args", None))
 
         self.policy = self._make_policy()
         if _resolve_device(cfg.device, self.num_ranks) == "cuda":
@@ -258,8 +261,11 @@ class BalancedDispatch(ClusterState):
                     or (ranks < (0 if must_place else -1)).any()):
                 raise ValueError(f"placed {len(rows)} request(s) at {ranks.tolist()[:8]} "
                                  f"(a rank per request, 0..{self.num_ranks - 1}{'' if must_place else ' or -1'})")
-            self._decision_s.append(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self._decision_s.append(took)
             self.stats["placements"] += 1
+            if self.metrics is not None:
+                self.metrics.placement_s.observe(took)
         except Exception:  # noqa: BLE001  (a policy bug must not lose requests)
             logger.exception("sglang-ext: policy %s failed; falling back to the least-loaded rank", self.cfg.policy)
             if not must_place:
@@ -527,6 +533,8 @@ class BalancedDispatch(ClusterState):
                 self.read_requests()
                 self._stage("releasing the pool", self.release_pool)
                 self._stage("logging stats", self.log_stats)
+                if self.metrics is not None:
+                    self._stage("exporting metrics", lambda: self.metrics.sync(self.stats, len(self.pool)))
         finally:
             self.close()
 

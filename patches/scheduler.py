@@ -6,7 +6,8 @@ server was launched with --balancer or --balancer-log):
   received requests, so the controller can tell which of the requests it sent
   are still in flight;
 - AFTER `Scheduler.process_batch_result` (once a step; in overlap mode for the
-  previous step): send a `RankReport` and record telemetry;
+  previous step): send a `RankReport` and record telemetry (the JSON lines of
+  --balancer-log, the counters of --enable-metrics);
 - AFTER `Scheduler.on_idle`: report too, throttled, so the controller learns
   about freed slots and newly received requests while the rank is idle;
 - AROUND `SchedulerDPAttnAdapter.maybe_prepare_mlp_sync_batch`: time spent in the
@@ -36,7 +37,7 @@ _PROCESS_STATE: "_RankState | None" = None
 class _RankState:
     """Per scheduler-process state, attached to the Scheduler as `_sglang_ext`."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, server_args=None):
         self.cfg = cfg
         self.received = 0
         self.step = 0
@@ -55,8 +56,8 @@ class _RankState:
         self.leader = leader
         if leader and cfg.reporting:
             self.sender = ReportSender(cfg.report_addr, dp_rank)
-        if leader and cfg.log_dir:
-            self.telemetry = open_telemetry(cfg, dp_rank)
+        if leader and (cfg.log_dir or cfg.metrics):
+            self.telemetry = open_telemetry(cfg, dp_rank, server_args=server_args)
 
 
 def _rank_info() -> tuple[int, bool]:
@@ -80,12 +81,13 @@ def _state(scheduler) -> _RankState | None:
     st = scheduler.__dict__.get("_sglang_ext")
     if st is not None:
         return st if st is not False else None
-    cfg = get_config(getattr(scheduler, "server_args", None))
-    if cfg is None or not (cfg.reporting or cfg.log_dir):
+    server_args = getattr(scheduler, "server_args", None)
+    cfg = get_config(server_args)
+    if cfg is None or not (cfg.reporting or cfg.log_dir or cfg.metrics):
         scheduler.__dict__["_sglang_ext"] = False
         return None
     global _PROCESS_STATE
-    st = _RankState(cfg)
+    st = _RankState(cfg, server_args)
     scheduler.__dict__["_sglang_ext"] = st
     _PROCESS_STATE = st
     return st

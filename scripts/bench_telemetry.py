@@ -2,9 +2,12 @@
 """Per-step overhead on a rank: StepTelemetry.record(), and the step report the
 scheduler patch builds for the controller, absolute and as a share of a step.
 
-Prints two markdown tables: microseconds per record (median of several rounds,
+Prints three markdown tables: microseconds per record (median of several rounds,
 each timing many records back to back, so file flushes and rotations are
-amortised as in a real run), and microseconds to build one step report for a
+amortised as in a real run), to the JSON lines of --balancer-log, to the
+Prometheus counters of --enable-metrics (multiprocess mode, as SGLang runs
+them), or both; what --enable-metrics adds to the DP controller (per loop turn
+and per placement call); and microseconds to build one step report for a
 rank running 64 to 1,024 requests (a step that runs the same requests as the
 one before, as most do) with none or 2,000 waiting (4 admitted and 4 arriving
 per step), each as a percentage of typical decode steps. The target is under
@@ -15,6 +18,7 @@ per step), each as a percentage of typical decode steps. The target is under
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -28,13 +32,27 @@ from sglang_ext.argtypes import comma_list, nonneg_int, positive_float, positive
 from sglang_ext.telemetry import StepTelemetry  # noqa: E402
 
 
-def bench(records: int, rounds: int, use_nvml: bool, max_bytes: int) -> tuple[float, str]:
+def _prometheus():
+    """prometheus_client in multiprocess mode (its values in files, as under SGLang's
+    --enable-metrics): the directory must be set before its first import."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sglang_ext_bench_prom_")
+    import prometheus_client
+
+    return prometheus_client
+
+
+def bench(records: int, rounds: int, use_nvml: bool, max_bytes: int, to_file: bool = True,
+          metrics: bool = False) -> tuple[float, str]:
     """Median microseconds per record() over `rounds`, and the energy source used."""
+    from sglang_ext.plugin.metrics import RankMetrics
+
     per_round = []
     source = ""
+    on_line = RankMetrics(_prometheus(), 0, "bench").observe if metrics else None
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as d:
-            tel = StepTelemetry(d, 0, use_nvml=use_nvml, max_bytes=max_bytes)
+            tel = StepTelemetry(d if to_file else None, 0, use_nvml=use_nvml, max_bytes=max_bytes, on_line=on_line)
             source = tel.energy_source
             rec = tel.record
             t0 = time.perf_counter()
@@ -44,6 +62,40 @@ def bench(records: int, rounds: int, use_nvml: bool, max_bytes: int) -> tuple[fl
             tel.close()  # the final flush is part of the cost
             per_round.append((time.perf_counter() - t0) / records * 1e6)
     return statistics.median(per_round), source
+
+
+def bench_controller_metrics(rounds: int, turns: int = 100_000) -> list[tuple[str, float]]:
+    """Microseconds the DP controller spends on its metrics: mirroring its counters
+    once per loop turn (nothing new, or a placement and a report since the last turn),
+    and observing one placement call's time."""
+    from sglang_ext.plugin.metrics import CONTROLLER_COUNTERS, ControllerMetrics
+
+    m = ControllerMetrics(_prometheus(), "bfio", "bench")
+    stats = dict.fromkeys(CONTROLLER_COUNTERS, 0)
+
+    def quiet(i):
+        m.sync(stats, 0)
+
+    def busy(i):
+        stats["dispatched"] += 1
+        stats["placements"] += 1
+        stats["reports"] += 4
+        m.sync(stats, i & 7)
+
+    def call(i):
+        m.placement_s.observe(3e-4)
+
+    out = []
+    for name, fn in (("loop turn, nothing new", quiet), ("loop turn, a placement and 4 reports new", busy),
+                     ("one placement call's time", call)):
+        per_round = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for i in range(turns):
+                fn(i)
+            per_round.append((time.perf_counter() - t0) / turns * 1e6)
+        out.append((name, statistics.median(per_round)))
+    return out
 
 
 class _Req:
@@ -69,7 +121,7 @@ def bench_report(running: int, waiting: int, rounds: int, reports: int = 300, ch
     sched = SimpleNamespace(running_batch=SimpleNamespace(reqs=reqs), waiting_queue=queue,
                             max_running_requests=running + 64)
     patch._rank_info = lambda: (0, True)  # (no SGLang process context here)
-    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
+    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None, metrics=False))
     per_round = []
     for _ in range(rounds):
         elapsed = 0.0
@@ -100,19 +152,28 @@ def main() -> int:
     args = ap.parse_args()
     steps = args.steps_ms
 
-    rows = [("power model", *bench(args.records, args.rounds, False, args.max_bytes))]
+    rows = [("power model", "file", *bench(args.records, args.rounds, False, args.max_bytes)),
+            ("power model", "file + /metrics", *bench(args.records, args.rounds, False, args.max_bytes,
+                                                      metrics=True)),
+            ("power model", "/metrics", *bench(args.records, args.rounds, False, args.max_bytes, to_file=False,
+                                               metrics=True))]
     us_nvml, src = bench(min(args.records, 20_000), args.rounds, True, args.max_bytes)
     if src == "nvml":
-        rows.append(("NVML every step", us_nvml, src))
+        rows.append(("NVML every step", "file", us_nvml, src))
 
-    head = "| energy path | source | us / record | " + " | ".join(f"% of {s:g} ms step" for s in steps) + " |"
+    head = "| energy path | to | source | us / record | " + " | ".join(f"% of {s:g} ms step" for s in steps) + " |"
     print(head)
-    print("|" + "---|" * (3 + len(steps)))
-    for name, us, source in rows:
+    print("|" + "---|" * (4 + len(steps)))
+    for name, to, us, source in rows:
         cells = " | ".join(f"{100 * us * 1e-6 / (s * 1e-3):.3f}%" for s in steps)
-        print(f"| {name} | {source} | {us:.2f} | {cells} |")
-    if len(rows) == 1:
+        print(f"| {name} | {to} | {source} | {us:.2f} | {cells} |")
+    if len(rows) == 3:
         print("\n(no NVML device here: only the power-model path was measured)")
+
+    print("\n| DP controller under --enable-metrics | us |")
+    print("|---|---|")
+    for name, us in bench_controller_metrics(args.rounds):
+        print(f"| {name} | {us:.2f} |")
 
     print("\n| running | waiting | us / step report | " + " | ".join(f"% of {s:g} ms step" for s in steps) + " |")
     print("|" + "---|" * (3 + len(steps)))

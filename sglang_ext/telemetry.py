@@ -2,7 +2,9 @@
 
 One `StepTelemetry` per DP rank (the scheduler patch and the stand-in backend
 create it); `record()` is called once per decode/prefill step and appends one
-line to `<log_dir>/rank<dp_rank>.jsonl`. Schema and semantics: docs/telemetry.md.
+line to `<log_dir>/rank<dp_rank>.jsonl`, and hands it to `on_line` (the rank's
+Prometheus counters under `--enable-metrics`) once its energy is known. Schema
+and semantics: docs/telemetry.md.
 
 It sits on the scheduler's hot path, so it is built to be cheap: no fsync, a
 large write buffer, a flush every `flush_every` lines or `flush_interval_s`
@@ -21,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .cost import PowerModel, power_preset
 
@@ -111,7 +114,8 @@ class StepTelemetry:
     """Writes one JSON line per scheduler step for one DP rank.
 
     Args:
-        log_dir: directory for `rank<dp_rank>.jsonl` (created if missing).
+        log_dir: directory for `rank<dp_rank>.jsonl` (created if missing); None: no
+            file, the lines only go to `on_line`.
         dp_rank: this rank's DP index.
         power_model: a `PowerModel`, a preset name, or None for `power_preset("h100")`;
             used when NVML is unavailable (and to fill gaps if NVML fails later).
@@ -126,11 +130,13 @@ class StepTelemetry:
             or seconds, whichever comes first.
         nvml_device: NVML device index; None finds the current CUDA device (or dp_rank).
         use_nvml: False forces the power model.
+        on_line: called with each line once complete (its energy known), before it is
+            written; an exception there is logged once and the line still written.
     """
 
     def __init__(
         self,
-        log_dir: str | os.PathLike,
+        log_dir: str | os.PathLike | None,
         dp_rank: int,
         *,
         power_model: PowerModel | str | None = None,
@@ -142,6 +148,7 @@ class StepTelemetry:
         flush_interval_s: float = 1.0,
         nvml_device: int | None = None,
         use_nvml: bool = True,
+        on_line: Callable[[dict], None] | None = None,
     ):
         if isinstance(power_model, str):
             power_model = power_preset(power_model)
@@ -153,13 +160,16 @@ class StepTelemetry:
         self.backups = backups
         self.flush_every = max(1, int(flush_every))
         self.flush_interval_s = float(flush_interval_s)
-        self.log_dir = os.fspath(log_dir)
-        os.makedirs(self.log_dir, exist_ok=True)
-        self.path = os.path.join(self.log_dir, f"rank{self.dp_rank}.jsonl")
+        self.on_line = on_line
+        self._warned_sink = False
         self._model_label = f"model:{self.power_model.name}"
-
-        self._file = open(self.path, "ab", buffering=1 << 20)
-        self._size = self._file.tell()
+        self.log_dir = self.path = self._file = None
+        if log_dir is not None:
+            self.log_dir = os.fspath(log_dir)
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.path = os.path.join(self.log_dir, f"rank{self.dp_rank}.jsonl")
+            self._file = open(self.path, "ab", buffering=1 << 20)
+        self._size = 0 if self._file is None else self._file.tell()
         self._unflushed = 0
         self._last_flush = time.monotonic()
         self._closed = False
@@ -286,6 +296,15 @@ class StepTelemetry:
             self._write(rec)
 
     def _write(self, rec: dict) -> None:
+        if self.on_line is not None:
+            try:
+                self.on_line(rec)
+            except Exception:  # noqa: BLE001 - a metrics bug must not stop the log or the rank
+                if not self._warned_sink:
+                    logger.exception("rank %d: the step line's consumer failed (logged once)", self.dp_rank)
+                    self._warned_sink = True
+        if self._file is None:
+            return
         line = _dumps(rec)
         if self._size + len(line) > self.max_bytes and self._size > 0:
             self._rotate()
@@ -301,7 +320,7 @@ class StepTelemetry:
 
     def flush(self) -> None:
         """Hand the buffer to the OS (no fsync: a crash of the machine may lose the tail)."""
-        if not self._closed:
+        if not self._closed and self._file is not None:
             self._file.flush()
         self._unflushed = 0
         self._last_flush = time.monotonic()
@@ -334,8 +353,9 @@ class StepTelemetry:
         try:
             if self._nvml is not None:
                 self._settle_nvml()
-            self._file.flush()
-            self._file.close()
+            if self._file is not None:
+                self._file.flush()
+                self._file.close()
         finally:
             self._closed = True
             if self._nvml is not None:

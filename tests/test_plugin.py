@@ -29,6 +29,7 @@ def _parse(argv):
     parser.add_argument("--nnodes", type=int, default=1)
     parser.add_argument("--dist-init-addr", default=None)
     parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--enable-metrics", action="store_true")  # (SGLang's own flag)
     config.add_cli_args(None, parser)
     args = parser.parse_args(argv)
     server_args = SimpleNamespace()
@@ -64,6 +65,8 @@ def test_cli_defaults_and_values():
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-view-lag", "0"]).view_lag == 0
     assert _parse(["--dp-size", "4", "--balancer", "bfio"]).cpu_threads == 1
     assert _parse(["--dp-size", "4", "--balancer", "bfio", "--balancer-cpu-threads", "0"]).cpu_threads == 0
+    assert _parse(["--dp-size", "4", "--balancer", "bfio"]).metrics is False
+    assert _parse(["--dp-size", "4", "--balancer", "bfio", "--enable-metrics"]).metrics is True
 
 
 def test_cli_without_balancer_changes_nothing():
@@ -396,7 +399,7 @@ def test_report_columns_follow_the_running_set_from_step_to_step(monkeypatch):
     from sglang_ext.patches import scheduler as patch
 
     monkeypatch.setattr(patch, "_rank_info", lambda: (0, True))
-    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
+    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None, metrics=False))
     a, b, c = _FakeReq(110, 10, 64), _FakeReq(55, 5, 32), _FakeReq(20, 1, 16, ignore_eos=True)
     sched = SimpleNamespace(max_running_requests=8, running_batch=SimpleNamespace(reqs=[a, b]), waiting_queue=[])
     rep = patch._build_report(sched, st, None)
@@ -420,7 +423,7 @@ def test_waiting_rows_follow_the_queue_however_it_changes(monkeypatch):
     from sglang_ext.patches import scheduler as patch
 
     monkeypatch.setattr(patch, "_rank_info", lambda: (0, True))
-    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None))
+    st = patch._RankState(SimpleNamespace(reporting=False, log_dir=None, metrics=False))
     pool = [_FakeReq(0, 0, 16 + i, prompt=100 + i, ignore_eos=i % 3 == 0) for i in range(12)]
     sched = SimpleNamespace(max_running_requests=64, running_batch=SimpleNamespace(reqs=[]), waiting_queue=[])
     queues = [pool[:5], pool[:5], pool[2:8], pool[2:8] + pool[8:10], pool[9:3:-1], pool[4:6] + pool[7:9], [],
@@ -467,6 +470,35 @@ def test_reports_travel_over_ipv6_tcp():
         got = recv_reports(pull)
     assert got and (got[0].dp_rank, got[0].step, got[0].run_kv.tolist()) == (3, 7, [5])
     pull.close(linger=0)
+
+
+def test_scheduler_steps_reach_the_metrics_without_a_log_dir(monkeypatch, tmp_path):
+    # --enable-metrics alone (no --balancer-log): every step's line goes to the rank's
+    # counters, and no file is written.
+    from sglang_ext.patches import scheduler as patch
+    from sglang_ext.plugin import metrics
+
+    seen, made = [], []
+
+    def fake_rank_metrics(cfg, server_args, dp_rank):
+        made.append((dp_rank, server_args.served_model_name))
+        return SimpleNamespace(observe=seen.append) if cfg.metrics else None
+
+    monkeypatch.setattr(metrics, "rank_metrics", fake_rank_metrics)
+    monkeypatch.setattr(patch, "_rank_info", lambda: (3, True))
+    monkeypatch.setattr(patch, "_PROCESS_STATE", None)
+    monkeypatch.chdir(tmp_path)
+    cfg = config.BalancerConfig(policy="bfio", metrics=True)  # (no report address: --dp-size 1, no reports)
+    running = [_FakeReq(110, 10, 64), _FakeReq(55, 5, 32)]
+    sched = SimpleNamespace(server_args=SimpleNamespace(_balancer=cfg, served_model_name="tiny"),
+                            max_running_requests=8, running_batch=SimpleNamespace(reqs=running), waiting_queue=[])
+    for _ in range(3):
+        patch.after_process_batch_result(None, sched, SimpleNamespace(reqs=running))
+    assert made == [(3, "tiny")] and sched._sglang_ext.sender is None
+    assert [(r["step"], r["dp_rank"], r["batch_size"], r["kv_tokens"]) for r in seen] == [
+        (1, 3, 2, 165), (2, 3, 2, 165), (3, 3, 2, 165)]
+    assert all(r["energy_j"] > 0 and 0 <= r["idle_s"] <= r["step_time_s"] for r in seen)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_scheduler_patch_is_inert_without_balancer():

@@ -159,3 +159,35 @@ def test_missing_prediction_is_null(tmp_path, no_nvml):
                          idle_s=0.0, idle_source="measured")
     assert rec["predicted_cost_s"] is None
     assert read_lines(tmp_path / "rank0.jsonl")[0]["predicted_cost_s"] is None
+
+
+def test_each_line_reaches_on_line_once_with_its_energy(tmp_path, monkeypatch):
+    # The metrics sink sees exactly the written lines, each once its NVML energy is settled.
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    seen = []
+    tel = StepTelemetry(tmp_path, 1, nvml_every=3, on_line=lambda rec: seen.append(dict(rec)))
+    record_steps(tel, 4)
+    assert [r["step"] for r in seen] == [0, 1, 2] and all(r["energy_j"] is not None for r in seen)
+    tel.close()
+    assert seen == read_lines(tmp_path / "rank1.jsonl")
+
+
+def test_without_a_log_dir_lines_go_to_on_line_only(tmp_path, no_nvml, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    with StepTelemetry(None, 2, on_line=seen.append) as tel:
+        returned = record_steps(tel, 5)
+        assert tel.path is None
+    assert seen == returned and all(r["energy_j"] > 0 for r in seen)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_on_line_is_logged_once_and_the_log_goes_on(tmp_path, no_nvml, caplog):
+    def broken(rec):
+        raise RuntimeError("metrics are down")
+
+    with StepTelemetry(tmp_path, 0, on_line=broken) as tel:
+        record_steps(tel, 3)
+    assert len(read_lines(tmp_path / "rank0.jsonl")) == 3
+    assert sum("consumer failed" in r.getMessage() for r in caplog.records) == 1

@@ -54,6 +54,7 @@ class BalancerConfig:
     cpu_threads: int = 1  # torch intra-op threads of the controller's CPU projection (0: torch's default)
     stats_interval_s: float = 60.0  # the controller logs its counters and decision times this often (0: never)
     log_dir: str | None = None
+    metrics: bool = False  # SGLang's --enable-metrics: the balancer's counters on /metrics too
     report_addr: str | None = None  # PULL socket the controller binds, ranks PUSH to
     seed: int = 0
     sim_backend: str | None = None  # cost preset name: run the GPU-free stand-in scheduler
@@ -387,6 +388,7 @@ def from_cli_args(result, cls, args: argparse.Namespace):
             setattr(cfg, field, value)
     if cfg.log_dir is not None:
         cfg.log_dir = os.path.abspath(cfg.log_dir)
+    cfg.metrics = bool(getattr(args, "enable_metrics", False))
     if cfg.enabled:
         dp_size = getattr(args, "dp_size", 1) or 1
         if dp_size < 2:

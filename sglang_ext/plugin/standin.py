@@ -174,7 +174,7 @@ class StandinScheduler:
         self.finished_prompts: list[int] = []
         self.finished_exact: list[bool] = []
         self.sender = ReportSender(cfg.report_addr, dp_rank) if cfg.reporting else None
-        self.telemetry = open_telemetry(cfg, dp_rank, source="standin")
+        self.telemetry = open_telemetry(cfg, dp_rank, source="standin", server_args=server_args)
         self._last_report = 0.0
         self._last_key = None
         self._outbox: list[tuple[SimReq, list[int], dict | None]] = []
