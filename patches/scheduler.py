@@ -9,7 +9,8 @@ server was launched with --balancer or --balancer-log):
   previous step): send a `RankReport` and record telemetry (the JSON lines of
   --balancer-log, the counters of --enable-metrics);
 - AFTER `Scheduler.on_idle`: report too, throttled, so the controller learns
-  about freed slots and newly received requests while the rank is idle;
+  about freed slots and newly received requests while the rank is idle, and
+  flush the telemetry lines of the last busy steps once they are due;
 - AROUND `SchedulerDPAttnAdapter.maybe_prepare_mlp_sync_batch`: time spent in the
   per-step cross-rank sync under DP attention, i.e. the measured barrier idle.
 """
@@ -217,7 +218,11 @@ def after_process_batch_result(result, self, batch, *args, **kwargs):
 
 def after_on_idle(result, self, *args, **kwargs):
     st = _state(self)
-    if st is None or not st.leader or st.sender is None:
+    if st is None or not st.leader:
+        return None
+    if st.telemetry is not None:
+        st.telemetry.flush_due()  # (the last busy steps' lines, for a live report)
+    if st.sender is None:
         return None
     now = time.monotonic()
     key = (st.received, len(self.waiting_queue), len(getattr(self.running_batch, "reqs", []) or []))

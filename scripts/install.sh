@@ -36,7 +36,7 @@ if [ "$have_gpu" = 0 ] || [ "${SGLANG_EXT_INSTALL_SGLANG:-0}" = 1 ]; then
   $PIP numpy orjson psutil pybase64 requests packaging pillow fastapi msgspec "pyzmq>=25.1.2" triton tqdm \
     IPython aiohttp setproctitle apache-tvm-ffi==0.1.11 transformers==5.19.0 dill sentencepiece==0.2.1 \
     compressed-tensors==0.18.0 gguf openai==2.8.0 partial_json_parser einops "uvicorn>=0.51" \
-    uvloop jsonschema xgrammar==0.2.7 soundfile==0.13.1 python-multipart
+    uvloop jsonschema xgrammar==0.2.7 soundfile==0.13.1 python-multipart "prometheus-client>=0.20.0"
   # torchvision from PyPI is a CUDA build; with CPU torch its import fails on the
   # missing torchvision::nms operator. Installed without deps so torch stays the CPU one.
   $PIP --no-deps torchvision==0.28.0

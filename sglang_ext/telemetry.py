@@ -318,6 +318,12 @@ class StepTelemetry:
 
     # -- housekeeping -----------------------------------------------------------------------
 
+    def flush_due(self) -> None:
+        """Flush lines older than `flush_interval_s` (a rank gone idle calls this: the
+        lines are otherwise flushed only when the next one is written)."""
+        if self._unflushed and time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
     def flush(self) -> None:
         """Hand the buffer to the OS (no fsync: a crash of the machine may lose the tail)."""
         if not self._closed and self._file is not None:

@@ -218,6 +218,41 @@ def _check_eos_answers(server, n: int = 60, cap: int = 64):
     assert "falling back" not in server.log_path.read_text(errors="replace"), "the policy failed on the way"
 
 
+def _metric_samples(url: str) -> dict[tuple[str, frozenset], float]:
+    out = {}
+    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+        m = re.fullmatch(r"(sglang_ext:[a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        if m:
+            out[(m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))] = float(m.group(3))
+    return out
+
+
+def _check_metrics(server):
+    # --enable-metrics: SGLang's /metrics carries each rank's counters (the same steps as
+    # its --balancer-log file) and the controller's, once the work is done.
+    time.sleep(2.0)  # (the files flush each second; no step runs while the ranks are idle)
+    s = _metric_samples(server.url)
+    ranks = {}
+    for (name, labels), v in s.items():
+        lab = dict(labels)
+        if "dp_rank" in lab:
+            ranks.setdefault(int(lab["dp_rank"]), {})[name] = v
+    assert sorted(ranks) == list(range(DP)), sorted(s)[:10]
+    for g, m in ranks.items():
+        lines = [json.loads(x) for x in (server.log_dir / f"rank{g}.jsonl").read_text().splitlines()]
+        assert m["sglang_ext:steps_total"] == len(lines) > 0
+        assert m["sglang_ext:barrier_idle_seconds_total"] == pytest.approx(sum(r["idle_s"] for r in lines))
+        assert m["sglang_ext:step_seconds_total"] == pytest.approx(sum(r["step_time_s"] for r in lines))
+        assert m["sglang_ext:energy_joules_total"] == pytest.approx(sum(r["energy_j"] for r in lines))
+    ctl = {name: v for (name, labels), v in s.items() if ("balancer", "bfio") in labels}
+    assert ctl["sglang_ext:requests_placed_total"] >= len(JOBS)  # (and the other checks' requests)
+    assert ctl["sglang_ext:requests_pinned_total"] >= 2 * DP  # (the pinned-rank check)
+    assert 0 < ctl["sglang_ext:placement_calls_total"] <= ctl["sglang_ext:requests_placed_total"]
+    assert ctl["sglang_ext:placement_seconds_count"] == ctl["sglang_ext:placement_calls_total"]
+    assert ctl["sglang_ext:pooled_requests"] == 0  # (immediate binding pools nothing)
+    assert ctl["sglang_ext:rank_reports_total"] >= sum(m["sglang_ext:steps_total"] for m in ranks.values())
+
+
 def _check_shutdown(server):
     own_ipc = [p for p in os.listdir(server.tmpdir) if p.startswith("sglang_ext_")]
     assert own_ipc, "the controller's report socket should exist while serving"
@@ -239,7 +274,8 @@ def _check_shutdown(server):
 class TestBfioImmediate:
     @pytest.fixture(scope="class")
     def server(self, tmp_path_factory):
-        yield from _server(tmp_path_factory, "bfio", SIM + ["--balancer", "bfio", "--balancer-stats-interval", "1"])
+        yield from _server(tmp_path_factory, "bfio", SIM + ["--balancer", "bfio", "--balancer-stats-interval", "1",
+                                                           "--enable-metrics"])
 
     def test_workload_completes_exactly_once(self, server):
         _check_workload(server, "bfio")
@@ -308,6 +344,9 @@ class TestBfioImmediate:
         for rs in full:
             assert min(r["idle_s"] for r in rs) == pytest.approx(0.0, abs=1e-9)
             assert len({round(r["step_time_s"], 9) for r in rs}) == 1  # one collective, one step time
+
+    def test_metrics_page_shows_each_rank_and_the_controller(self, server):
+        _check_metrics(server)
 
     def test_shutdown_is_clean(self, server):
         _check_shutdown(server)

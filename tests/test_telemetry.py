@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import types
 
 import pytest
@@ -191,3 +192,16 @@ def test_a_failing_on_line_is_logged_once_and_the_log_goes_on(tmp_path, no_nvml,
         record_steps(tel, 3)
     assert len(read_lines(tmp_path / "rank0.jsonl")) == 3
     assert sum("consumer failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_rank_gone_idle_flushes_its_last_lines_when_due(tmp_path, no_nvml):
+    # Lines are flushed as the next one is written; a rank with no next step calls
+    # flush_due while idle, so a live report still sees its last steps.
+    tel = StepTelemetry(tmp_path, 0, flush_interval_s=0.2)
+    record_steps(tel, 2)
+    tel.flush_due()
+    assert (tmp_path / "rank0.jsonl").read_text() == ""  # (not due yet)
+    time.sleep(0.25)
+    tel.flush_due()
+    assert len(read_lines(tmp_path / "rank0.jsonl")) == 2
+    tel.close()

@@ -430,6 +430,8 @@ class StandinScheduler:
             if idle:
                 self._flush_outbox()  # rejections and aborts found while idle
                 self._report(force=False)
+                if self.telemetry is not None:
+                    self.telemetry.flush_due()  # (the last busy steps' lines, for a live report)
                 continue
             self.step += 1
             n, kv = len(self.running), sum(r.kv for r in self.running)
