@@ -32,6 +32,7 @@ import requests
 from e2e_helpers import CONTEXT_LEN, kv_spread, make_jobs, run_job, run_workload, start_server, \
     telemetry_imbalance, Job
 from sglang_ext.patches.controller import STATS_LINE, read_stats
+from sglang_ext.plugin.metrics import parse_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -218,20 +219,11 @@ def _check_eos_answers(server, n: int = 60, cap: int = 64):
     assert "falling back" not in server.log_path.read_text(errors="replace"), "the policy failed on the way"
 
 
-def _metric_samples(url: str) -> dict[tuple[str, frozenset], float]:
-    out = {}
-    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
-        m = re.fullmatch(r"(sglang_ext:[a-z_]+)(?:\{(.*)\})? (\S+)", line)
-        if m:
-            out[(m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")))] = float(m.group(3))
-    return out
-
-
 def _check_metrics(server):
     # --enable-metrics: SGLang's /metrics carries each rank's counters (the same steps as
     # its --balancer-log file) and the controller's, once the work is done.
     time.sleep(2.0)  # (the files flush each second; no step runs while the ranks are idle)
-    s = _metric_samples(server.url)
+    s = parse_metrics(requests.get(server.url + "/metrics", timeout=30).text)
     ranks = {}
     for (name, labels), v in s.items():
         lab = dict(labels)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from sglang_ext.plugin.metrics import parse_metrics, rank_idle_fractions
 
 pytest.importorskip("prometheus_client")
 
@@ -72,17 +73,6 @@ def _run(code: str, prom_dir: Path, *args: str, env_extra=None) -> subprocess.Co
     return out
 
 
-def _samples(text: str) -> dict[tuple[str, frozenset], float]:
-    """{(name, labels): value} of an exposition text."""
-    out = {}
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
-        if m and not line.startswith("#"):
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -93,7 +83,7 @@ def test_ranks_and_controller_show_on_one_metrics_page(tmp_path):
     for rank in (0, 1):
         _run(RANK, prom, str(rank), str(logs))
     _run(CONTROLLER, prom)
-    s = _samples(_run(READ, prom).stdout)
+    s = parse_metrics(_run(READ, prom).stdout)
 
     for rank in (0, 1):
         lines = _lines(logs / f"rank{rank}.jsonl")
@@ -105,6 +95,8 @@ def test_ranks_and_controller_show_on_one_metrics_page(tmp_path):
         # the gauges hold the rank's last step (each rank its own series)
         assert s[("sglang_ext:running_requests", at)] == lines[-1]["batch_size"]
         assert s[("sglang_ext:kv_tokens", at)] == lines[-1]["kv_tokens"]
+        assert rank_idle_fractions(s)[rank] == pytest.approx(
+            sum(r["idle_s"] for r in lines) / sum(r["step_time_s"] for r in lines))
 
     at = frozenset({("model_name", "tiny"), ("balancer", "bfio")})
     expect = {"requests_placed": 90, "requests_pinned": 6, "requests_placed_at_pool_deadline": 5,
@@ -133,3 +125,21 @@ def test_metrics_stay_off_without_the_flag_or_the_directory(tmp_path):
     out = _run(code, tmp_path, env_extra={"PROMETHEUS_MULTIPROC_DIR": ""})
     assert "--enable-metrics without PROMETHEUS_MULTIPROC_DIR; balancer metrics off" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_metrics_reads_our_samples_only():
+    text = "\n".join([
+        "# HELP sglang_ext:steps_total Forward steps of this DP rank.",
+        "# TYPE sglang_ext:steps_total counter",
+        'sglang_ext:steps_total{dp_rank="0",model_name="a \\"quoted\\" name"} 12.0',
+        'sglang_ext:steps_total{dp_rank="1",model_name="m"} 3.0',
+        'sglang:num_running_reqs{dp_rank="0"} 5.0',
+        "sglang_ext:pooled_requests 2.0",
+        'sglang_ext:step_seconds_total{dp_rank="1",model_name="m"} 2.0',
+        'sglang_ext:barrier_idle_seconds_total{dp_rank="1",model_name="m"} 0.5',
+    ])
+    s = parse_metrics(text)
+    assert s[("sglang_ext:steps_total", frozenset({("dp_rank", "0"), ("model_name", 'a \\"quoted\\" name')}))] == 12
+    assert s[("sglang_ext:pooled_requests", frozenset())] == 2
+    assert not any(name.startswith("sglang:") for name, _ in s) and len(s) == 5
+    assert rank_idle_fractions(s) == {1: 0.25}  # (rank 0 has no step time)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +152,35 @@ def controller_metrics(cfg, server_args) -> ControllerMetrics | None:
     except Exception:  # noqa: BLE001
         logger.exception("sglang-ext: cannot create the controller's metrics")
         return None
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str, prefix: str = "sglang_ext:") -> dict[tuple[str, frozenset], float]:
+    """{(name, frozenset of (label, value)): value} of the samples in a `/metrics` page
+    (Prometheus text format) whose name starts with `prefix`."""
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        m = _SAMPLE.fullmatch(line)
+        if m:
+            out[(m.group(1), frozenset(_LABEL.findall(m.group(2) or "")))] = float(m.group(3))
+    return out
+
+
+def rank_idle_fractions(samples: dict[tuple[str, frozenset], float]) -> dict[int, float]:
+    """Each DP rank's barrier-idle fraction (idle seconds over step seconds) from
+    `parse_metrics`; ranks with no step left out."""
+    idle, steps = {}, {}
+    for (name, labels), v in samples.items():
+        rank = dict(labels).get("dp_rank")
+        if rank is None:
+            continue
+        if name == "sglang_ext:barrier_idle_seconds_total":
+            idle[int(rank)] = v
+        elif name == "sglang_ext:step_seconds_total":
+            steps[int(rank)] = v
+    return {g: idle.get(g, 0.0) / t for g, t in sorted(steps.items()) if t > 0}
