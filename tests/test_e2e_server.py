@@ -223,7 +223,8 @@ def _check_metrics(server):
     # --enable-metrics: SGLang's /metrics carries each rank's counters (the same steps as
     # its --balancer-log file) and the controller's, once the work is done.
     time.sleep(2.0)  # (the files flush each second; no step runs while the ranks are idle)
-    s = parse_metrics(requests.get(server.url + "/metrics", timeout=30).text)
+    page = requests.get(server.url + "/metrics", timeout=30).text
+    s = parse_metrics(page)
     ranks = {}
     for (name, labels), v in s.items():
         lab = dict(labels)
@@ -243,6 +244,11 @@ def _check_metrics(server):
     assert ctl["sglang_ext:placement_seconds_count"] == ctl["sglang_ext:placement_calls_total"]
     assert ctl["sglang_ext:pooled_requests"] == 0  # (immediate binding pools nothing)
     assert ctl["sglang_ext:rank_reports_total"] >= sum(m["sglang_ext:steps_total"] for m in ranks.values())
+    # the shipped Grafana dashboard queries only series this page has (SGLang's own too)
+    from test_metrics import dashboard_metric_names
+
+    on_page = {name for name, _ in parse_metrics(page, prefix="sglang")}
+    assert dashboard_metric_names(prefix="sglang") <= on_page
 
 
 def _check_shutdown(server):

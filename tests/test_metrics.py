@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,12 @@ def _run(code: str, prom_dir: Path, *args: str, env_extra=None) -> subprocess.Co
     return out
 
 
+def dashboard_metric_names(prefix: str = "sglang_ext:") -> set[str]:
+    """The metric names the shipped Grafana dashboard queries (docs/grafana)."""
+    text = json.dumps(json.loads((REPO / "docs" / "grafana" / "sglang_ext.json").read_text()))
+    return {n for n in re.findall(r"(sglang(?:_ext)?:[a-z_]+)", text) if n.startswith(prefix)}
+
+
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -106,6 +113,9 @@ def test_ranks_and_controller_show_on_one_metrics_page(tmp_path):
     assert s[("sglang_ext:placement_seconds_count", at)] == 30
     assert s[("sglang_ext:placement_seconds_bucket", at | {("le", "0.00025")})] == 15
     assert s[("sglang_ext:placement_seconds_sum", at)] == pytest.approx(15 * 2e-4 + 15 * 3e-3)
+    # every series the shipped dashboard queries is one the plugin makes
+    queried = dashboard_metric_names()
+    assert len(queried) >= 8 and queried <= {name for name, _ in s}
 
 
 def test_metrics_stay_off_without_the_flag_or_the_directory(tmp_path):
