@@ -264,13 +264,13 @@ class BalancedDispatch(ClusterState):
             took = time.perf_counter() - t0
             self._decision_s.append(took)
             self.stats["placements"] += 1
-            if self.metrics is not None:
-                self.metrics.placement_s.observe(took)
         except Exception:  # noqa: BLE001  (a policy bug must not lose requests)
             logger.exception("sglang-ext: policy %s failed; falling back to the least-loaded rank", self.cfg.policy)
             if not must_place:
                 return np.full(len(rows), -1, dtype=np.int64)  # stay pooled; the deadline places them
             return self._least_tokens(rows, active)
+        if self.metrics is not None:
+            self.metrics.placement_call(took)
         stranded = (ranks >= 0) & ~active[np.maximum(ranks, 0)]  # defensive: a policy must never
         if stranded.any():  # strand a request on a dead rank
             ranks[stranded] = int(np.flatnonzero(active)[0]) if must_place else -1
@@ -534,7 +534,7 @@ class BalancedDispatch(ClusterState):
                 self._stage("releasing the pool", self.release_pool)
                 self._stage("logging stats", self.log_stats)
                 if self.metrics is not None:
-                    self._stage("exporting metrics", lambda: self.metrics.sync(self.stats, len(self.pool)))
+                    self.metrics.sync(self.stats, len(self.pool))
         finally:
             self.close()
 

@@ -83,7 +83,7 @@ def bench_controller_metrics(rounds: int, turns: int = 100_000) -> list[tuple[st
         m.sync(stats, i & 7)
 
     def call(i):
-        m.placement_s.observe(3e-4)
+        m.placement_call(3e-4)
 
     out = []
     for name, fn in (("loop turn, nothing new", quiet), ("loop turn, a placement and 4 reports new", busy),

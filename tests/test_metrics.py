@@ -54,7 +54,7 @@ for turn in range(30):
     stats["pool_deadline"] += turn % 7 == 0
     m.sync(stats, pool_depth=turn % 4)
     m.sync(stats, pool_depth=turn % 4)  # (a turn with nothing new adds nothing)
-    m.placement_s.observe(2e-4 if turn % 2 else 3e-3)
+    m.placement_call(2e-4 if turn % 2 else 3e-3)
 """
 
 READ = """

@@ -245,6 +245,41 @@ def test_burst_is_spread_by_in_flight_accounting(fake_controller):
     assert bal.build_view().pending_prefill.tolist() == [0, 200, 200, 200]
 
 
+def test_a_failing_metrics_export_changes_no_placement(fake_controller, caplog):
+    # A metrics write that fails (a full disk under the multiprocess directory) is logged
+    # once and turns the metrics off: every request still goes where the policy puts it.
+    from sglang_ext.plugin.metrics import ControllerMetrics
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def labels(self, **labels):
+            return self
+
+        def _fail(self, *args):
+            raise OSError(28, "No space left on device")
+
+        inc = set = observe = _fail
+
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=60)
+    ref, _ = fake_controller("bfio", binding="pool", max_wait=60)  # (the same `sent` list)
+    bal.metrics = ControllerMetrics(SimpleNamespace(Counter=Broken, Gauge=Broken, Histogram=Broken), "bfio", "m")
+    with caplog.at_level(logging.INFO):
+        for b in (bal, ref):
+            b.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=2) for g in range(4)])
+            for i in range(10):
+                b.dispatch(_req(10 + 37 * i, max_new=8 + i, rid=f"r{i}"))
+            b.release_pool()
+            b.metrics is None or b.metrics.sync(b.stats, len(b.pool))
+    placed = [(g, r.rid) for g, r in sent]
+    assert len(placed) == 16 and placed[:8] == placed[8:]
+    assert bal.metrics.off
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("metrics off from now on" in m for m in msgs) == 1
+    assert not any("falling back" in m for m in msgs)
+
+
 def test_pinned_request_is_honoured_and_counted(fake_controller):
     bal, sent = fake_controller("bfio")
     bal.dispatch(_req(50, pin=3))

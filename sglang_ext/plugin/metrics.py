@@ -115,7 +115,9 @@ def rank_metrics(cfg, server_args, dp_rank: int) -> RankMetrics | None:
 
 class ControllerMetrics:
     """The DP controller's counters, mirrored from its `stats` dict once per loop turn
-    (a few dict reads when nothing changed), the pool's depth and the placement time."""
+    (a few dict reads when nothing changed), the pool's depth and the placement time.
+    A failure here (a full disk under the metrics directory) is logged once and turns
+    the metrics off: it must neither stop the loop nor change a placement."""
 
     def __init__(self, prom, balancer: str, model_name: str):
         labels = dict(model_name=model_name, balancer=balancer)
@@ -128,16 +130,34 @@ class ControllerMetrics:
         self.placement_s = prom.Histogram("sglang_ext:placement_seconds", "Time of one placement call (s).",
                                           names, registry=None, buckets=PLACEMENT_BUCKETS).labels(**labels)
         self._pool_depth = None
+        self.off = False
+
+    def _failed(self) -> None:
+        logger.exception("sglang-ext: exporting the controller's metrics failed; metrics off from now on")
+        self.off = True
 
     def sync(self, stats: dict, pool_depth: int) -> None:
-        for key, counter in self.counters.items():
-            new = stats[key] - self.exported[key]
-            if new > 0:
-                counter.inc(new)
-                self.exported[key] = stats[key]
-        if pool_depth != self._pool_depth:
-            self.pooled.set(pool_depth)
-            self._pool_depth = pool_depth
+        if self.off:
+            return
+        try:
+            for key, counter in self.counters.items():
+                new = stats[key] - self.exported[key]
+                if new > 0:
+                    counter.inc(new)
+                    self.exported[key] = stats[key]
+            if pool_depth != self._pool_depth:
+                self.pooled.set(pool_depth)
+                self._pool_depth = pool_depth
+        except Exception:  # noqa: BLE001
+            self._failed()
+
+    def placement_call(self, seconds: float) -> None:
+        if self.off:
+            return
+        try:
+            self.placement_s.observe(seconds)
+        except Exception:  # noqa: BLE001
+            self._failed()
 
 
 def controller_metrics(cfg, server_args) -> ControllerMetrics | None:
