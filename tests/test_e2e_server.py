@@ -5,12 +5,14 @@ Three servers, each started once (class-scoped fixtures, so at most one runs at
 a time on a 2-core machine; startup is import-bound: ~100 s plain DP, ~175 s
 with DP attention):
 
-- bfio, immediate binding, plain DP (--dp-size 4);
-- round_robin, same flags: the same 200 requests, for the KV-spread comparison;
+- bfio, immediate binding, plain DP (--dp-size 4), with --enable-metrics;
+- round_robin, same flags but the metrics: the same 200 requests, for the
+  KV-spread comparison;
 - bfio, pool binding, --enable-dp-attention (--tp-size 4 --dp-size 4), with a
   small --max-running-requests so the pool actually holds requests and its
-  deadline path is exercised, and lengths learned per prompt size
-  (--balancer-estimator empirical-prompt) from answers that end by EOS.
+  deadline path is exercised, lengths learned per prompt size
+  (--balancer-estimator empirical-prompt) from answers that end by EOS, and
+  --enable-metrics.
 
 Every server is run from a temporary cwd (the repository's top-level
 triton_kernels/ would shadow the real package) with a private TMPDIR, and its
@@ -242,7 +244,7 @@ def _check_metrics(server):
     assert ctl["sglang_ext:requests_pinned_total"] >= 2 * DP  # (the pinned-rank check)
     assert 0 < ctl["sglang_ext:placement_calls_total"] <= ctl["sglang_ext:requests_placed_total"]
     assert ctl["sglang_ext:placement_seconds_count"] == ctl["sglang_ext:placement_calls_total"]
-    assert ctl["sglang_ext:pooled_requests"] == 0  # (immediate binding pools nothing)
+    assert ctl["sglang_ext:pooled_requests"] == 0  # (immediate binding pools nothing; a pool has drained)
     assert ctl["sglang_ext:rank_reports_total"] >= sum(m["sglang_ext:steps_total"] for m in ranks.values())
     # the shipped Grafana dashboard queries only series this page has (SGLang's own too)
     from test_metrics import dashboard_metric_names
@@ -381,7 +383,7 @@ class TestDpAttentionPool:
         yield from _server(tmp_path_factory, "dp_attention", SIM + [
             "--tp-size", str(DP), "--enable-dp-attention", "--balancer", "bfio", "--balancer-binding", "pool",
             "--balancer-pool-max-wait", "0.3", "--max-running-requests", "24",
-            "--balancer-estimator", "empirical-prompt",
+            "--balancer-estimator", "empirical-prompt", "--enable-metrics",
         ])
 
     def test_workload_completes_exactly_once(self, server):
@@ -400,6 +402,9 @@ class TestDpAttentionPool:
         cpu = _idle_controller_cpu(server)
         print(f"\nidle DP controller (bfio pool, DP attention): {cpu:.1f}% of a core")
         assert cpu < 10.0
+
+    def test_metrics_page_shows_each_rank_and_the_controller(self, server):
+        _check_metrics(server)
 
     def test_shutdown_is_clean(self, server):
         _check_shutdown(server)
