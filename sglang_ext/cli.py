@@ -1,4 +1,4 @@
-"""`sglang-ext` command line: simulate | replay | report.
+"""`sglang-ext` command line: simulate | replay | report | watch.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `main(args) -> int`; modules are imported only when their command runs.
@@ -16,6 +16,8 @@ COMMANDS = {
     "simulate": ("sglang_ext.sim.command", "Replay a trace through the barrier-synchronized DP simulator and compare policies."),
     "replay": ("sglang_ext.replay", "Send a timed trace to a live SGLang server and measure TTFT/TPOT/latency."),
     "report": ("sglang_ext.report", "Summarise telemetry and replay output of one or more runs, with plots."),
+    "watch": ("sglang_ext.watch", "Watch a live server's balancer from its /metrics: each rank's barrier idle, "
+                                  "power and load, and the controller's placements."),
 }
 
 

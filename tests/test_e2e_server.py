@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -251,6 +253,14 @@ def _check_metrics(server):
 
     on_page = {name for name, _ in parse_metrics(page, prefix="sglang")}
     assert dashboard_metric_names(prefix="sglang") <= on_page
+    # and `sglang-ext watch` reads it: one interval of an idle server, every rank listed
+    out = subprocess.run([sys.executable, "-m", "sglang_ext.cli", "watch", "--url", server.url, "--interval", "1",
+                          "--count", "1", "--json", str(server.base / "watch.jsonl")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    st = json.loads((server.base / "watch.jsonl").read_text())
+    assert [r["dp_rank"] for r in st["ranks"]] == list(range(DP))
+    assert st["controller"]["pooled_requests"] == 0
 
 
 def _check_shutdown(server):
