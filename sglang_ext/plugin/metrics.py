@@ -98,19 +98,24 @@ class RankMetrics:
         self.kv.set(rec["kv_tokens"])
 
 
-def rank_metrics(cfg, server_args, dp_rank: int) -> RankMetrics | None:
-    """This rank's metrics under --enable-metrics, else None; never raises (metrics must
-    not keep a scheduler from starting)."""
+def _make(cfg, what: str, build):
+    """build(prometheus_client) under --enable-metrics, else None; never raises (metrics
+    must not keep a scheduler or the controller from starting)."""
     if not cfg.metrics:
         return None
     prom = _prometheus()
     if prom is None:
         return None
     try:
-        return RankMetrics(prom, dp_rank, _model_name(server_args))
+        return build(prom)
     except Exception:  # noqa: BLE001
-        logger.exception("sglang-ext: cannot create the rank's metrics")
+        logger.exception("sglang-ext: cannot create the %s's metrics", what)
         return None
+
+
+def rank_metrics(cfg, server_args, dp_rank: int) -> RankMetrics | None:
+    """This rank's metrics under --enable-metrics, else None."""
+    return _make(cfg, "rank", lambda prom: RankMetrics(prom, dp_rank, _model_name(server_args)))
 
 
 class ControllerMetrics:
@@ -161,17 +166,8 @@ class ControllerMetrics:
 
 
 def controller_metrics(cfg, server_args) -> ControllerMetrics | None:
-    """The controller's metrics under --enable-metrics, else None; never raises."""
-    if not cfg.metrics:
-        return None
-    prom = _prometheus()
-    if prom is None:
-        return None
-    try:
-        return ControllerMetrics(prom, str(cfg.policy), _model_name(server_args))
-    except Exception:  # noqa: BLE001
-        logger.exception("sglang-ext: cannot create the controller's metrics")
-        return None
+    """The controller's metrics under --enable-metrics, else None."""
+    return _make(cfg, "controller", lambda prom: ControllerMetrics(prom, str(cfg.policy), _model_name(server_args)))
 
 
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
