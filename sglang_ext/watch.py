@@ -8,7 +8,7 @@ and the controller's placements a second, pooled requests and placement time
 interpolates them). Rates are differences of the counters between two reads, so
 the first table comes one interval after the start.
 
-    sglang-ext watch --url http://127.0.0.1:30000 [--interval 5] [--count N] [--json OUT.jsonl]
+    sglang-ext watch --url http://127.0.0.1:30000 [--interval 5] [--count N] [--rows 16] [--json OUT.jsonl]
 """
 from __future__ import annotations
 
@@ -135,17 +135,38 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def format_interval(st: dict) -> str:
-    """A table per rank and a line for the controller."""
+def _row(r: dict) -> str:
+    return (f"| {r['dp_rank']} | {_f(r['idle_fraction'], '.3f')} | {r['steps_per_s']:.1f} | "
+            f"{r['power_w']:.0f} | {r['running_requests']:.0f} | {r['kv_tokens']:.0f} |")
+
+
+def format_interval(st: dict, rows: int = 16) -> str:
+    """A line for the interval and the controller, and a table per rank: every rank up
+    to `rows` of them; past that the rows/2 most idle and the rows/2 least idle, with
+    the spread over all ranks (with 256 ranks a full table every few seconds is noise)."""
     ctl = st["controller"]
     head = (f"last {st['seconds']:.1f} s: barrier idle {_f(st['idle_fraction'], '.3f')} of step time, "
             f"{st['power_w']:.0f} W; placed {ctl['requests_placed_per_s']:.1f}/s in "
             f"{ctl['placement_calls_per_s']:.1f} calls/s (placement p50 {_f(ctl['placement_ms_p50'], '.2f')} ms, "
             f"p99 {_f(ctl['placement_ms_p99'], '.2f')} ms), pooled {ctl['pooled_requests']:.0f}")
-    lines = [head, "| rank | idle | steps/s | W | running | KV tokens |", "|---|---|---|---|---|---|"]
-    for r in st["ranks"]:
-        lines.append(f"| {r['dp_rank']} | {_f(r['idle_fraction'], '.3f')} | {r['steps_per_s']:.1f} | "
-                     f"{r['power_w']:.0f} | {r['running_requests']:.0f} | {r['kv_tokens']:.0f} |")
+    ranks = st["ranks"]
+    lines = [head]
+    if len(ranks) > rows:
+        idle = sorted(ranks, key=lambda r: (-(r["idle_fraction"] if r["idle_fraction"] is not None else -1.0),
+                                            r["dp_rank"]))
+        fractions = [r["idle_fraction"] for r in ranks if r["idle_fraction"] is not None]
+        kv = [r["kv_tokens"] for r in ranks]
+        if fractions:
+            lines.append(f"{len(ranks)} ranks: idle min {min(fractions):.3f}, median "
+                         f"{sorted(fractions)[len(fractions) // 2]:.3f}, max {max(fractions):.3f}; "
+                         f"KV tokens min {min(kv):.0f}, max {max(kv):.0f}")
+        k = max(1, rows // 2)
+        shown = idle[:k] + [None] + idle[-k:]
+    else:
+        shown = ranks
+    lines += ["| rank | idle | steps/s | W | running | KV tokens |", "|---|---|---|---|---|---|"]
+    for r in shown:
+        lines.append(f"| ... {len(ranks) - 2 * max(1, rows // 2)} ranks between | | | | | |" if r is None else _row(r))
     return "\n".join(lines)
 
 
@@ -156,8 +177,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between two reads of /metrics (default 5)")
     p.add_argument("--count", type=positive_int, default=None, metavar="N",
                    help="stop after N intervals (default: until interrupted)")
+    p.add_argument("--rows", type=positive_int, default=16, metavar="N",
+                   help="list every rank up to N of them; past that the N/2 most idle and the N/2 least idle, "
+                        "with the spread over all (default 16)")
     p.add_argument("--json", type=output_file, default=None, dest="json_out", metavar="PATH",
-                   help="also append each interval as one JSON line to PATH")
+                   help="also append each interval as one JSON line to PATH (every rank)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -173,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"sglang-ext watch: {exc}", flush=True)
                 return 1
             st = interval_stats(before, now)
-            print(format_interval(st) + "\n", flush=True)
+            print(format_interval(st, args.rows) + "\n", flush=True)
             if out is not None:
                 out.write(json.dumps(st) + "\n")
                 out.flush()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sglang_ext.plugin.metrics import parse_metrics
-from sglang_ext.watch import Snapshot, histogram_quantile, increase, interval_stats
+from sglang_ext.watch import Snapshot, format_interval, histogram_quantile, increase, interval_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,3 +136,17 @@ def test_watch_says_what_is_wrong_with_the_server(tmp_path):
     finally:
         dying.close()
     assert out.returncode == 1 and "GET /metrics answered 500" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_many_ranks_show_the_most_and_least_idle_and_the_spread():
+    ranks = [{"dp_rank": g, "steps_per_s": 40.0, "idle_fraction": ((g * 7) % 40) / 100, "power_w": 300.0,
+              "running_requests": 8, "kv_tokens": 1000 + g} for g in range(40)]
+    ctl = {"requests_placed_per_s": 1.0, "placement_calls_per_s": 1.0, "placement_ms_p50": None,
+           "placement_ms_p99": None, "pooled_requests": 0}
+    st = {"seconds": 5.0, "idle_fraction": 0.2, "power_w": 12000.0, "ranks": ranks, "controller": ctl}
+    lines = format_interval(st, rows=4).splitlines()
+    assert lines[1] == "40 ranks: idle min 0.000, median 0.200, max 0.390; KV tokens min 1000, max 1039"
+    shown = [int(x.split("|")[1]) for x in lines[4:] if not x.startswith("| ...")]
+    assert shown == [17, 34, 23, 0]  # (idle 0.39, 0.38, then 0.01, 0.00)
+    assert "| ... 36 ranks between |" in lines[6]
+    assert len(format_interval(st, rows=40).splitlines()) == 3 + 40  # (all of them: no summary line)
