@@ -10,9 +10,9 @@ For each policy (default round_robin, then bfio; `POLICY:key=value` adds
 
 in a temporary working directory (never the repository root), waits for
 /health, replays the same slice of a timed trace (first --requests requests,
-arrivals compressed so they span --arrival-span seconds), reads the server's
-/metrics (one line: each rank's barrier-idle fraction as a dashboard would
-show it; the page saved as RUNDIR/metrics.prom), stops the server
+arrivals compressed so they span --arrival-span seconds; the replay also reads
+the server's /metrics before and after, for one line of the barrier idle as
+a dashboard would show it), stops the server
 (its whole process group) and removes what it left behind (its TMPDIR with the
 IPC sockets, and the /dev/shm segments its processes held). Then it prints the
 comparison table of `sglang-ext report` and the plot paths.
@@ -42,9 +42,8 @@ sys.path.insert(0, str(REPO))
 
 from sglang_ext.argtypes import LOG_LEVELS, nonneg_float, nonneg_int, output_dir, positive_float, positive_int  # noqa: E402
 from sglang_ext.patches.controller import read_stats  # noqa: E402
-from sglang_ext.plugin.metrics import parse_metrics, rank_idle_fractions  # noqa: E402
 from sglang_ext.plugin.ports import free_server_port  # noqa: E402
-from sglang_ext.replay import ReplayConfig, replay  # noqa: E402
+from sglang_ext.replay import ReplayConfig, replay, server_metrics_line  # noqa: E402
 from sglang_ext.report import format_table, report  # noqa: E402
 
 logger = logging.getLogger("demo_live")
@@ -303,26 +302,6 @@ def controller_summary(policy: str, stats: list[dict]) -> str:
     return line
 
 
-def metrics_summary(policy: str, url: str, rundir: Path) -> str:
-    """One line from the server's /metrics (saved as RUNDIR/metrics.prom): what an
-    operator's dashboard would show of the same run, live."""
-    try:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
-        return f"[{policy}] /metrics: not read ({exc})"
-    (rundir / "metrics.prom").write_text(text)
-    s = parse_metrics(text)
-    idle = rank_idle_fractions(s)
-    total_idle = sum(v for (n, _), v in s.items() if n == "sglang_ext:barrier_idle_seconds_total")
-    total_steps = sum(v for (n, _), v in s.items() if n == "sglang_ext:step_seconds_total")
-    placed = sum(v for (n, _), v in s.items() if n == "sglang_ext:requests_placed_total")
-    if not idle:
-        return f"[{policy}] /metrics: no sglang_ext series"
-    return (f"[{policy}] /metrics: barrier idle per rank {', '.join(f'{v:.3f}' for v in idle.values())} "
-            f"(all ranks {total_idle / total_steps:.3f}); {placed:.0f} requests placed")
-
-
 def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
     rundir = cfg.out / rundir_name(policy)
     if rundir.exists():
@@ -339,8 +318,8 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         ))
         print(f"[{policy}] ok {summary['ok']}/{summary['sent']}, failed {summary['failed']} "
               f"{summary['failure_reasons'] or ''}, wall {summary['wall_time_s']:.1f} s", flush=True)
+        print(f"[{policy}] {server_metrics_line(summary['server_metrics']) or 'no server /metrics'}", flush=True)
         time.sleep(1.5)  # let the ranks flush their telemetry and the controller its stats (1 s) before stopping
-        print(metrics_summary(policy, server.url, rundir), flush=True)
     finally:
         server.stop()
     if server.log.exists():

@@ -377,6 +377,49 @@ def _result_line(r: RequestResult) -> dict:
     return d
 
 
+def _server_snapshot(url: str):
+    """The server's sglang_ext series now (`watch.read_snapshot`), or None when it shows
+    none (no --enable-metrics, no plugin, or not reachable): the replay measures the
+    client side whatever the server exposes."""
+    from sglang_ext.watch import read_snapshot
+
+    try:
+        return read_snapshot(url, timeout=5.0)
+    except ValueError as exc:
+        logger.info("no balancer metrics from the server (%s); server_metrics will be null", exc)
+        return None
+
+
+def server_metrics(before, after, output_tokens: int) -> dict | None:
+    """What the server's /metrics say of the replay window (two `_server_snapshot`s): the
+    barrier-idle fraction of all ranks and per rank, their power and energy per output
+    token of the replay; None without both reads."""
+    if before is None or after is None:
+        return None
+    from sglang_ext.watch import interval_stats
+
+    st = interval_stats(before, after)
+    energy_j = st["power_w"] * st["seconds"]
+    return {"idle_fraction": st["idle_fraction"], "power_w": st["power_w"], "energy_j": energy_j,
+            "energy_j_per_output_token": energy_j / output_tokens if output_tokens else None,
+            "rank_idle_fraction": {str(r["dp_rank"]): r["idle_fraction"] for r in st["ranks"]},
+            "requests_placed": round(st["controller"]["requests_placed_per_s"] * st["seconds"]),
+            "placement_ms_p50": st["controller"]["placement_ms_p50"],
+            "placement_ms_p99": st["controller"]["placement_ms_p99"]}
+
+
+def server_metrics_line(sm: dict | None) -> str | None:
+    """One line of `server_metrics` (None when the server showed none, or ran no step)."""
+    if sm is None or sm["idle_fraction"] is None:
+        return None
+    idle = [v for v in sm["rank_idle_fraction"].values() if v is not None]
+    per_token = sm["energy_j_per_output_token"]
+    return (f"server /metrics over the replay: barrier idle {sm['idle_fraction']:.3f} of step time "
+            f"(ranks {min(idle):.3f}-{max(idle):.3f}), "
+            f"{'-' if per_token is None else format(per_token, '.3f')} J per output token, "
+            f"{sm['requests_placed']} requests placed")
+
+
 async def replay_async(cfg: ReplayConfig, specs: list[RequestSpec] | None = None) -> dict:
     """Run the replay; returns the summary (also written to `cfg.out`)."""
     import aiohttp
@@ -390,6 +433,7 @@ async def replay_async(cfg: ReplayConfig, specs: list[RequestSpec] | None = None
     # limit=0: open-loop replay, no client-side cap on concurrent requests.
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     results: list[RequestResult] = []
+    metrics_before = _server_snapshot(cfg.url)
     bar = tqdm(total=len(specs), unit="req", disable=not cfg.progress, dynamic_ncols=True)
     start_unix = time.time()
     t_start = time.perf_counter()
@@ -415,6 +459,8 @@ async def replay_async(cfg: ReplayConfig, specs: list[RequestSpec] | None = None
     summary = summarize(results, wall, cfg, start_unix, time.time())
     summary["trace"] = cfg.trace
     summary["url"] = cfg.url
+    summary["server_metrics"] = server_metrics(
+        metrics_before, _server_snapshot(cfg.url) if metrics_before is not None else None, summary["output_tokens"])
     with open(out / "summary.json", "w") as fh:
         json.dump(summary, fh, indent=2)
     return summary
@@ -486,5 +532,8 @@ def main(args: argparse.Namespace) -> int:
         f"  latency p50/p99 {_fmt(summary['latency_s']['p50'])}/{_fmt(summary['latency_s']['p99'])} s\n"
         f"wrote {cfg.out}/requests.jsonl, {cfg.out}/summary.json"
     )
+    line = server_metrics_line(summary["server_metrics"])
+    if line:
+        print(line)
     # Failures are data, not a crash; only "nothing got through" is an error exit.
     return 0 if summary["ok"] > 0 or summary["sent"] == 0 else 1

@@ -43,42 +43,6 @@ def test_command_line(demo, tmp_path):
     assert not srv.work.exists()
 
 
-def test_metrics_summary_reads_the_servers_metrics_page(demo, tmp_path):
-    import http.server
-    import threading
-
-    page = "\n".join([
-        "# TYPE sglang_ext:step_seconds_total counter",
-        *(f'sglang_ext:step_seconds_total{{dp_rank="{g}",model_name="m"}} 10.0' for g in range(2)),
-        'sglang_ext:barrier_idle_seconds_total{dp_rank="0",model_name="m"} 0.5',
-        'sglang_ext:barrier_idle_seconds_total{dp_rank="1",model_name="m"} 2.0',
-        'sglang_ext:requests_placed_total{balancer="bfio",model_name="m"} 300.0',
-        'sglang:num_requests_total{model_name="m"} 301.0',
-    ]) + "\n"
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = page.encode() if self.path == "/metrics" else b""
-            self.send_response(200 if body else 404)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        line = demo.metrics_summary("bfio", url, tmp_path)
-        assert line == "[bfio] /metrics: barrier idle per rank 0.050, 0.200 (all ranks 0.125); 300 requests placed"
-        assert (tmp_path / "metrics.prom").read_text() == page
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-    assert demo.metrics_summary("bfio", url, tmp_path).startswith("[bfio] /metrics: not read (")  # (gone)
-
-
 def test_controller_summary_sums_the_stats_lines(demo):
     from sglang_ext.patches.controller import read_stats
 

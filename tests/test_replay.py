@@ -26,7 +26,9 @@ OUTPUT_LEN = 6
 class FakeServer:
     """aiohttp.web server on 127.0.0.1:<random port> in its own thread and event loop."""
 
-    def __init__(self):
+    def __init__(self, metrics=None):
+        self.metrics = metrics  # k -> the k-th /metrics page (None: no such route, as without --enable-metrics)
+        self.metrics_reads = 0
         self.attempts: dict[int, int] = {}
         self.bodies: list[dict] = []
         self.loop = asyncio.new_event_loop()
@@ -70,10 +72,16 @@ class FakeServer:
             pass
         return resp
 
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        self.metrics_reads += 1
+        return web.Response(text=self.metrics(self.metrics_reads))
+
     def _run(self):
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.router.add_post("/generate", self.generate)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self.metrics_page)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -148,11 +156,33 @@ def test_replay_accounts_for_every_request(tmp_path, trace):
     for key in ("ttft_s", "tpot_s", "latency_s"):
         assert summary[key]["p50"] <= summary[key]["p99"]
     assert json.loads((out / "summary.json").read_text())["ok"] == summary["ok"]
+    assert summary["server_metrics"] is None  # (the server has no /metrics)
     # The request body is what SGLang expects.
     body = srv.bodies[0]
     assert body["stream"] is True and body["sampling_params"] == {
         "max_new_tokens": OUTPUT_LEN, "temperature": 0, "ignore_eos": True}
     assert all(isinstance(t, int) for t in body["input_ids"])
+
+
+def test_replay_reads_the_balancers_metrics_around_the_window(tmp_path, trace, capsys):
+    # A server with --enable-metrics: its /metrics is read before the first request and
+    # after the last answer, and the summary carries the balancer's view of the window.
+    from test_watch import page
+
+    out = tmp_path / "run"
+    with FakeServer(metrics=page) as srv:
+        assert cli.main(["replay", "--url", srv.url, "--trace", str(trace), "--out", str(out), "--retries", "2",
+                         "--timeout", "0.4", "--backoff", "0.01", "--max-prompt-len", "100", "--no-progress"]) == 0
+        assert srv.metrics_reads == 2
+    summary = json.loads((out / "summary.json").read_text())
+    sm = summary["server_metrics"]
+    assert sm["idle_fraction"] == pytest.approx(0.15)
+    assert sm["rank_idle_fraction"] == pytest.approx({"0": 0.1, "1": 0.2})
+    assert sm["energy_j"] == pytest.approx(1000.0)  # (500 J per rank between the two reads)
+    assert sm["energy_j_per_output_token"] == pytest.approx(1000.0 / summary["output_tokens"])
+    assert sm["requests_placed"] == 30 and sm["placement_ms_p50"] == pytest.approx(1.0)
+    printed = capsys.readouterr().out
+    assert "server /metrics over the replay: barrier idle 0.150 of step time (ranks 0.100-0.200)" in printed
 
 
 def test_replay_server_down_never_crashes(tmp_path, trace):

@@ -185,18 +185,3 @@ def parse_metrics(text: str, prefix: str = "sglang_ext:") -> dict[tuple[str, fro
         if m:
             out[(m.group(1), frozenset(_LABEL.findall(m.group(2) or "")))] = float(m.group(3))
     return out
-
-
-def rank_idle_fractions(samples: dict[tuple[str, frozenset], float]) -> dict[int, float]:
-    """Each DP rank's barrier-idle fraction (idle seconds over step seconds) from
-    `parse_metrics`; ranks with no step left out."""
-    idle, steps = {}, {}
-    for (name, labels), v in samples.items():
-        rank = dict(labels).get("dp_rank")
-        if rank is None:
-            continue
-        if name == "sglang_ext:barrier_idle_seconds_total":
-            idle[int(rank)] = v
-        elif name == "sglang_ext:step_seconds_total":
-            steps[int(rank)] = v
-    return {g: idle.get(g, 0.0) / t for g, t in sorted(steps.items()) if t > 0}
