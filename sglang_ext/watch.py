@@ -30,19 +30,31 @@ CONTROLLER_COUNTERS = ("requests_placed_total", "requests_pinned_total", "reques
 
 @dataclass
 class Snapshot:
-    """One read of /metrics: the time, and the sglang_ext samples (`parse_metrics`)."""
+    """One read of /metrics: the time, and the sglang_ext samples (`parse_metrics`),
+    indexed once by name and by rank (a 256-rank page has ~1,600 samples)."""
 
     t: float
     samples: dict
 
+    def __post_init__(self):
+        self._series: dict[str, dict[frozenset, float]] = {}
+        self._by_rank: dict[str, dict[int, float]] = {}
+        for (name, labels), v in self.samples.items():
+            name = name.removeprefix("sglang_ext:")
+            self._series.setdefault(name, {})[labels] = v
+            rank = dict(labels).get("dp_rank")
+            if rank is not None:
+                per = self._by_rank.setdefault(name, {})
+                per[int(rank)] = per.get(int(rank), 0.0) + v
+
     def series(self, name: str) -> dict[frozenset, float]:
-        return {labels: v for (n, labels), v in self.samples.items() if n == "sglang_ext:" + name}
+        return self._series.get(name, {})
 
     def ranks(self) -> list[int]:
-        return sorted({int(dict(labels)["dp_rank"]) for labels in self.series("steps_total")})
+        return sorted(self._by_rank.get("steps_total", {}))
 
     def rank_value(self, name: str, rank: int) -> float:
-        return sum(v for labels, v in self.series(name).items() if dict(labels).get("dp_rank") == str(rank))
+        return self._by_rank.get(name, {}).get(rank, 0.0)
 
     def total(self, name: str) -> float:
         return sum(self.series(name).values())
