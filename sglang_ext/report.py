@@ -9,7 +9,10 @@ Per run it prints: idle fraction (sum of idle / sum of step time over all ranks
 and steps, as recorded; and as the cost model implies from `predicted_cost_s`,
 sum_g (max_g pred - pred_g) / sum_g T, immune to timing noise), joules per
 output token, throughput, TTFT and TPOT p50/p99, and the KV balance (mean
-over steps of mean_g L_g / max_g L_g, the TensorRT-LLM measure). When the replay recorded its time window, telemetry is restricted to
+over steps of mean_g L_g / max_g L_g, the TensorRT-LLM measure), and the
+idle fraction the server's own /metrics gave over the replay
+(`server_metrics` of summary.json: the only idle figure of a remote server
+whose telemetry files are out of reach). When the replay recorded its time window, telemetry is restricted to
 it, so server warm-up and health checks do not dilute the numbers.
 
 Plots (matplotlib, Agg): idle per step per rank, power per rank and KV tokens
@@ -194,6 +197,10 @@ def _load_summary(path: Path) -> dict:
     for k in _LATENCIES:
         for q in ("p50", "p99"):
             _need_number((doc.get(k) or {}).get(q), str(path), f"{k}.{q}")
+    if doc.get("server_metrics") is not None:  # (the server's /metrics over the replay; null without)
+        _need_object(doc["server_metrics"], f"{path}: field 'server_metrics'")
+        for k in ("idle_fraction", "energy_j_per_output_token"):
+            _need_number(doc["server_metrics"].get(k), str(path), f"server_metrics.{k}")
     return doc
 
 
@@ -330,6 +337,10 @@ def compute_metrics(run: RunData) -> dict:
     m["energy_sources"] = sorted(run.energy_sources)
     m["unsettled_energy_lines"] = int(sum(np.isnan(c["energy_j"]).sum() for c in tel.values()))
     m["kv_balance"] = kv_balance(tel)
+    # what the server's own /metrics said of the replay window (a remote server's only idle figure)
+    server = (run.summary or {}).get("server_metrics") or {}
+    m["idle_fraction_server"] = server.get("idle_fraction")
+    m["joules_per_token_server"] = server.get("energy_j_per_output_token")
 
     reqs = run.requests or []
     ok = [r for r in reqs if r.get("ok")]
@@ -376,13 +387,14 @@ def _f(x, fmt="{:.1f}", scale=1.0) -> str:
 
 
 def format_table(metrics: list[dict]) -> str:
-    head = ("| run | ranks | steps | idle % | idle % (model) | J / token | energy source | tok/s "
+    head = ("| run | ranks | steps | idle % | idle % (model) | idle % (/metrics) | J / token | energy source | tok/s "
             "| TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ok / failed | KV balance |")
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for m in metrics:
         rows.append(
             f"| {m['run']} | {m['ranks']} | {m['steps']} | {_f(m['idle_fraction'], '{:.1f}', 100)} "
             f"| {_f(m.get('idle_fraction_model'), '{:.1f}', 100)} "
+            f"| {_f(m.get('idle_fraction_server'), '{:.1f}', 100)} "
             f"| {_f(m['joules_per_token'], '{:.3f}')} | {', '.join(m['energy_sources']) or '-'} "
             f"| {_f(m['throughput_tok_s'])} "
             f"| {_f(m['ttft_p50_s'], scale=1e3)} / {_f(m['ttft_p99_s'], scale=1e3)} "

@@ -93,6 +93,24 @@ def test_report_telemetry_only_and_replay_only(tmp_path):
     assert all((run / "plots" / p.rsplit("/", 1)[1]).exists() for p in paths)  # "no telemetry" panels
 
 
+def test_a_remote_servers_idle_comes_from_its_metrics(tmp_path, capsys):
+    # A replay against a server whose telemetry files are out of reach: the idle its
+    # /metrics gave over the window (summary.json's server_metrics) is in the table.
+    run = make_run(tmp_path, "remote", idle_by_rank=[0.0])
+    for f in (run / "telemetry").iterdir():
+        f.unlink()
+    (run / "telemetry").rmdir()
+    _set_field(run / "summary.json", "server_metrics", {"idle_fraction": 0.123, "energy_j_per_output_token": 0.5})
+    local = make_run(tmp_path, "local", idle_by_rank=[0.0, 0.005, 0.002])  # (its summary has no server_metrics)
+    assert cli.main(["report", "--no-plots", str(run), str(local), "--json", str(tmp_path / "m.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| idle % | idle % (model) | idle % (/metrics) | J / token |" in text
+    assert "| remote | 0 | 0 | - | - | 12.3 | - |" in text and "| local | 3 | 40 | 23.3 | 23.3 | - |" in text
+    runs = json.loads((tmp_path / "m.json").read_text())["runs"]
+    assert (runs[0]["idle_fraction_server"], runs[0]["joules_per_token_server"]) == (0.123, 0.5)
+    assert runs[1]["idle_fraction_server"] is None
+
+
 def test_truncated_last_line_tolerated_bad_middle_line_named(tmp_path):
     run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001], with_replay=False)
     f = run / "telemetry" / "rank1.jsonl"
@@ -141,6 +159,9 @@ def _set_field(path, key, value):
     (lambda f: _set_field(f, "ttft_s", [0.1, 0.2]), "summary.json: field 'ttft_s' must be a JSON object, got [0.1, 0.2]"),
     (lambda f: _set_field(f, "failure_reasons", ["http_500"]), "summary.json: field 'failure_reasons' must be a JSON object"),
     (lambda f: _set_field(f, "tpot_s", {"p50": "fast", "p99": 1.0}), "summary.json: field 'tpot_s.p50' must be a number"),
+    (lambda f: _set_field(f, "server_metrics", [0.1]), "summary.json: field 'server_metrics' must be a JSON object"),
+    (lambda f: _set_field(f, "server_metrics", {"idle_fraction": "low"}),
+     "summary.json: field 'server_metrics.idle_fraction' must be a number or null"),
 ])
 def test_malformed_summary_is_one_line_naming_file_and_field(tmp_path, capsys, break_it, needle):
     run = make_run(tmp_path, "r", idle_by_rank=[0.0, 0.001])
