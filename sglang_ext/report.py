@@ -16,7 +16,8 @@ whose telemetry files are out of reach). When the replay recorded its time windo
 it, so server warm-up and health checks do not dilute the numbers.
 
 Plots (matplotlib, Agg): idle per step per rank, power per rank and KV tokens
-per rank over time; with several runs, one column per run with shared y axes.
+per rank over time; with several runs, one column per run with shared y axes;
+and each rank's idle fraction as grouped bars, one bar per run.
 """
 from __future__ import annotations
 
@@ -469,7 +470,48 @@ def plot_runs(runs: list[RunData], out: str | os.PathLike) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(str(path))
+    paths.append(_plot_rank_idle(plt, runs, out / "idle_fraction_by_rank.png"))
     return paths
+
+
+def rank_idle_fractions(tel: dict[int, dict[str, np.ndarray]]) -> dict[int, float]:
+    """Each rank's barrier idle over its step time (ranks that logged no time left out)."""
+    out = {}
+    for g, c in sorted(tel.items()):
+        total = float(np.sum(c["step_time_s"]))
+        if total > 0:
+            out[g] = float(np.sum(c["idle_s"])) / total
+    return out
+
+
+def _plot_rank_idle(plt, runs: list[RunData], path: Path) -> str:
+    """Grouped bars: each rank's idle fraction, one bar per run, and each run's value over
+    all ranks as a dashed line (which rank waits, and how much each policy saves)."""
+    per_run = [(run.name, rank_idle_fractions(_windowed(run)), compute_metrics(run)["idle_fraction"])
+               for run in runs]
+    ranks = sorted({g for _, fr, _ in per_run for g in fr})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.35 * len(ranks) * max(len(runs), 1)), 3.8))
+    if not ranks:
+        ax.text(0.5, 0.5, "no telemetry", ha="center", va="center", transform=ax.transAxes)
+    else:
+        width = 0.8 / len(per_run)
+        x = np.arange(len(ranks))
+        for k, (name, fr, overall) in enumerate(per_run):
+            bars = ax.bar(x - 0.4 + width * (k + 0.5), [100 * fr.get(g, np.nan) for g in ranks], width,
+                          label=name)
+            if overall is not None:
+                ax.axhline(100 * overall, ls="--", lw=0.9, color=bars.patches[0].get_facecolor())
+        ax.set_xticks(x, [str(g) for g in ranks] if len(ranks) <= 32 else
+                      [str(g) if i % max(1, len(ranks) // 16) == 0 else "" for i, g in enumerate(ranks)])
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("DP rank")
+    ax.set_ylabel("barrier idle (% of step time)")
+    ax.set_title("idle per rank (dashed: all ranks)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 # -- entry points ----------------------------------------------------------------------------

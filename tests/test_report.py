@@ -11,7 +11,7 @@ import pytest
 from sglang_ext import cli
 from sglang_ext.cost import PowerModel
 from sglang_ext.replay import RequestResult, _result_line, summarize
-from sglang_ext.report import compute_metrics, load_run, report
+from sglang_ext.report import compute_metrics, load_run, rank_idle_fractions, report
 from sglang_ext.telemetry import StepTelemetry
 
 PM = PowerModel("toy", busy_w=300.0, wait_w=100.0, idle_w=50.0)
@@ -71,7 +71,7 @@ def test_report_cli_two_runs_side_by_side(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "| round_robin | 3 | 40 | 23.3 | 23.3 |" in text and "| bfio | 3 | 40 | 5.0 | 5.0 |" in text
-    for name in ("idle_per_rank.png", "power.png", "kv_tokens.png"):
+    for name in ("idle_per_rank.png", "power.png", "kv_tokens.png", "idle_fraction_by_rank.png"):
         png = out / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(js.read_text())
@@ -91,6 +91,13 @@ def test_report_telemetry_only_and_replay_only(tmp_path):
     metrics, paths = report([str(run)])
     assert metrics[0]["ranks"] == 0 and metrics[0]["idle_fraction"] is None and metrics[0]["ok"] == 4
     assert all((run / "plots" / p.rsplit("/", 1)[1]).exists() for p in paths)  # "no telemetry" panels
+
+
+def test_each_ranks_idle_fraction_is_its_idle_over_its_step_time(tmp_path):
+    run = load_run(make_run(tmp_path, "r", idle_by_rank=[0.0, 0.005, 0.002], with_replay=False))
+    fr = rank_idle_fractions(run.telemetry)
+    assert fr == pytest.approx({0: 0.0, 1: 0.5, 2: 0.2})
+    assert compute_metrics(run)["idle_fraction"] == pytest.approx(sum(fr.values()) / 3)  # (equal step times)
 
 
 def test_a_remote_servers_idle_comes_from_its_metrics(tmp_path, capsys):
