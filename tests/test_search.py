@@ -36,14 +36,24 @@ def test_move_values_match_recomputation(seed):
     L, X, free = _instance(rng, G, H1, n)
     w = rng.random(H1) + 0.1
     st = _State(L, X, free, _fill(rng, n, free, spare=1), w)
-    moves = st.candidates()
-    assert moves, "a placement with waiting requests and open slots has moves"
-    kinds = ("replace", "swap", "move")
-    for f, q, kind, js, os_ in moves:
-        for i in range(f.size):
+    groups = st.candidates()
+    assert [g.kind for g in groups] == ["replace", "swap", "move"], "a placement with waiting requests and open " \
+        "slots has moves of every kind"
+    for g in groups:
+        q = g.q()
+        assert q.shape == g.f.shape
+        pairs = [g.where(i) for i in range(g.f.size)]
+        assert len(set(pairs)) == len(pairs)  # (each move once)
+        for i, (j, o) in enumerate(pairs):
             trial = _State(L, X, free, st.a, w)
-            trial.apply(kinds[kind[i]], int(js[i]), int(os_[i]))
-            assert f[i] == pytest.approx(imbalance(trial.T, w), rel=1e-9, abs=1e-6)
+            trial.apply(g.kind, j, o)
+            if g.kind == "replace":  # (a placed request gives its slot to a waiting one)
+                assert st.a[j] >= 0 > st.a[o]
+            elif g.kind == "swap":  # (two placed ones on different ranks)
+                assert st.a[j] >= 0 and st.a[o] >= 0 and st.a[j] != st.a[o]
+            else:  # (a placed one to another rank with a slot open)
+                assert st.a[j] >= 0 and st.left[o] > 0 and o != st.a[j]
+            assert g.f[i] == pytest.approx(imbalance(trial.T, w), rel=1e-9, abs=1e-6)
             assert q[i] == pytest.approx(trial.value()[1], rel=1e-9, abs=1e-6)
             assert np.allclose(trial.T, _State(L, X, free, trial.a, w).T)
 

@@ -43,6 +43,16 @@ def _spread(T: np.ndarray, w: np.ndarray) -> float:
     return float(weighted_sum(w, (T * T).sum(axis=1) - T.sum(axis=1) ** 2 / T.shape[1]))
 
 
+class _Moves:
+    """The moves of one kind from a placement: `f` (their objective values, all at once),
+    `q()` their load spreads, `where(i)` the (j, o) pair `_State.apply` takes for the i-th."""
+
+    __slots__ = ("kind", "f", "q", "where")
+
+    def __init__(self, kind: str, f: np.ndarray, q, where):
+        self.kind, self.f, self.q, self.where = kind, f, q, where
+
+
 class _State:
     """A placement and the loads it produces, kept in step."""
 
@@ -54,6 +64,7 @@ class _State:
         placed = self.a >= 0
         np.add.at(self.T.T, self.a[placed], X[placed])
         self.left = free - np.bincount(self.a[placed], minlength=self.G)
+        self._pairs_of, self._pairs_jk = -1, None
 
     def value(self) -> tuple[float, float]:
         return imbalance(self.T, self.w), _spread(self.T, self.w)
@@ -77,9 +88,18 @@ class _State:
             self.left[o] -= 1
             a[j] = o
 
-    def candidates(self):
-        """[(f, spread, kind, j, o)] arrays of every move, evaluated at once
-        (kind: 0 replace, 1 swap, 2 move)."""
+    def _pairs(self, P: int) -> tuple[np.ndarray, np.ndarray]:
+        """Index pairs j < k of the P placed requests (P never changes during a search:
+        every move keeps the number placed), built once."""
+        if self._pairs_of != P:
+            self._pairs_of, self._pairs_jk = P, np.triu_indices(P, 1)
+        return self._pairs_jk
+
+    def candidates(self) -> list["_Moves"]:
+        """Every move, one `_Moves` group per kind (replace, swap, move), its f values
+        evaluated at once; its spreads and its (j, o) pairs only when asked for (a
+        step that finds a move lowering f needs neither). The closures read arrays
+        that each kind names for itself (none is rebound after its group is made)."""
         T, X, w, G = self.T, self.X, self.w, self.G
         a = self.a
         placed = np.flatnonzero(a >= 0)
@@ -88,76 +108,87 @@ class _State:
         waiting = np.flatnonzero(a < 0)
         S = T.sum(axis=1)  # (H1,)
         Q = (T * T).sum(axis=1)
-        # The envelope without one rank, ex1 (H1, G), and without two,
-        # ex2 (H1, G, G), from the three largest loads of each step.
+        # The envelope without one rank, ex1 (H1, G), and without two ranks A and B
+        # (`ex2`, for the pairs a move empties or fills), from the three largest
+        # loads of each step: the largest of those on another rank.
         k = min(3, G)
         top_i = np.argsort(-T, axis=1, kind="stable")[:, :k]
         top_v = np.take_along_axis(T, top_i, axis=1)
-        ranks = np.arange(G)
-        ex1 = np.full(T.shape, -np.inf)
-        ex2 = np.full(T.shape + (G,), -np.inf)
-        for c in range(k - 1, -1, -1):  # the largest admissible one is written last
-            ic = top_i[:, c, None]
-            ex1 = np.where(ic != ranks, top_v[:, c, None], ex1)
-            ok = (ic[:, :, None] != ranks[:, None]) & (ic[:, :, None] != ranks)
-            ex2 = np.where(ok, top_v[:, c, None, None], ex2)
+        if k < 3:  # (fewer than 3 ranks: the missing ones -inf, on no rank)
+            top_i = np.concatenate([top_i, np.full((T.shape[0], 3 - k), -1)], axis=1)
+            top_v = np.concatenate([top_v, np.full((T.shape[0], 3 - k), -np.inf)], axis=1)
+        ex1 = np.where(top_i[:, :1] != np.arange(G), top_v[:, :1], top_v[:, 1:2])
+
+        def ex2(A: np.ndarray, B: np.ndarray) -> np.ndarray:  # (n, H1) for the rank pairs (A[i], B[i])
+            i0, i1, i2 = (top_i[:, c, None] for c in range(3))
+            v0, v1, v2 = (top_v[:, c, None] for c in range(3))
+            return np.where((i0 != A) & (i0 != B), v0, np.where((i1 != A) & (i1 != B), v1, v2)).T
+
         gp = a[placed]
         Tp = T[:, gp].T  # (P, H1) load of each placed request's rank
         Xp = X[placed]
         out = []
         if waiting.size:  # replace placed j by waiting i: (P, W, H1)
-            D = X[waiting][None, :, :] - Xp[:, None, :]
-            col = Tp[:, None, :] + D
+            rD = X[waiting][None, :, :] - Xp[:, None, :]
+            col = Tp[:, None, :] + rD
             m = np.maximum(ex1[:, gp].T[:, None, :], col)
-            f = weighted_rows(G * m - (S + D), w)
-            q = weighted_rows(Q - Tp[:, None, :] ** 2 + col ** 2 - (S + D) ** 2 / G, w)
-            out.append((f.ravel(), q.ravel(), np.zeros(f.size, np.int64), np.repeat(placed, waiting.size), np.tile(waiting, placed.size)))
+            W = waiting.size
+            out.append(_Moves(
+                "replace", weighted_rows(G * m - (S + rD), w).ravel(),
+                lambda: weighted_rows(Q - Tp[:, None, :] ** 2 + col ** 2 - (S + rD) ** 2 / G, w).ravel(),
+                lambda i: (int(placed[i // W]), int(waiting[i % W]))))
         if G > 1 and placed.size > 1:  # swap placed j (rank g) and k (rank g' != g)
-            jj, kk = np.triu_indices(placed.size, 1)
+            jj, kk = self._pairs(placed.size)
             keep = gp[jj] != gp[kk]
             jj, kk = jj[keep], kk[keep]
             if jj.size:
-                D = Xp[kk] - Xp[jj]  # (pairs, H1)
-                cj, ck = Tp[jj] + D, Tp[kk] - D
-                m = np.maximum(np.maximum(ex2[:, gp[jj], gp[kk]].T, cj), ck)
-                f = weighted_rows(G * m - S, w)
-                q = weighted_rows(Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G, w)
-                out.append((f, q, np.ones(f.size, np.int64), placed[jj], placed[kk]))
+                sD = Xp[kk] - Xp[jj]  # (pairs, H1)
+                cj, ck = Tp[jj] + sD, Tp[kk] - sD
+                m = np.maximum(np.maximum(ex2(gp[jj], gp[kk]), cj), ck)
+                out.append(_Moves(
+                    "swap", weighted_rows(G * m - S, w),
+                    lambda: weighted_rows(Q - Tp[jj] ** 2 - Tp[kk] ** 2 + cj ** 2 + ck ** 2 - S ** 2 / G, w),
+                    lambda i: (int(placed[jj[i]]), int(placed[kk[i]]))))
         open_ranks = np.flatnonzero(self.left > 0)
         if open_ranks.size:  # move placed j to an open rank r != its own
-            jj = np.repeat(np.arange(placed.size), open_ranks.size)
+            mj = np.repeat(np.arange(placed.size), open_ranks.size)
             rr = np.tile(open_ranks, placed.size)
-            keep = gp[jj] != rr
-            jj, rr = jj[keep], rr[keep]
-            if jj.size:
+            keep = gp[mj] != rr
+            mj, rr = mj[keep], rr[keep]
+            if mj.size:
                 Tr = T[:, rr].T
-                cj, cr = Tp[jj] - Xp[jj], Tr + Xp[jj]
-                m = np.maximum(np.maximum(ex2[:, gp[jj], rr].T, cj), cr)
-                f = weighted_rows(G * m - S, w)
-                q = weighted_rows(Q - Tp[jj] ** 2 - Tr ** 2 + cj ** 2 + cr ** 2 - S ** 2 / G, w)
-                out.append((f, q, np.full(f.size, 2), placed[jj], rr))
+                mcj, cr = Tp[mj] - Xp[mj], Tr + Xp[mj]
+                m = np.maximum(np.maximum(ex2(gp[mj], rr), mcj), cr)
+                out.append(_Moves(
+                    "move", weighted_rows(G * m - S, w),
+                    lambda: weighted_rows(Q - Tp[mj] ** 2 - Tr ** 2 + mcj ** 2 + cr ** 2 - S ** 2 / G, w),
+                    lambda i: (int(placed[mj[i]]), int(rr[i]))))
         return out
 
     def descend(self, max_steps: int, deadline: float) -> None:
         """Best-improvement descent on (f, then spread) until no move helps."""
-        kinds = ("replace", "swap", "move")
         f_cur, q_cur = self.value()
         for _ in range(max_steps):
             if time.perf_counter() > deadline:
                 return
-            moves = self.candidates()
-            if not moves:
+            groups = self.candidates()
+            if not groups:
                 return
-            f, q, kind, j, o = (np.concatenate(parts) for parts in zip(*moves))
+            f = np.concatenate([g.f for g in groups])
             better = f < f_cur - 1e-9 * max(1.0, abs(f_cur))
             if better.any():
                 i = int(np.argmin(np.where(better, f, np.inf)))
             else:  # a plateau: keep f, lower the spread
+                q = np.concatenate([g.q() for g in groups])
                 flat = (f <= f_cur + 1e-9 * max(1.0, abs(f_cur))) & (q < q_cur - 1e-9 * max(1.0, abs(q_cur)))
                 if not flat.any():
                     return
                 i = int(np.argmin(np.where(flat, q, np.inf)))
-            self.apply(kinds[kind[i]], int(j[i]), int(o[i]))
+            for g in groups:  # (the group the i-th move is in)
+                if i < g.f.size:
+                    break
+                i -= g.f.size
+            self.apply(g.kind, *g.where(i))
             f_cur, q_cur = self.value()
 
     def kick(self, rng: np.random.Generator, strength: int) -> None:
