@@ -496,6 +496,8 @@ def _plot_rank_idle(plt, runs: list[RunData], path: Path) -> str:
     else:
         width = 0.8 / len(per_run)
         x = np.arange(len(ranks))
+        top = max([v for _, fr, _ in per_run for v in fr.values()] + [0.0])
+        ax.set_ylim(0, 100 * top * 1.3 + 1e-9)  # (headroom for the legend)
         for k, (name, fr, overall) in enumerate(per_run):
             bars = ax.bar(x - 0.4 + width * (k + 0.5), [100 * fr.get(g, np.nan) for g in ranks], width,
                           label=name)
@@ -503,7 +505,7 @@ def _plot_rank_idle(plt, runs: list[RunData], path: Path) -> str:
                 ax.axhline(100 * overall, ls="--", lw=0.9, color=bars.patches[0].get_facecolor())
         ax.set_xticks(x, [str(g) for g in ranks] if len(ranks) <= 32 else
                       [str(g) if i % max(1, len(ranks) // 16) == 0 else "" for i, g in enumerate(ranks)])
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper right", ncol=min(len(per_run), 4))
     ax.set_xlabel("DP rank")
     ax.set_ylabel("barrier idle (% of step time)")
     ax.set_title("idle per rank (dashed: all ranks)", fontsize=9)
