@@ -399,11 +399,10 @@ def server_metrics(before, after, output_tokens: int) -> dict | None:
     from sglang_ext.watch import interval_stats
 
     st = interval_stats(before, after)
-    energy_j = st["power_w"] * st["seconds"]
-    return {"idle_fraction": st["idle_fraction"], "power_w": st["power_w"], "energy_j": energy_j,
-            "energy_j_per_output_token": energy_j / output_tokens if output_tokens else None,
+    return {"idle_fraction": st["idle_fraction"], "power_w": st["power_w"], "energy_j": st["energy_j"],
+            "energy_j_per_output_token": st["energy_j"] / output_tokens if output_tokens else None,
             "rank_idle_fraction": {str(r["dp_rank"]): r["idle_fraction"] for r in st["ranks"]},
-            "requests_placed": round(st["controller"]["requests_placed_per_s"] * st["seconds"]),
+            "requests_placed": round(st["controller"]["requests_placed"]),
             "placement_ms_p50": st["controller"]["placement_ms_p50"],
             "placement_ms_p99": st["controller"]["placement_ms_p99"]}
 

@@ -325,13 +325,16 @@ def kv_balance(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
 def compute_metrics(run: RunData) -> dict:
     tel = _windowed(run)
     m: dict = {"run": run.name, "dir": str(run.path)}
-    step_time = sum(float(np.sum(c["step_time_s"])) for c in tel.values())
-    idle = sum(float(np.sum(c["idle_s"])) for c in tel.values())
+    rank_step = {g: float(np.sum(c["step_time_s"])) for g, c in sorted(tel.items())}
+    rank_idle = {g: float(np.sum(c["idle_s"])) for g, c in sorted(tel.items())}
+    step_time, idle = sum(rank_step.values()), sum(rank_idle.values())
     energy = sum(float(np.nansum(c["energy_j"])) for c in tel.values())
     m["ranks"] = len(tel)
     m["steps"] = max((len(c["step"]) for c in tel.values()), default=0)
     m["telemetry_window"] = "replay" if (run.window and tel is not run.telemetry) else "all"
     m["idle_fraction"] = idle / step_time if step_time > 0 else None
+    # each rank's idle over its own step time (ranks that logged no time left out)
+    m["rank_idle_fraction"] = {str(g): rank_idle[g] / t for g, t in rank_step.items() if t > 0}
     m["idle_fraction_model"] = model_idle_fraction(tel)
     m["idle_sources"] = dict(run.idle_sources)
     m["energy_j"] = energy if tel else None
@@ -430,7 +433,8 @@ FIGURES = (
 )
 
 
-def plot_runs(runs: list[RunData], out: str | os.PathLike) -> list[str]:
+def plot_runs(runs: list[RunData], metrics: list[dict], out: str | os.PathLike) -> list[str]:
+    """The figures of the runs (and of their `compute_metrics`) under `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -470,27 +474,17 @@ def plot_runs(runs: list[RunData], out: str | os.PathLike) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(str(path))
-    paths.append(_plot_rank_idle(plt, runs, out / "idle_fraction_by_rank.png"))
+    paths.append(_plot_rank_idle(plt, metrics, out / "idle_fraction_by_rank.png"))
     return paths
 
 
-def rank_idle_fractions(tel: dict[int, dict[str, np.ndarray]]) -> dict[int, float]:
-    """Each rank's barrier idle over its step time (ranks that logged no time left out)."""
-    out = {}
-    for g, c in sorted(tel.items()):
-        total = float(np.sum(c["step_time_s"]))
-        if total > 0:
-            out[g] = float(np.sum(c["idle_s"])) / total
-    return out
-
-
-def _plot_rank_idle(plt, runs: list[RunData], path: Path) -> str:
+def _plot_rank_idle(plt, metrics: list[dict], path: Path) -> str:
     """Grouped bars: each rank's idle fraction, one bar per run, and each run's value over
     all ranks as a dashed line (which rank waits, and how much each policy saves)."""
-    per_run = [(run.name, rank_idle_fractions(_windowed(run)), compute_metrics(run)["idle_fraction"])
-               for run in runs]
+    per_run = [(m["run"], {int(g): v for g, v in m["rank_idle_fraction"].items()}, m["idle_fraction"])
+               for m in metrics]
     ranks = sorted({g for _, fr, _ in per_run for g in fr})
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.35 * len(ranks) * max(len(runs), 1)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.35 * len(ranks) * max(len(per_run), 1)), 3.8))
     if not ranks:
         ax.text(0.5, 0.5, "no telemetry", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -545,7 +539,7 @@ def report(dirs: list[str], out: str | None = None, json_out: str | None = None,
         raise UsageError("no run directory given")
     runs = [load_run(d, name) for d, name in zip(dirs, _unique_names(dirs))]
     metrics = [compute_metrics(r) for r in runs]
-    paths = plot_runs(runs, _plots_dir(dirs, out)) if plots else []
+    paths = plot_runs(runs, metrics, _plots_dir(dirs, out)) if plots else []
     if json_out:
         write_json(json_out, {"runs": metrics, "plots": paths})
     return metrics, paths

@@ -21,11 +21,11 @@ import urllib.request
 from dataclasses import dataclass
 
 from sglang_ext.argtypes import output_file, positive_float, positive_int, server_url
-from sglang_ext.plugin.metrics import parse_metrics
+from sglang_ext.plugin.metrics import CONTROLLER_COUNTERS, parse_metrics
 
 RANK_COUNTERS = ("steps_total", "step_seconds_total", "barrier_idle_seconds_total", "energy_joules_total")
-CONTROLLER_COUNTERS = ("requests_placed_total", "requests_pinned_total", "requests_placed_at_pool_deadline_total",
-                       "placement_calls_total")
+#: the controller's counters, as `plugin.metrics` names them (without the prefix)
+CONTROLLER_SERIES = tuple(name.removeprefix("sglang_ext:") for name, _ in CONTROLLER_COUNTERS.values())
 
 
 @dataclass
@@ -124,6 +124,7 @@ def interval_stats(a: Snapshot, b: Snapshot) -> dict:
             "idle_fraction": d["barrier_idle_seconds_total"] / d["step_seconds_total"]
             if d["step_seconds_total"] > 0 else None,
             "power_w": d["energy_joules_total"] / dt,
+            "energy_j": d["energy_joules_total"],
             "running_requests": b.rank_value("running_requests", g),
             "kv_tokens": b.rank_value("kv_tokens", g),
             "step_s": d["step_seconds_total"],
@@ -131,12 +132,14 @@ def interval_stats(a: Snapshot, b: Snapshot) -> dict:
         })
     step_s = sum(r["step_s"] for r in ranks)
     idle_s = sum(r["idle_s"] for r in ranks)
-    ctl = {k.removesuffix("_total") + "_per_s": increase(a.total(k), b.total(k)) / dt for k in CONTROLLER_COUNTERS}
+    counts = {k.removesuffix("_total"): increase(a.total(k), b.total(k)) for k in CONTROLLER_SERIES}
+    ctl = {k + "_per_s": n / dt for k, n in counts.items()} | {k: n for k, n in counts.items()}
     ctl["pooled_requests"] = b.total("pooled_requests")
     for q in (0.5, 0.99):
         ctl[f"placement_ms_p{round(q * 100)}"] = _ms(histogram_quantile(q, a.buckets(), b.buckets()))
-    return {"seconds": dt, "idle_fraction": idle_s / step_s if step_s > 0 else None,
-            "power_w": sum(r["power_w"] for r in ranks), "ranks": ranks, "controller": ctl}
+    energy_j = sum(r["energy_j"] for r in ranks)
+    return {"seconds": dt, "idle_fraction": idle_s / step_s if step_s > 0 else None, "energy_j": energy_j,
+            "power_w": energy_j / dt, "ranks": ranks, "controller": ctl}
 
 
 def _ms(s: float | None) -> float | None:

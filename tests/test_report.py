@@ -11,7 +11,7 @@ import pytest
 from sglang_ext import cli
 from sglang_ext.cost import PowerModel
 from sglang_ext.replay import RequestResult, _result_line, summarize
-from sglang_ext.report import compute_metrics, load_run, rank_idle_fractions, report
+from sglang_ext.report import compute_metrics, load_run, report
 from sglang_ext.telemetry import StepTelemetry
 
 PM = PowerModel("toy", busy_w=300.0, wait_w=100.0, idle_w=50.0)
@@ -94,10 +94,10 @@ def test_report_telemetry_only_and_replay_only(tmp_path):
 
 
 def test_each_ranks_idle_fraction_is_its_idle_over_its_step_time(tmp_path):
-    run = load_run(make_run(tmp_path, "r", idle_by_rank=[0.0, 0.005, 0.002], with_replay=False))
-    fr = rank_idle_fractions(run.telemetry)
-    assert fr == pytest.approx({0: 0.0, 1: 0.5, 2: 0.2})
-    assert compute_metrics(run)["idle_fraction"] == pytest.approx(sum(fr.values()) / 3)  # (equal step times)
+    m = compute_metrics(load_run(make_run(tmp_path, "r", idle_by_rank=[0.0, 0.005, 0.002], with_replay=False)))
+    fr = m["rank_idle_fraction"]
+    assert fr == pytest.approx({"0": 0.0, "1": 0.5, "2": 0.2})
+    assert m["idle_fraction"] == pytest.approx(sum(fr.values()) / 3)  # (equal step times)
 
 
 def test_a_remote_servers_idle_comes_from_its_metrics(tmp_path, capsys):

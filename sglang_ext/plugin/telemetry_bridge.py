@@ -22,7 +22,7 @@ def open_telemetry(cfg, dp_rank: int, source: str = "sglang", server_args=None):
     try:
         from sglang_ext.telemetry import StepTelemetry
     except ImportError:
-        logger.warning("sglang-ext: sglang_ext.telemetry is unavailable; --balancer-log ignored")
+        logger.warning("sglang-ext: sglang_ext.telemetry is unavailable; --balancer-log and the rank metrics off")
         return None
     on_line = None if metrics is None else metrics.observe
     try:
