@@ -65,9 +65,9 @@ def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, 
     estimated_first = np.zeros(arrivals.size, bool)  # sent by a call that estimated the newest reports first
     send = bal._send
 
-    def timed_send(g, req, row):  # (every send goes through here: the time of each request's)
-        send(g, req, row)
-        k = req.index
+    def timed_send(g, out):  # (every send goes through here: the time of each request's)
+        send(g, out)
+        k = int(out.rid[1:])  # (rid a<k>)
         sent_at[k] = time.perf_counter() - t0
         estimated_first[k] = bal._reported is not view_before
 
@@ -94,7 +94,7 @@ def run_cell(policy: str, binding: str, trace, G: int, B: int, per_step: float, 
             bal._arrivals = [] if binding == "immediate" else None  # (read together, placed in one call)
             for k in range(nxt, due):
                 req = request(prompts[k], args.max_new_tokens)
-                req.rid, req.index = f"a{k}", k
+                req.rid = f"a{k}"
                 bal.dispatch(req)
             if bal._arrivals is not None:
                 bal.place_arrivals()

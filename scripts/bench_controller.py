@@ -27,8 +27,8 @@ loop finishes the estimate first, and when the estimate pauses at its next stage
 (`BalancedDispatch.prepare(interrupted=...)`, the live loop's default) and the
 arrival is placed on the previous estimate; with it, the estimate's stages (how
 many, and the longest: what such an arrival may wait for besides its own
-placement). Only the ZMQ send is replaced (by a no-op): its cost is the same
-whatever the policy.
+placement). Only the encoding of each request and its ZMQ send are replaced (by
+no-ops): their cost is the same whatever the policy.
 """
 from __future__ import annotations
 
@@ -53,19 +53,27 @@ REPO = Path(__file__).resolve().parents[1]
 DURING_ARRIVALS = 8
 
 
+class Nowhere:
+    """A rank's socket whose sends go nowhere."""
+
+    def send(self, data, flags: int = 0) -> None:
+        pass
+
+
 def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refit: bool = False, tag: str = "",
-                    device: str = "cpu", view_lag: int = 1, cpu_threads: int = 1):
-    """A BalancedDispatch on a controller with G workers whose sends go nowhere."""
-    import sglang.srt.managers.io_struct as io_struct
+                    device: str = "cpu", view_lag: int = 1, cpu_threads: int = 1, encode: bool = False):
+    """A BalancedDispatch on a controller with G workers whose sends go nowhere; each
+    request is encoded for its send as the live controller encodes it only with `encode`
+    (else it is held as empty bytes)."""
+    from sglang_ext.patches import controller
+    from sglang_ext.plugin import protocol
 
-    from sglang_ext.patches.controller import BalancedDispatch
-
-    io_struct.sock_send = lambda sock, obj: None
-    ctrl = SimpleNamespace(workers=list(range(G)), _active_workers=list(range(G)), context=zmq.Context.instance(),
-                           maybe_external_dp_rank_routing=lambda req: False)
+    controller.encode_request = protocol.encode_request if encode else (lambda req: b"")
+    ctrl = SimpleNamespace(workers=[Nowhere() for _ in range(G)], _active_workers=list(range(G)),
+                           context=zmq.Context.instance())
     cfg = BalancerConfig(policy=policy, binding=binding, device=device, inline_refit=inline_refit, view_lag=view_lag,
                          cpu_threads=cpu_threads, report_addr=f"ipc://{workdir}/reports-{policy}-{binding}{tag}-{G}")
-    return BalancedDispatch(ctrl, cfg)
+    return controller.BalancedDispatch(ctrl, cfg)
 
 
 def reports(rng, trace, G: int, B: int, free_frac: float, step: int, cap: int) -> list[RankReport]:

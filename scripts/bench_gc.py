@@ -114,7 +114,7 @@ def grow(bal, data: bytes, n: int) -> dict:
 
 def run_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:
     rng = np.random.default_rng(args.seed)
-    bal = make_controller(policy, "pool", G, workdir, tag=f"-gc-{G}x{B}")
+    bal = make_controller(policy, "pool", G, workdir, tag=f"-gc-{G}x{B}", encode=True)
     bal.on_reports(reports(rng, trace, G, B, 0.02, 1, args.max_new_tokens))
     bal.prepare()
     data = request_bytes(int(np.median(trace.prompt_len)), args.max_new_tokens)

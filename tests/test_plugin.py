@@ -4,8 +4,10 @@ with a fake scheduler. The real thing runs in test_e2e_server.py (slow)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import time
+from array import array
 from collections import deque
 from types import SimpleNamespace
 
@@ -179,20 +181,36 @@ def fake_controller(monkeypatch, tmp_path):
 
     sent = []
     monkeypatch.setattr(io_struct, "sock_send", lambda sock, obj: sent.append((sock, obj)))
+    # The controller sends each request as the bytes SGLang's sock_send would send; the
+    # test requests (SimpleNamespaces) travel as pickle, as under SGLANG_USE_PICKLE_IPC.
+    monkeypatch.setattr(io_struct, "_USE_PICKLE_IPC", True)
 
     def make(policy="total_tokens", binding="immediate", max_wait=0.5, ranks=4, device="cpu", **cfg_kw):
         from sglang_ext.patches.controller import BalancedDispatch
 
-        ctrl = SimpleNamespace(workers=list(range(ranks)), _active_workers=list(range(ranks)),
+        ctrl = SimpleNamespace(workers=[_Rank(g) for g in range(ranks)], _active_workers=list(range(ranks)),
                                context=zmq.Context.instance())
-        ctrl.maybe_external_dp_rank_routing = lambda req: (
-            req.routed_dp_rank is not None and (sent.append((req.routed_dp_rank, req)) or True))
         cfg = config.BalancerConfig(policy=policy, binding=binding, pool_max_wait_s=max_wait, device=device,
                                     report_addr=f"ipc://{tmp_path}/rep-{policy}-{binding}", **cfg_kw)
         bal = BalancedDispatch(ctrl, cfg)
         return bal, sent
 
     yield make
+
+
+class _Rank:
+    """Rank g's socket: decodes what the controller sends, as the rank would, and hands
+    it to `io_struct.sock_send(g, request)`, which each test captures (or breaks)."""
+
+    def __init__(self, g: int):
+        self.g = g
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        from sglang.srt.managers import io_struct
+
+        from sglang_ext.plugin.protocol import decode_request
+
+        io_struct.sock_send(self.g, decode_request(data))
 
 
 def request_rows(reqs) -> np.ndarray:
@@ -306,7 +324,7 @@ def test_a_pinned_request_whose_send_fails_is_retried_at_its_pin(fake_controller
         bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=8)])
     bal.dispatch(_req(10, pin=2, rid="pin"))
     bal.dispatch(_req(10, rid="free"))
-    assert bal.stats["pinned"] == 1 and [p.req.rid for p in bal.pool][0] == "pin" and bal.pool[0].pinned
+    assert bal.stats["pinned"] == 1 and [p.rid for p in bal.pool][0] == "pin" and bal.pool[0].pin is not None
     broken.clear()
     bal._retry_after = time.monotonic()
     bal.release_pool()  # the policy fills free slots: never with the pinned one, which goes to rank 2
@@ -554,7 +572,7 @@ def test_abort_of_a_pooled_request_places_it_before_the_abort(fake_controller):
     bal.dispatch(_req(10, rid="keep"))
     bal.dispatch(_req(10, rid="gone"))
     bal._place_aborted_from_pool(AbortReq(rid="gone"))
-    assert [r.rid for _, r in sent] == ["gone"] and [p.req.rid for p in bal.pool] == ["keep"]
+    assert [r.rid for _, r in sent] == ["gone"] and [p.rid for p in bal.pool] == ["keep"]
 
 
 def test_ipc_ledger_records_and_removes_sglang_ipc_files(tmp_path, monkeypatch):
@@ -1206,7 +1224,7 @@ def test_a_failed_send_in_a_burst_costs_the_others_nothing(fake_controller, monk
     monkeypatch.setattr(io_struct, "sock_send", send)
     bal._arrivals = None  # (a request placed alone, outside a burst: the same)
     bal.dispatch(_req(10, rid="bad"))
-    assert [p.req.rid for p in bal.pool] == ["bad"]
+    assert [p.rid for p in bal.pool] == ["bad"]
 
 
 def test_failed_estimate_in_the_idle_loop_is_logged_once_and_the_arrival_still_placed(
@@ -1696,11 +1714,11 @@ def test_a_pooled_request_whose_send_fails_stays_pooled_and_goes_once(fake_contr
     for i in range(4):
         bal.dispatch(_req(10 + i, rid=f"p{i}"))
     bal.release_pool()
-    assert sorted(r.rid for _, r in sent) == ["p0", "p2", "p3"] and [p.req.rid for p in bal.pool] == ["p1"]
+    assert sorted(r.rid for _, r in sent) == ["p0", "p2", "p3"] and [p.rid for p in bal.pool] == ["p1"]
     assert bal.poll_timeout_ms() == controller.IDLE_POLL_MS  # (no hot loop of failures: the retry is 5 s off)
     broken.clear()
     bal.release_pool()  # before the retry time: nothing tried
-    assert [p.req.rid for p in bal.pool] == ["p1"]
+    assert [p.rid for p in bal.pool] == ["p1"]
     bal._retry_after = time.monotonic()  # the retry time has come
     bal.release_pool()
     assert sorted(r.rid for _, r in sent) == ["p0", "p1", "p2", "p3"] and not bal.pool
@@ -1739,26 +1757,56 @@ def test_an_abort_sends_its_pooled_requests_where_it_will_be_read_after_them(fak
         bal.dispatch(_req(100, rid=rid))
     bal._place_aborted_from_pool(AbortReq(rid="chat-"))
     assert [(g, r.rid) for g, r in sent] == [(1, "chat-1"), (1, "chat-2")]
-    assert [p.req.rid for p in bal.pool] == ["other"]
+    assert [p.rid for p in bal.pool] == ["other"]
     bal.ctrl.control_message_step = 1
     bal._place_aborted_from_pool(AbortReq(abort_all=True))
     assert sent[-1][1].rid == "other" and sent[-1][0] in (1, 2, 3) and not bal.pool
 
 
-def test_a_request_sent_after_its_dispatch_call_carries_its_time_stats_wrapped(fake_controller, monkeypatch):
-    # Stock wraps time_stats for the send only while its dispatch call runs; a pooled
-    # request is sent later, and under msgpack IPC a raw one cannot be decoded by the rank.
+def test_a_pooled_request_goes_out_as_the_bytes_stock_would_have_sent(fake_controller, monkeypatch):
+    # Encoded while stock's dispatch call runs (its time_stats wrapped for the send: stock
+    # puts the raw one back after the call), sent later: under msgpack IPC the rank
+    # decodes the whole request, time stats included. Pooled as bytes, it holds nothing
+    # the garbage collector walks but its own record.
     from sglang.srt.managers import io_struct
+    from sglang.srt.managers.data_parallel_controller import DataParallelController
+    from sglang.srt.observability.req_time_stats import DPControllerReqTimeStats
+    from sglang.srt.sampling.sampling_params import SamplingParams
 
     monkeypatch.setattr(io_struct, "_USE_PICKLE_IPC", False)
-    bal, _ = fake_controller("bfio", binding="pool", max_wait=0.0)
-    seen = []
-    monkeypatch.setattr(io_struct, "sock_send", lambda sock, obj: seen.append(type(obj.time_stats).__name__))
-    req = _req(50, rid="t")
-    req.time_stats = {"created": 1.0}
-    bal.dispatch(req)
+    bal, sent = fake_controller("bfio", binding="pool", max_wait=0.0)
+    req = io_struct.TokenizedGenerateReqInput(
+        rid="t", input_text="", input_ids=array("q", range(50)), input_embeds=None, mm_inputs=None, token_type_ids=None,
+        sampling_params=SamplingParams(max_new_tokens=7), return_logprob=False, logprob_start_len=-1,
+        top_logprobs_num=0, token_ids_logprob=None, stream=True)
+    bal.ctrl.dispatching, bal.ctrl.refresh_load_budget_on_dispatch = bal.dispatch, False
+    DataParallelController.dispatching_with_trace(bal.ctrl, req)
+    (pooled,) = bal.pool
+    assert isinstance(req.time_stats, DPControllerReqTimeStats)  # (the raw one, back on the object)
+    assert pooled.rid == "t" and pooled.row == (50, 7, False) and pooled.pin is None
+    assert not any(gc.is_tracked(x) for x in (pooled.data, pooled.rid))
     bal.release_pool()
-    assert seen == ["PickleWrapper"] and req.time_stats == {"created": 1.0}
+    ((g, got),) = sent
+    assert g in range(4) and not bal.pool and got.rid == "t" and list(got.input_ids) == list(range(50))
+    assert got.sampling_params.max_new_tokens == 7
+    assert isinstance(io_struct.unwrap_from_pickle(got.time_stats), DPControllerReqTimeStats)
+
+
+def test_a_pin_dropped_after_a_failed_send_is_dropped_from_the_bytes_sent(fake_controller, monkeypatch, caplog):
+    # A pinned request whose send failed waits at the head of the pool; if its rank is
+    # gone by the retry, the policy places it, and the request the rank reads carries no pin.
+    bal, sent = fake_controller("total_tokens", binding="pool", max_wait=60.0)
+    broken = _break_sends(monkeypatch, {"pin"})
+    bal.dispatch(_req(10, rid="pin", pin=2))
+    assert not sent and [(p.rid, p.pin) for p in bal.pool] == [("pin", 2)]
+    broken.clear()
+    bal.ctrl._active_workers = [0, 1, 3]
+    bal._retry_after = 0.0
+    with caplog.at_level(logging.WARNING):
+        bal.release_pool()
+    ((g, got),) = sent
+    assert g in (0, 1, 3) and got.rid == "pin" and got.routed_dp_rank is None and not bal.pool
+    assert any("pinned to DP rank 2, which is not active" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("scenarios", [0, 3])

@@ -44,6 +44,31 @@ def exact_mask(flags, n: int) -> np.ndarray:
     flags = np.asarray(flags if flags is not None else _NONE, dtype=bool)
     return flags if flags.shape == (n,) else np.zeros(n, dtype=bool)
 
+def encode_request(req) -> bytes:
+    """`req` as SGLang's `sock_send` puts it on the wire (pickle under
+    `SGLANG_USE_PICKLE_IPC`, else msgpack), for a plain `socket.send` later.
+
+    The controller encodes each request when it reads it, where stock sends it:
+    its `time_stats` is then the wrapped copy that stock's dispatch call sends
+    (stock puts the raw one back after the call, and a rank cannot decode that
+    under msgpack IPC), and a pooled request is held as bytes, which the garbage
+    collector does not walk (a decoded request holds tracked objects of its own)."""
+    from sglang.srt.managers import io_struct
+
+    if io_struct._USE_PICKLE_IPC:  # (what sock_send reads: pyzmq's send_pyobj pickles so)
+        return pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
+    return io_struct.msgpack_encode(req)
+
+
+def decode_request(data: bytes):
+    """The request `encode_request` encoded, as a rank's `sock_recv` decodes it."""
+    from sglang.srt.managers import io_struct
+
+    if io_struct._USE_PICKLE_IPC:
+        return pickle.loads(data)
+    return io_struct.msgpack_decode(data)
+
+
 #: `custom_params` key of a request's answer length for the stand-in backend: its
 #: stand-in model ends the answer with EOS after that many tokens, as a real model
 #: ends where its text ends (`sglang-ext replay --max-new-tokens` sets it; a real
