@@ -221,6 +221,42 @@ def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
     assert p._matchable(np.zeros((8, 511))) is None and p._matchable(np.zeros((200, 600))) is None
 
 
+def test_bfio_large_round_settled_at_the_candidates_best_scores_is_optimal():
+    # Large rounds where most ranks score most candidates at the candidate's best (it
+    # fits there) and a few ranks score every candidate lower (at the envelope): the
+    # matching found without the solver must reach the solver's total, every rank
+    # matched to a distinct candidate.
+    from scipy.optimize import linear_sum_assignment
+
+    from sglang_ext.policies.bfio import _NEG, _match_at_best
+
+    rng = np.random.default_rng(8)
+    settled = {0: 0, 1: 0, 2: 0}
+    for trial in range(90):
+        hot = trial % 3  # ranks at the envelope
+        n, m = int(rng.integers(512, 900)), int(rng.integers(2, 129))
+        gain = rng.integers(1, 60, n).astype(np.float64)  # few distinct values: many ties
+        kinds = gain[None, :] - (rng.random((4, n)) < 0.01) * rng.integers(1, 30, (4, n))
+        S = kinds[rng.integers(0, 4, m)]  # (ranks, candidates): a few kinds of rank
+        S[:hot] = gain - rng.integers(1, 80, (hot, n))
+        S[:, rng.random(n) < 0.1] = _NEG  # taken candidates
+        ST = np.ascontiguousarray(S[rng.permutation(m)])
+        found = _match_at_best(ST, rng.random(m) if trial % 2 else None)  # (ranks offered in load order)
+        fr, fj = linear_sum_assignment(ST, maximize=True)
+        if found is None:
+            continue
+        settled[hot] += 1
+        rs, js = found
+        assert sorted(rs.tolist()) == list(range(m)) and len(set(js.tolist())) == m
+        assert ST[rs, js].sum() == pytest.approx(ST[fr, fj].sum(), rel=1e-12, abs=1e-9)
+    assert settled[0] >= 25 and settled[1] >= 20 and settled[2] >= 15
+    # and the policy takes it: a round's matching on such scores, against the solver's total
+    p = make_policy("bfio")
+    js, gs = p._match_round(ST, np.arange(10, 10 + m), rng.random(m))
+    keep = ST[fr, fj] > _NEG / 2
+    assert ST[gs - 10, js].sum() == pytest.approx(ST[fr[keep], fj[keep]].sum(), rel=1e-12, abs=1e-9)
+
+
 def test_bfio_round_matching_is_the_candidate_major_solvers_pair_for_pair():
     # Scores are kept rank-major; below the pruning size the round's matching must be
     # the one the solver gives on (candidates, ranks), ties and all, in every shape
