@@ -703,9 +703,9 @@ class BFIO(Policy):
     def _match_round(self, ST: np.ndarray, live: np.ndarray, loads: np.ndarray | None = None):
         """Match ranks (rows of ST, the open ranks `live`, with their `loads`
         for ties) to candidates (columns), at most one each, for the best
-        total score. Without
-        `parallel`: only the single best pair (the exact sequential greedy,
-        one rescoring per placement). Returns (candidates, ranks)."""
+        total score. Without `parallel`: only the single best pair (the exact
+        sequential greedy, one rescoring per placement). Returns (candidates,
+        ranks)."""
         if not self.parallel:
             flat = int(np.argmax(ST.T))  # (ties: the first candidate, then the first rank)
             j, r = divmod(flat, ST.shape[0])
