@@ -323,10 +323,11 @@ class BalancedDispatch(ClusterState):
 
     def _outgoing(self, req) -> _Outgoing:
         """`req` as it will be sent, its pin dropped first if that rank is not active."""
-        pin = self._active_pin(getattr(req, "routed_dp_rank", None), getattr(req, "rid", "?"))
-        if pin is None and getattr(req, "routed_dp_rank", None) is not None:
+        asked, rid = getattr(req, "routed_dp_rank", None), str(getattr(req, "rid", "?"))
+        pin = self._active_pin(asked, rid)
+        if asked is not None and pin is None:
             req.routed_dp_rank = None
-        return _Outgoing(encode_request(req), str(getattr(req, "rid", "")), request_row(req), pin)
+        return _Outgoing(encode_request(req), rid, request_row(req), pin)
 
     def _still_pinned(self, out: _Outgoing) -> int | None:
         """The pinned rank of a request read earlier (a failed send retried), if it is

@@ -44,6 +44,7 @@ def exact_mask(flags, n: int) -> np.ndarray:
     flags = np.asarray(flags if flags is not None else _NONE, dtype=bool)
     return flags if flags.shape == (n,) else np.zeros(n, dtype=bool)
 
+
 def encode_request(req) -> bytes:
     """`req` as SGLang's `sock_send` puts it on the wire (pickle under
     `SGLANG_USE_PICKLE_IPC`, else msgpack), for a plain `socket.send` later.

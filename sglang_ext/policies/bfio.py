@@ -765,9 +765,10 @@ MOST_LEFT_OUT = 3
 
 def _match_at_best(ST: np.ndarray, loads: np.ndarray | None = None):
     """An optimal matching of a large pool round (ST: (m ranks, n candidates) scores,
-    m <= n; `loads`: the ranks' loads, to order ties), found without the assignment solver on the whole problem where it
-    reaches a bound; None where it does not (the solver then decides). Returns
-    (ranks, candidates), every rank matched.
+    m <= n; `loads`: the ranks' loads, to order ties), found without the
+    assignment solver on the whole problem where it reaches a bound; None where
+    it does not (the solver then decides). Returns (ranks, candidates), every
+    rank matched.
 
     Why: at G=256 with few free slots a round's problem is ~200 ranks by several
     hundred candidates, and the solver takes 10-30 ms on it. Yet ~99% of its scores
@@ -801,17 +802,17 @@ def _match_at_best(ST: np.ndarray, loads: np.ndarray | None = None):
     m, n = ST.shape
     if m == 0:
         return None
+    # (rows are taken in this order, lightest first: `left` and `rest` index it)
     lightest = np.argsort(loads, kind="stable") if loads is not None else np.arange(m)
-    ST = ST[lightest]
     best = ST.max(axis=0)
     order = np.argsort(-best, kind="stable")
     if best[order[m - 1]] <= _NEG / 2:
         return None
-    rows, top = np.arange(m), order[:m]
-    at_best = ST[:, top] == best[top]
+    top = order[:m]
+    at_best = ST[np.ix_(lightest, top)] == best[top]
     if m - np.count_nonzero(at_best.any(axis=1)) > MOST_LEFT_OUT:  # (that many are left out at least)
         return None
-    seat = maximum_bipartite_matching(csr_matrix(at_best), perm_type="column")
+    seat = _max_matching(at_best)
     left = np.flatnonzero(seat < 0)
     d = left.size
     if d == 0:
@@ -820,12 +821,13 @@ def _match_at_best(ST: np.ndarray, loads: np.ndarray | None = None):
         return None
     outside = order[m:]
     lowest = np.concatenate([[0.0], np.cumsum(best[top[::-1][:d]])])  # the k lowest b_j of P, summed
-    inside = ST[np.ix_(left, top)] - best[top]
+    inside = ST[np.ix_(lightest[left], top)] - best[top]
     split, value = None, -np.inf
     for mask in range(1 << d):
         out = np.array([(mask >> i) & 1 for i in range(d)], bool)
         total, cols = -lowest[out.sum()], np.empty(d, np.int64)
-        for pick, scores, among in ((out, ST[np.ix_(left[out], outside)], outside), (~out, inside[~out], top)):
+        for pick, scores, among in ((out, ST[np.ix_(lightest[left[out]], outside)], outside),
+                                    (~out, inside[~out], top)):
             if pick.any():
                 r, c = linear_sum_assignment(scores, maximize=True)
                 total += scores[r, c].sum()
@@ -838,16 +840,14 @@ def _match_at_best(ST: np.ndarray, loads: np.ndarray | None = None):
     target, dropped = remain[:m - d], remain[m - d:]
     if not np.array_equal(best[dropped], best[top[m - k:]]):
         return None
-    rest = np.delete(rows, left)
-    seat = _seat_at_best(ST, rest, target, best)
+    rest = lightest[np.delete(np.arange(m), left)]
+    seat = _max_matching(ST[np.ix_(rest, target)] == best[target])
     if (seat < 0).any():
         return None
-    return lightest[np.append(rest, left)], np.append(target[seat], taken)
+    return np.append(rest, lightest[left]), np.append(target[seat], taken)
 
 
-def _seat_at_best(ST: np.ndarray, rows: np.ndarray, cols: np.ndarray, best: np.ndarray) -> np.ndarray:
-    """A maximum matching of `rows` to distinct `cols` on the pairs where a row scores
-    that column's best (`best`): for each row, the index into `cols` of its column,
-    or -1 (Hopcroft-Karp, in C by scipy)."""
-    at_best = ST[np.ix_(rows, cols)] == best[cols]
-    return maximum_bipartite_matching(csr_matrix(at_best), perm_type="column")
+def _max_matching(pairs: np.ndarray) -> np.ndarray:
+    """A maximum matching of rows to distinct columns on the True pairs of a boolean
+    matrix: for each row its column, or -1 (Hopcroft-Karp, in C by scipy)."""
+    return maximum_bipartite_matching(csr_matrix(pairs), perm_type="column")
