@@ -257,6 +257,38 @@ def test_bfio_large_round_settled_at_the_candidates_best_scores_is_optimal():
     assert ST[gs - 10, js].sum() == pytest.approx(ST[fr[keep], fj[keep]].sum(), rel=1e-12, abs=1e-9)
 
 
+def test_seats_at_best_are_hopcroft_karps_with_or_without_the_diagonal_read():
+    # `_seats_at_best` reads the matching off the diagonal where every row scores its
+    # own column at the column's best, without building the pairs. That must be the
+    # matching scipy's Hopcroft-Karp returns on the pairs (its greedy start seats each
+    # row at its first free column); elsewhere it is that matching, built from parts.
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
+    from sglang_ext.policies.bfio import MOST_LEFT_OUT, _NEG, _seats_at_best
+
+    rng = np.random.default_rng(12)
+    read_off = 0
+    for trial in range(400):
+        k = int(rng.integers(1, 90))
+        n = k + int(rng.integers(0, 40))
+        best = rng.integers(1, 30, n).astype(np.float64)
+        ST = best - (rng.random((k, n)) < rng.choice([0.01, 0.3, 0.9])) * rng.integers(1, 9, (k, n))
+        ST[:, rng.random(n) < 0.05] = _NEG  # taken candidates: at their "best" everywhere
+        rows, cols = rng.permutation(k), rng.permutation(n)
+        if trial % 2:
+            ST[rows, cols[:k]] = best[cols[:k]]  # every row at its best on its own column
+        pairs = ST[np.ix_(rows, cols)] == best[cols]
+        want = maximum_bipartite_matching(csr_matrix(pairs), perm_type="column")
+        got = _seats_at_best(ST, rows, cols, best)
+        if k - np.count_nonzero(pairs.any(axis=1)) > MOST_LEFT_OUT:
+            assert got is None
+            continue
+        assert np.array_equal(got, want), trial
+        read_off += bool((ST[rows, cols[:k]] == best[cols[:k]]).all())
+    assert read_off >= 150
+
+
 def test_bfio_round_matching_is_the_candidate_major_solvers_pair_for_pair():
     # Scores are kept rank-major; below the pruning size the round's matching must be
     # the one the solver gives on (candidates, ranks), ties and all, in every shape
