@@ -198,7 +198,7 @@ def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
     # score alike on every rank), taken candidates (the sentinel) and all included.
     from scipy.optimize import linear_sum_assignment
 
-    from sglang_ext.policies.bfio import _NEG
+    from sglang_ext.policies.matching import NEG as _NEG, matchable_columns
 
     p = make_policy("bfio")
     rng = np.random.default_rng(5)
@@ -215,10 +215,10 @@ def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
         assert len(set(js.tolist())) == js.size and len(set(gs.tolist())) == gs.size
         assert S[js, gs - 100].sum() == pytest.approx(S[fj[keep], fr[keep]].sum(), rel=1e-12, abs=1e-9)
         assert js.size == keep.sum()
-        cols = p._matchable(np.ascontiguousarray(S.T))
+        cols = matchable_columns(np.ascontiguousarray(S.T), p.prune_after)
         pruned += cols is not None and cols.size < n
     assert pruned > 30  # (the pruning did shrink most of these problems)
-    assert p._matchable(np.zeros((8, 511))) is None and p._matchable(np.zeros((200, 600))) is None
+    assert matchable_columns(np.zeros((8, 511)), 512) is None and matchable_columns(np.zeros((200, 600)), 512) is None
 
 
 def test_bfio_large_round_settled_at_the_candidates_best_scores_is_optimal():
@@ -228,7 +228,7 @@ def test_bfio_large_round_settled_at_the_candidates_best_scores_is_optimal():
     # matched to a distinct candidate.
     from scipy.optimize import linear_sum_assignment
 
-    from sglang_ext.policies.bfio import _NEG, _match_at_best
+    from sglang_ext.policies.matching import NEG as _NEG, match_at_best as _match_at_best
 
     rng = np.random.default_rng(8)
     settled = {0: 0, 1: 0, 2: 0}
@@ -265,7 +265,7 @@ def test_seats_at_best_are_hopcroft_karps_with_or_without_the_diagonal_read():
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import maximum_bipartite_matching
 
-    from sglang_ext.policies.bfio import MOST_LEFT_OUT, _NEG, _seats_at_best
+    from sglang_ext.policies.matching import MOST_LEFT_OUT, NEG as _NEG, seats_at_best as _seats_at_best
 
     rng = np.random.default_rng(12)
     read_off = 0
@@ -296,7 +296,7 @@ def test_bfio_round_matching_is_the_candidate_major_solvers_pair_for_pair():
     # depend on the layout.
     from scipy.optimize import linear_sum_assignment
 
-    from sglang_ext.policies.bfio import _NEG
+    from sglang_ext.policies.matching import NEG as _NEG
 
     p = make_policy("bfio")
     rng = np.random.default_rng(11)
