@@ -42,7 +42,7 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
-from sglang_ext.argtypes import write_json, output_file, comma_list, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
+from sglang_ext.argtypes import write_json, output_file, comma_list, grid_cell, nonneg_int, positive_float, positive_int, require_device, run_main, trace_file
 from sglang_ext.plugin.config import BalancerConfig
 from sglang_ext.plugin.protocol import RankReport
 from sglang_ext.policies import policy_names
@@ -106,26 +106,17 @@ def add_grid(ap: argparse.ArgumentParser, cells: str, policies: str) -> None:
     """--trace, --cells and --policies: what the controller benchmarks run over."""
     ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
                     help="Trace the requests' lengths are drawn from.")
-    ap.add_argument("--cells", type=comma_list(str), default=cells,
+    ap.add_argument("--cells", type=comma_list(grid_cell), default=cells,
                     help="Comma-separated GxB cells (ranks x running-request slots per rank).")
     ap.add_argument("--policies", type=comma_list(str), default=policies, help="Comma-separated policies.")
 
 
 def grid_cells(ap: argparse.ArgumentParser, args) -> list[tuple[int, int]]:
     """`--cells` as (G, B) pairs, and `--policies` checked (a usage error names the flag)."""
-    cells = []
-    for cell in args.cells:
-        try:
-            G, B = (int(x) for x in cell.lower().split("x"))
-        except ValueError:
-            ap.error(f"--cells: expected GxB such as 32x72, got {cell!r}")
-        if not (1 <= G <= 4096 and 1 <= B <= 65536):
-            ap.error(f"--cells: G must be 1..4096 and B 1..65536, got {cell!r}")
-        cells.append((G, B))
     for p in args.policies:
         if p not in policy_names():
             ap.error(f"--policies: unknown policy {p!r} (known: {', '.join(policy_names())})")
-    return cells
+    return args.cells
 
 
 def time_cell(policy: str, trace, G: int, B: int, args, workdir: str) -> dict:

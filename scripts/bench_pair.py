@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_decision import snapshot
-from sglang_ext.argtypes import comma_list, nonneg_float, nonneg_int, positive_float, positive_int, run_main, \
-    trace_file, write_json, output_file
+from sglang_ext.argtypes import comma_list, grid_cell, nonneg_float, nonneg_int, output_file, positive_float, \
+    positive_int, run_main, trace_file, write_json
 from sglang_ext.policies import make_policy
 from sglang_ext.traces import load_trace
 
@@ -82,7 +82,7 @@ def main():
     ap.add_argument("--base", required=True, help="The commit to compare against (any git revision, e.g. HEAD~1).")
     ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
                     help="Trace the running requests and candidates are drawn from (a name under data/traces, or a path).")
-    ap.add_argument("--cells", type=comma_list(str), default="128x32,128x72,256x32,256x72,256x256",
+    ap.add_argument("--cells", type=comma_list(grid_cell), default="128x32,128x72,256x32,256x72,256x256",
                     help="Comma-separated GxB cells (ranks x running-request slots per rank).")
     ap.add_argument("--horizons", type=comma_list(nonneg_int), default="20,80", help="Comma-separated H values.")
     ap.add_argument("--pool-tails", type=comma_list(nonneg_float), default="0,0.002",
@@ -94,18 +94,12 @@ def main():
     args = ap.parse_args()
     if args.free_frac >= 1:
         ap.error(f"--free-frac must be below 1, got {args.free_frac}")
-    cells = []
-    for cell in args.cells:
-        m = re.fullmatch(r"(\d+)x(\d+)", cell)
-        if not m or min(int(m[1]), int(m[2])) < 1:
-            ap.error(f"--cells: {cell!r} is not GxB with G and B positive integers (e.g. 256x72)")
-        cells.append((int(m[1]), int(m[2])))
     rev = resolve(ap, args.base)
     trace = load_trace(args.trace)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pair_") as tmp:
         base = base_package(rev, Path(tmp))
-        grid = [(G, B, H, W) for G, B in cells for H in args.horizons for W in args.pool_tails]
+        grid = [(G, B, H, W) for G, B in args.cells for H in args.horizons for W in args.pool_tails]
         for G, B, H, W in tqdm(grid, desc="cells"):
             rng = np.random.default_rng(args.seed)
             snaps = [snapshot(rng, trace, G, B, args.free_frac) for _ in range(args.calls)]

@@ -62,6 +62,17 @@ def comma_list(item):
     return parse
 
 
+def grid_cell(text: str) -> tuple[int, int]:
+    """argparse type: a GxB cell (ranks x running-request slots per rank), e.g. 256x72."""
+    try:
+        G, B = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GxB such as 32x72, got {text!r}") from None
+    if not (1 <= G <= MAX_RANKS and 1 <= B <= MAX_BATCH):
+        raise argparse.ArgumentTypeError(f"G must be 1..{MAX_RANKS} and B 1..{MAX_BATCH}, got {text!r}")
+    return G, B
+
+
 def existing_file(text: str) -> Path:
     """argparse type: a file that exists."""
     p = Path(text)
