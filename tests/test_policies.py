@@ -192,6 +192,29 @@ def test_bfio_places_everything_when_slots_suffice_and_balances():
     assert loads.max() - loads.min() <= 100
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_bfio_pool_fills_every_free_slot_once_with_more_candidates_than_slots(parallel):
+    # A round's taken candidates must leave every open rank's scores, rescored or not:
+    # a rank left holding a taken candidate's old score could take it again, and the
+    # slot it fills would be lost (the candidate's rank overwritten). With one pair a
+    # round (`parallel=False`) most open ranks are not rescored; in parallel rounds
+    # every open rank takes one and is rescored (at G=128 the first round is large,
+    # settled at the candidates' best scores).
+    rng = np.random.default_rng(3)
+    for G, B, frac in [(16, 8, 0.3), (128, 32, 0.03)]:
+        free = rng.binomial(B, frac, G)
+        nrun = B - free
+        req_rank = np.repeat(np.arange(G), nrun)
+        req_kv = rng.integers(50, 4000, req_rank.size)
+        v = ClusterView(free_slots=free, kv_tokens=np.bincount(req_rank, weights=req_kv, minlength=G).astype(np.int64),
+                        num_requests=nrun, req_rank=req_rank, req_kv=req_kv,
+                        req_remaining=rng.integers(1, 800, req_rank.size))
+        c = cands(rng.integers(20, 3000, 4 * G), rng.integers(5, 900, 4 * G))
+        out = make_policy("bfio", horizon=80, pool_tail=0.002, parallel=parallel).assign(v, c)
+        placed = np.bincount(out[out >= 0], minlength=G)
+        assert (placed == free).all(), (G, int(free.sum()), int(placed.sum()))
+
+
 def test_bfio_large_pool_round_matches_as_well_on_the_pruned_candidates():
     # A large round offers each rank only its m best candidates (m ranks): the matched
     # total must be the full assignment problem's, ties (candidates that fit anywhere
