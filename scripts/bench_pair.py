@@ -98,13 +98,20 @@ def main():
     trace = load_trace(args.trace)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pair_") as tmp:
-        base = base_package(rev, Path(tmp))
+        try:
+            base = base_package(rev, Path(tmp))
+        except (ImportError, AttributeError, subprocess.CalledProcessError) as exc:
+            raise ValueError(f"--base {args.base}: its policies do not load here ({exc})") from None
         grid = [(G, B, H, W) for G, B in args.cells for H in args.horizons for W in args.pool_tails]
         for G, B, H, W in tqdm(grid, desc="cells"):
             rng = np.random.default_rng(args.seed)
             snaps = [snapshot(rng, trace, G, B, args.free_frac) for _ in range(args.calls)]
             ours = make_policy("bfio", horizon=H, pool_tail=W)
-            theirs = base.make_policy("bfio", horizon=H, pool_tail=W)
+            try:
+                theirs = base.make_policy("bfio", horizon=H, pool_tail=W)
+            except (TypeError, ValueError) as exc:  # (a commit from before pool_tail, say)
+                raise ValueError(f"--base {args.base}: its bfio does not take horizon={H}, pool_tail={W:g} ({exc})") \
+                    from None
             for view, cands in snaps[:2]:  # warm-up
                 timed(ours, view, cands)
                 timed(theirs, *as_base(base, view, cands))
