@@ -77,7 +77,8 @@ def make_controller(policy: str, binding: str, G: int, workdir: str, inline_refi
 
 
 def reports(rng, trace, G: int, B: int, free_frac: float, step: int, cap: int) -> list[RankReport]:
-    """One report per rank: B minus ~free_frac*B running requests, part-way through their answers."""
+    """One report per rank: B minus ~free_frac*B running requests, part-way through their answers,
+    with their ignore_eos flags (all False) as the ranks' scheduler sends them."""
     free = rng.binomial(B, free_frac, size=G).clip(0, B)
     out = []
     for g in range(G):
@@ -88,7 +89,8 @@ def reports(rng, trace, G: int, B: int, free_frac: float, step: int, cap: int) -
         out.append(RankReport(dp_rank=g, step=step, received=0, free_slots=int(free[g]), slot_limit=B,
                               run_kv=trace.prompt_len[idx] + gen, run_generated=gen, run_cap=np.full(n, cap),
                               finished_lengths=np.minimum(trace.output_len[fin], cap),
-                              finished_prompts=trace.prompt_len[fin]))
+                              finished_prompts=trace.prompt_len[fin], run_exact=np.zeros(n, bool),
+                              wait_exact=np.zeros(0, bool), finished_exact=np.zeros(fin.size, bool)))
     return out
 
 
