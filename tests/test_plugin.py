@@ -1546,6 +1546,47 @@ def test_ignore_eos_requests_run_to_their_cap_and_teach_the_estimator_nothing(fa
     assert old.exact("run").tolist() == [False]
 
 
+def test_forced_flags_are_read_per_report_whatever_each_sender_sent(fake_controller):
+    # The estimate joins every report's ignore_eos flags at once when each report has
+    # one bool per request (what the ranks' scheduler sends); a report without flags,
+    # or with a miscounted one, reads as none forced, flags of another type are read
+    # as bools, and every report's flags land on its own requests.
+    bal, _ = fake_controller("bfio", ranks=4)
+    bal.on_reports([RankReport(dp_rank=g, step=1, received=0, free_slots=72, slot_limit=72,
+                               finished_lengths=np.full(20, 10), finished_prompts=np.full(20, 100))
+                    for g in range(4)])
+    bal.prepare()  # (natural answers of 10 tokens: an unforced request is estimated far below its cap)
+
+    def rep(step, g, n_run, n_wait, run_exact=None, wait_exact=None):
+        kw = {k: v for k, v in (("run_exact", run_exact), ("wait_exact", wait_exact)) if v is not None}
+        return RankReport(dp_rank=g, step=step, received=0, free_slots=10, slot_limit=72,
+                          run_kv=np.full(n_run, 102), run_generated=np.full(n_run, 2),
+                          run_cap=np.full(n_run, 300 + g), wait_prompt=np.full(n_wait, 100),
+                          wait_cap=np.full(n_wait, 500 + g), **kw)
+
+    cases = [
+        ([rep(2, 0, 3, 1, np.array([True, False, True]), np.array([True])),
+          rep(2, 1, 2, 0, np.array([False, True]), np.zeros(0, bool)),
+          rep(2, 2, 1, 2, np.array([False]), np.array([False, True])),
+          rep(2, 3, 0, 1, np.zeros(0, bool), np.array([False]))],
+         {0: [298, None, 298, 500], 1: [None, 299], 2: [None, None, 502], 3: [None]}),
+        ([rep(3, 0, 3, 1, np.array([True, False, True]), np.array([True])),
+          rep(3, 1, 2, 0),  # no flags sent
+          rep(3, 2, 1, 2, np.array([True, True]), np.array([0, 1])),  # miscounted; ints
+          rep(3, 3, 0, 1, None, np.array([True]))],
+         {0: [298, None, 298, 500], 1: [None, None], 2: [None, None, 502], 3: [503]}),
+    ]
+    for reps, want in cases:
+        bal.on_reports(reps)
+        view = bal.build_view()
+        rank, remaining = np.asarray(view.req_rank), np.asarray(view.req_remaining)
+        for g, expect in want.items():
+            got = remaining[rank == g].tolist()
+            assert len(got) == len(expect), (g, got)
+            for x, e in zip(got, expect):
+                assert x == e if e is not None else 1 <= x <= 50, (g, got, expect)
+
+
 def test_the_per_rank_totals_kept_as_reports_come_are_the_newest_reports_sums(fake_controller):
     # The totals an arrival reads are kept per rank as reports come: they must equal the
     # newest report's numbers recomputed from its requests, whatever the order of the

@@ -48,6 +48,21 @@ def _cat(arrays, dtype=np.int64) -> np.ndarray:
     return np.concatenate(arrays, dtype=dtype) if arrays else np.zeros(0, dtype)
 
 
+def _exact_flags(reps, which: str) -> np.ndarray:
+    """The `which` ('run' or 'wait') requests' ignore_eos flags of every report,
+    concatenated. The ranks' scheduler sends one bool per request in every report, so
+    they are joined as they are; a report whose flags are missing or miscounted reads
+    as all False (`RankReport.exact`), one report at a time."""
+    attr = "run_kv" if which == "run" else "wait_prompt"
+    flags = [getattr(r, f"{which}_exact", None) for r in reps]
+    if all(type(f) is np.ndarray and f.dtype == bool and f.shape == getattr(r, attr).shape
+           for f, r in zip(flags, reps)):
+        return _cat(flags, bool)
+    if not any(f is not None and np.size(f) for f in flags):  # (a sender that sends none)
+        return np.zeros(sum(getattr(r, attr).shape[0] for r in reps), bool)
+    return _cat((r.exact(which) for r in reps), bool)
+
+
 def remaining_steps(estimator, generated: np.ndarray, cap: np.ndarray, scenarios: int = 0,
                     prompt: np.ndarray | None = None, exact: np.ndarray | None = None) -> np.ndarray:
     """Predicted decode steps left, never beyond the max_new_tokens cap: (n,), or
@@ -397,12 +412,7 @@ class ClusterState:
         """Teach the estimator `est` what runs now; returns the call that estimates every
         reported request, running then waiting, from its fit (the rest of the estimate)."""
         generated = np.concatenate([run_gen, np.zeros_like(wait_prompt)])
-        flags = (getattr(r, k, None) for r in reps for k in ("run_exact", "wait_exact"))
-        if any(f is not None and np.size(f) for f in flags):
-            exact = np.concatenate([_cat((r.exact("run") for r in reps), bool),
-                                    _cat((r.exact("wait") for r in reps), bool)])
-        else:  # no ignore_eos flags sent (the common case): skip 2G per-report masks
-            exact = np.zeros(generated.shape[0], bool)
+        exact = np.concatenate([_exact_flags(reps, "run"), _exact_flags(reps, "wait")])
         prompt = np.concatenate([np.maximum(run_kv - run_gen, 0), wait_prompt])
         # What runs now bounds the lengths from below (right-censored lengths), those
         # under ignore_eos excepted: their lengths are forced.

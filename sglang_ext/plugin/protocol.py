@@ -111,7 +111,8 @@ class RankReport:
 
     def exact(self, which: str) -> np.ndarray:
         """ignore_eos flags of the 'run', 'wait' or 'finished' requests (all False if not sent)."""
-        n = {"run": self.run_kv, "wait": self.wait_prompt, "finished": self.finished_lengths}[which].shape[0]
+        n = (self.run_kv if which == "run" else self.wait_prompt if which == "wait"
+             else self.finished_lengths).shape[0]
         return exact_mask(getattr(self, f"{which}_exact", None), n)
 
     @property
