@@ -53,13 +53,18 @@ def _exact_flags(reps, which: str) -> np.ndarray:
     concatenated. The ranks' scheduler sends one bool per request in every report, so
     they are joined as they are; a report whose flags are missing or miscounted reads
     as all False (`RankReport.exact`), one report at a time."""
-    attr = "run_kv" if which == "run" else "wait_prompt"
-    flags = [getattr(r, f"{which}_exact", None) for r in reps]
-    if all(type(f) is np.ndarray and f.dtype == bool and f.shape == getattr(r, attr).shape
-           for f, r in zip(flags, reps)):
-        return _cat(flags, bool)
+    key = f"{which}_exact"
+    flags = [getattr(r, key, None) for r in reps]
+    counts = [len(r.run_kv if which == "run" else r.wait_prompt) for r in reps]
+    try:  # (None has no len; bools only: np.concatenate refuses to cast ints or floats)
+        if list(map(len, flags)) == counts:
+            joined = np.concatenate(flags, dtype=bool) if flags else np.zeros(0, bool)
+            if joined.ndim == 1:
+                return joined
+    except (TypeError, ValueError):
+        pass
     if not any(f is not None and np.size(f) for f in flags):  # (a sender that sends none)
-        return np.zeros(sum(getattr(r, attr).shape[0] for r in reps), bool)
+        return np.zeros(sum(counts), bool)
     return _cat((r.exact(which) for r in reps), bool)
 
 
