@@ -51,8 +51,8 @@ def _cat(arrays, dtype=np.int64) -> np.ndarray:
 def _exact_flags(reps, which: str) -> np.ndarray:
     """The `which` ('run' or 'wait') requests' ignore_eos flags of every report,
     concatenated. The ranks' scheduler sends one bool per request in every report, so
-    they are joined as they are; a report whose flags are missing or miscounted reads
-    as all False (`RankReport.exact`), one report at a time."""
+    they are joined as they are; otherwise each report is read as `RankReport.exact`
+    reads it (missing or miscounted flags: none forced; other values: cast to bool)."""
     key = f"{which}_exact"
     flags = [getattr(r, key, None) for r in reps]
     counts = [len(r.run_kv if which == "run" else r.wait_prompt) for r in reps]
