@@ -55,27 +55,37 @@ def time_calls(policy, snaps, must_place=False):
     return np.percentile(out, 50), np.percentile(out, 99)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_snapshot_flags(ap: argparse.ArgumentParser, horizons: str, pool_tails: str, calls: int) -> None:
+    """The flags of the snapshots and of the bfio timed on them (this script's and bench_pair's)."""
     ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
                     help="Trace the running requests and candidates are drawn from (a name under data/traces, or a path).")
-    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32,128", help="Comma-separated G values.")
-    ap.add_argument("--batch", type=comma_list(positive_int), default="72,256", help="Comma-separated B values.")
-    ap.add_argument("--horizons", type=comma_list(nonneg_int), default="0,20,80", help="Comma-separated H values.")
-    ap.add_argument("--pool-tails", type=comma_list(nonneg_float), default="0",
+    ap.add_argument("--horizons", type=comma_list(nonneg_int), default=horizons, help="Comma-separated H values.")
+    ap.add_argument("--pool-tails", type=comma_list(nonneg_float), default=pool_tails,
                     help="Comma-separated bfio pool_tail values (the online default is 0.002): with a tail, "
                          "pool calls also project a request's whole life (2000 steps) at 16 steps past H.")
     ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
-    ap.add_argument("--calls", type=positive_int, default=30, help="Snapshots per cell.")
+    ap.add_argument("--calls", type=positive_int, default=calls, help="Snapshots per cell.")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
+    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
+
+
+def parse_snapshot_flags(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    args = ap.parse_args()
+    if args.free_frac >= 1:
+        ap.error(f"--free-frac must be below 1, got {args.free_frac}")
+    return args
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=comma_list(positive_int), default="8,32,128", help="Comma-separated G values.")
+    ap.add_argument("--batch", type=comma_list(positive_int), default="72,256", help="Comma-separated B values.")
+    add_snapshot_flags(ap, horizons="0,20,80", pool_tails="0", calls=30)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="Where the running requests live: cpu (numpy, the torch reference projection) or cuda "
                          "(CUDA tensors, the compiled Triton kernel).")
-    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
-    args = ap.parse_args()
+    args = parse_snapshot_flags(ap)
     require_device(ap, args.device)
-    if args.free_frac >= 1:
-        ap.error(f"--free-frac must be below 1, got {args.free_frac}")
     trace = load_trace(args.trace)
     Gs, Bs, Hs, tails = args.ranks, args.batch, args.horizons, args.pool_tails
     rows = []

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bench_decision import snapshot
-from sglang_ext.argtypes import comma_list, grid_cell, nonneg_float, nonneg_int, output_file, positive_float, \
-    positive_int, run_main, trace_file, write_json
+from bench_decision import add_snapshot_flags, parse_snapshot_flags, snapshot
+from sglang_ext.argtypes import comma_list, grid_cell, run_main, write_json
 from sglang_ext.policies import make_policy
 from sglang_ext.traces import load_trace
 
@@ -80,20 +79,10 @@ def timed(policy, view, cands):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", required=True, help="The commit to compare against (any git revision, e.g. HEAD~1).")
-    ap.add_argument("--trace", type=trace_file(REPO / "data" / "traces"), default="burstgpt_lengths_8000.json",
-                    help="Trace the running requests and candidates are drawn from (a name under data/traces, or a path).")
     ap.add_argument("--cells", type=comma_list(grid_cell), default="128x32,128x72,256x32,256x72,256x256",
                     help="Comma-separated GxB cells (ranks x running-request slots per rank).")
-    ap.add_argument("--horizons", type=comma_list(nonneg_int), default="20,80", help="Comma-separated H values.")
-    ap.add_argument("--pool-tails", type=comma_list(nonneg_float), default="0,0.002",
-                    help="Comma-separated bfio pool_tail values (the online default is 0.002).")
-    ap.add_argument("--free-frac", type=positive_float, default=0.02, help="Fraction of slots free at a call.")
-    ap.add_argument("--calls", type=positive_int, default=40, help="Snapshots per cell.")
-    ap.add_argument("--seed", type=nonneg_int, default=0, help="Seed of the snapshots drawn from the trace (default 0).")
-    ap.add_argument("--json", type=output_file, default=None, help="Write the rows here as JSON.")
-    args = ap.parse_args()
-    if args.free_frac >= 1:
-        ap.error(f"--free-frac must be below 1, got {args.free_frac}")
+    add_snapshot_flags(ap, horizons="20,80", pool_tails="0,0.002", calls=40)
+    args = parse_snapshot_flags(ap)
     rev = resolve(ap, args.base)
     trace = load_trace(args.trace)
     rows = []

@@ -63,8 +63,6 @@ def _exact_flags(reps, which: str) -> np.ndarray:
                 return joined
     except (TypeError, ValueError):
         pass
-    if not any(f is not None and np.size(f) for f in flags):  # (a sender that sends none)
-        return np.zeros(sum(counts), bool)
     return _cat((r.exact(which) for r in reps), bool)
 
 
