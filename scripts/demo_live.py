@@ -12,7 +12,8 @@ in a temporary working directory (never the repository root), waits for
 /health, replays the same slice of a timed trace (first --requests requests,
 arrivals compressed so they span --arrival-span seconds; the replay also reads
 the server's /metrics before and after, for one line of the barrier idle as
-a dashboard would show it), stops the server
+a dashboard would show it; and the CPU each of the server's processes used
+meanwhile, in % of one core: what the balancer costs its DP controller), stops the server
 (its whole process group) and removes what it left behind (its TMPDIR with the
 IPC sockets, and the /dev/shm segments its processes held). Then it prints the
 comparison table of `sglang-ext report` and the plot paths.
@@ -153,6 +154,54 @@ def group_pids(pgid: int) -> set[int]:
         except (OSError, ValueError, IndexError):
             pass
     return pids
+
+
+def cpu_seconds(pids) -> dict[int, tuple[str, float]]:
+    """CPU time (user + system, seconds) each live process has used so far, with its
+    title: SGLang names its processes (`sglang::data_parallel_controller`,
+    `sglang::scheduler_DP0_TP0`, ...), the server's own process keeps its command
+    line. Linux /proc; a process gone meanwhile is left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            out[pid] = (title, (int(fields[11]) + int(fields[12])) / tick)  # utime, stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _role(title: str) -> str:
+    if "data_parallel_controller" in title:
+        return "DP controller"
+    if "scheduler" in title:
+        return "ranks"
+    if "detokenizer" in title:
+        return "detokenizer"
+    return "server (HTTP, tokenizer)" if not title.startswith("sglang::") else title.removeprefix("sglang::")
+
+
+def cpu_line(policy: str, before: dict, after: dict, seconds: float) -> str:
+    """One line: each of the server's processes' CPU over `seconds` (between the two
+    `cpu_seconds` snapshots) in % of one core, grouped by role (the ranks as a range)."""
+    roles: dict[str, list[float]] = {}
+    for pid, (title, used) in after.items():
+        if pid in before and seconds > 0:
+            roles.setdefault(_role(title), []).append(100 * (used - before[pid][1]) / seconds)
+    parts = []
+    for role in ("DP controller", "ranks", "server (HTTP, tokenizer)", "detokenizer", *sorted(roles)):
+        vals = roles.pop(role, None)
+        if vals is None:
+            continue
+        if len(vals) == 1:
+            parts.append(f"{role} {vals[0]:.1f}")
+        else:
+            parts.append(f"{role} {min(vals):.1f}-{max(vals):.1f} ({len(vals)}, sum {sum(vals):.1f})")
+    if not parts:
+        return f"[{policy}] CPU over the replay: not measured (no /proc)"
+    return f"[{policy}] CPU over the replay ({seconds:.0f} s), % of one core: " + "; ".join(parts)
 
 
 def shm_used_by(pids: set[int]) -> set[str]:
@@ -311,6 +360,8 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         server.start()
         took = server.wait_healthy()
         print(f"[{policy}] server healthy after {took:.0f} s at {server.url}", flush=True)
+        group = group_pids(server.proc.pid)  # (start_new_session: the group id is the leader's pid)
+        cpu_before, t0 = cpu_seconds(group), time.monotonic()
         summary = replay(ReplayConfig(
             url=server.url, trace=cfg.trace, out=str(rundir), time_scale=time_scale,
             max_requests=cfg.requests, max_prompt_len=cfg.max_prompt_len, max_output_len=cfg.max_output_len,
@@ -319,6 +370,7 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         print(f"[{policy}] ok {summary['ok']}/{summary['sent']}, failed {summary['failed']} "
               f"{summary['failure_reasons'] or ''}, wall {summary['wall_time_s']:.1f} s", flush=True)
         print(f"[{policy}] {server_metrics_line(summary['server_metrics']) or 'no server /metrics'}", flush=True)
+        print(cpu_line(policy, cpu_before, cpu_seconds(group), time.monotonic() - t0), flush=True)
         time.sleep(1.5)  # let the ranks flush their telemetry and the controller its stats (1 s) before stopping
     finally:
         server.stop()

@@ -115,3 +115,29 @@ def test_bad_input_exits_2_naming_it_before_any_server(tmp_path, args, needle):
     assert p.returncode == 2, p.stderr
     assert needle in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_cpu_seconds_reads_a_process_cpu_time(demo):
+    me = os.getpid()
+    before = demo.cpu_seconds({me, 2**22 + 7})  # (a pid that does not exist is left out)
+    assert set(before) == {me}
+    assert Path(before[me][0]).name.startswith("python")  # the title: this process's argv[0]
+    t = time.process_time()
+    while time.process_time() - t < 0.3:  # burn 0.3 s of CPU
+        pass
+    used = demo.cpu_seconds({me})[me][1] - before[me][1]
+    assert 0.2 <= used <= 5.0
+
+
+def test_cpu_line_groups_the_servers_processes_by_role(demo):
+    before = {1: ("python", 10.0), 2: ("sglang::data_parallel_controller", 5.0),
+              3: ("sglang::standin_scheduler_DP0_TP0", 1.0), 4: ("sglang::standin_scheduler_DP1_TP0", 1.0),
+              5: ("sglang::detokenizer", 0.5)}
+    after = {1: ("python", 12.0), 2: ("sglang::data_parallel_controller", 6.0),
+             3: ("sglang::standin_scheduler_DP0_TP0", 1.5), 4: ("sglang::standin_scheduler_DP1_TP0", 2.0),
+             5: ("sglang::detokenizer", 0.5), 6: ("sglang::late", 3.0)}  # (6 was not there before: left out)
+    assert demo.cpu_line("bfio", before, after, 10.0) == (
+        "[bfio] CPU over the replay (10 s), % of one core: DP controller 10.0; ranks 5.0-10.0 (2, sum 15.0); "
+        "server (HTTP, tokenizer) 20.0; detokenizer 0.0")
+    assert demo.cpu_line("rr", {}, {}, 10.0) == "[rr] CPU over the replay: not measured (no /proc)"
