@@ -38,6 +38,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -173,23 +175,26 @@ def cpu_seconds(pids) -> dict[int, tuple[str, float]]:
     return out
 
 
-def _role(title: str) -> str:
+def _role(pid: int, title: str, server_pid: int) -> str:
+    if pid == server_pid:
+        return "server (HTTP, tokenizer)"
     if "data_parallel_controller" in title:
         return "DP controller"
     if "scheduler" in title:
         return "ranks"
     if "detokenizer" in title:
         return "detokenizer"
-    return "server (HTTP, tokenizer)" if not title.startswith("sglang::") else title.removeprefix("sglang::")
+    return title.removeprefix("sglang::") if title.startswith("sglang::") else "other"
 
 
-def cpu_line(policy: str, before: dict, after: dict, seconds: float) -> str:
+def cpu_line(policy: str, before: dict, after: dict, seconds: float, server_pid: int) -> str:
     """One line: each of the server's processes' CPU over `seconds` (between the two
-    `cpu_seconds` snapshots) in % of one core, grouped by role (the ranks as a range)."""
+    `cpu_seconds` snapshots) in % of one core, grouped by role (the ranks as a range;
+    "other": untitled helpers such as multiprocessing's resource tracker)."""
     roles: dict[str, list[float]] = {}
     for pid, (title, used) in after.items():
         if pid in before and seconds > 0:
-            roles.setdefault(_role(title), []).append(100 * (used - before[pid][1]) / seconds)
+            roles.setdefault(_role(pid, title, server_pid), []).append(100 * (used - before[pid][1]) / seconds)
     parts = []
     for role in ("DP controller", "ranks", "server (HTTP, tokenizer)", "detokenizer", *sorted(roles)):
         vals = roles.pop(role, None)
@@ -202,6 +207,36 @@ def cpu_line(policy: str, before: dict, after: dict, seconds: float) -> str:
     if not parts:
         return f"[{policy}] CPU over the replay: not measured (no /proc)"
     return f"[{policy}] CPU over the replay ({seconds:.0f} s), % of one core: " + "; ".join(parts)
+
+
+def step_line(policy: str, telemetry: Path) -> str:
+    """One line from the ranks' telemetry: decode steps with requests, and their median
+    wall-clock length (from one step's end to the next, the latest rank's) against the
+    median barrier step of the stand-in's cost model. On a shared CPU host the
+    difference is the CPU work of the ranks, the controller and the server around the
+    modelled step: what a policy's controller costs shows up there, not in the model."""
+    ends: dict[int, float] = {}
+    model: dict[int, float] = {}
+    busy: dict[int, int] = {}
+    for path in sorted(telemetry.glob("rank*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+                k = int(r["step"])
+                ends[k] = max(ends.get(k, 0.0), float(r["wall_time"]))
+                model[k] = float(r["step_time_s"])
+                busy[k] = busy.get(k, 0) + int(r["batch_size"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    steps = sorted(ends)
+    walls = [(ends[k] - ends[j], model[k]) for j, k in zip(steps, steps[1:]) if k == j + 1 and busy[k] > 0]
+    if not walls:
+        return f"[{policy}] decode steps: no telemetry"
+    wall = float(np.median([w for w, _ in walls])) * 1e3
+    cost = float(np.median([m for _, m in walls])) * 1e3
+    return (f"[{policy}] decode steps with requests: {len(walls)}, wall-clock p50 {wall:.2f} ms against the cost "
+            f"model's {cost:.2f} ms ({wall - cost:.2f} ms a step of host CPU: ranks, controller and server share "
+            f"{os.cpu_count()} cores)")
 
 
 def shm_used_by(pids: set[int]) -> set[str]:
@@ -370,12 +405,13 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         print(f"[{policy}] ok {summary['ok']}/{summary['sent']}, failed {summary['failed']} "
               f"{summary['failure_reasons'] or ''}, wall {summary['wall_time_s']:.1f} s", flush=True)
         print(f"[{policy}] {server_metrics_line(summary['server_metrics']) or 'no server /metrics'}", flush=True)
-        print(cpu_line(policy, cpu_before, cpu_seconds(group), time.monotonic() - t0), flush=True)
+        print(cpu_line(policy, cpu_before, cpu_seconds(group), time.monotonic() - t0, server.proc.pid), flush=True)
         time.sleep(1.5)  # let the ranks flush their telemetry and the controller its stats (1 s) before stopping
     finally:
         server.stop()
     if server.log.exists():
         print(controller_summary(policy, read_stats(server.log.read_text(errors="replace"))), flush=True)
+    print(step_line(policy, rundir / "telemetry"), flush=True)
     return rundir
 
 

@@ -137,7 +137,28 @@ def test_cpu_line_groups_the_servers_processes_by_role(demo):
     after = {1: ("python", 12.0), 2: ("sglang::data_parallel_controller", 6.0),
              3: ("sglang::standin_scheduler_DP0_TP0", 1.5), 4: ("sglang::standin_scheduler_DP1_TP0", 2.0),
              5: ("sglang::detokenizer", 0.5), 6: ("sglang::late", 3.0)}  # (6 was not there before: left out)
-    assert demo.cpu_line("bfio", before, after, 10.0) == (
+    before[7] = after[7] = ("/usr/bin/python3", 0.1)  # an untitled helper (multiprocessing's resource tracker)
+    assert demo.cpu_line("bfio", before, after, 10.0, server_pid=1) == (
         "[bfio] CPU over the replay (10 s), % of one core: DP controller 10.0; ranks 5.0-10.0 (2, sum 15.0); "
-        "server (HTTP, tokenizer) 20.0; detokenizer 0.0")
-    assert demo.cpu_line("rr", {}, {}, 10.0) == "[rr] CPU over the replay: not measured (no /proc)"
+        "server (HTTP, tokenizer) 20.0; detokenizer 0.0; other 0.0")
+    assert demo.cpu_line("rr", {}, {}, 10.0, server_pid=1) == "[rr] CPU over the replay: not measured (no /proc)"
+
+
+def test_step_line_compares_wall_clock_steps_with_the_cost_model(demo, tmp_path):
+    import json
+
+    tel = tmp_path / "telemetry"
+    tel.mkdir()
+    # Two ranks; steps 1-4 with requests end 10 ms apart on the latest rank (rank 1
+    # 1 ms behind rank 0), the model's step is 6 ms; step 5 is idle (no requests) and
+    # step 8 follows a gap (6, 7 missing): neither counts.
+    for g in range(2):
+        rows = [dict(step=k, wall_time=100.0 + 0.010 * k + 0.001 * g, step_time_s=0.006, batch_size=1)
+                for k in range(1, 5)]
+        rows += [dict(step=5, wall_time=100.5, step_time_s=0.006, batch_size=0),
+                 dict(step=8, wall_time=103.0, step_time_s=0.006, batch_size=1)]
+        (tel / f"rank{g}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    line = demo.step_line("bfio", tel)
+    assert line.startswith("[bfio] decode steps with requests: 3, wall-clock p50 10.00 ms against the cost "
+                           "model's 6.00 ms (4.00 ms a step of host CPU")
+    assert demo.step_line("rr", tmp_path / "none") == "[rr] decode steps: no telemetry"
