@@ -927,8 +927,9 @@ def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_
 
     def broken(view, must_place):
         raise RuntimeError("projection broke")
+        yield
 
-    bad.policy.warm = broken
+    bad.policy.warm_stages = broken
     with caplog.at_level(logging.ERROR):
         for b in (bad, good):
             b.on_reports(reps)
@@ -940,6 +941,73 @@ def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_
         good.dispatch(_req(prompt, max_new=300))
         assert sent[-1][0] == sent[-2][0]
     assert bad._reported.projection_cache  # (the placement projected them, and kept it)
+
+
+def test_a_projection_failing_after_its_counts_leaves_them_to_the_next_placement(fake_controller, caplog):
+    # bfio's part of the estimate is two stages (the counts, then the cost): failing
+    # after the first leaves the counts in the estimate's cache, and the next placement
+    # computes the rest, placing as a controller whose projection worked.
+    half, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    good, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    reps = [RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
+                       run_kv=np.array([400 + 300 * g, 80]), run_generated=np.array([10, 3]),
+                       run_cap=np.array([2000, 2000])) for g in range(4)]
+    real = half.policy.warm_stages
+
+    def counts_only(view, must_place):
+        parts = real(view, must_place)
+        next(parts)  # (the counts)
+        yield
+        raise RuntimeError("projection broke")
+
+    half.policy.warm_stages = counts_only
+    with caplog.at_level(logging.ERROR):
+        for b in (half, good):
+            b.on_reports(reps)
+            assert b.prepare()
+    assert "projection broke" in caplog.text
+    assert len(half._reported.projection_cache) == 1 and len(good._reported.projection_cache) == 2
+    for prompt in (500, 20, 1200):
+        half.dispatch(_req(prompt, max_new=300))
+        good.dispatch(_req(prompt, max_new=300))
+        assert sent[-1][0] == sent[-2][0]
+    assert half._reported.projection_cache.keys() == good._reported.projection_cache.keys()
+
+
+def test_an_estimate_paused_at_every_stage_ends_as_one_never_paused(fake_controller):
+    # A message at every question between two stages (the totals, what runs, the
+    # reported requests, the refit's steps, the estimates, the projection's counts and
+    # cost): each call runs one stage, and the estimate it ends with is the one made
+    # without a pause, its projection included.
+    paused, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    straight, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
+    rng = np.random.default_rng(5)
+    for step in (1, 2):
+        reps = []
+        for g in range(4):
+            n = int(rng.integers(1, 6))
+            gen = rng.integers(1, 200, n)
+            reps.append(RankReport(dp_rank=g, step=step, received=0, free_slots=72 - n, slot_limit=72,
+                                   run_kv=rng.integers(10, 3000, n) + gen, run_generated=gen,
+                                   run_cap=np.full(n, 2000), finished_lengths=rng.integers(1, 900, 6),
+                                   finished_prompts=rng.integers(10, 3000, 6)))
+        for b in (paused, straight):
+            b.on_reports(reps)
+    asked = []
+    assert straight.prepare(interrupted=lambda: asked.append(1) and False)
+    pauses = 0
+    while not paused.prepare(interrupted=lambda: True):
+        pauses += 1
+    assert pauses == len(asked) >= 8 and paused.stats["paused"] == pauses
+    assert np.array_equal(paused._reported.req_remaining, straight._reported.req_remaining)
+    assert paused._reported.projection_cache.keys() == straight._reported.projection_cache.keys() != set()
+    for key, got in paused._reported.projection_cache.items():
+        want = straight._reported.projection_cache[key]
+        assert all(np.array_equal(x, y) for x, y in zip(got, want))
+    for prompt in (40, 900):
+        paused.dispatch(_req(prompt, max_new=400))
+        straight.dispatch(_req(prompt, max_new=400))
+        assert sent[-1][0] == sent[-2][0]
 
 
 def test_the_controller_pins_torch_threads_for_its_cpu_projection(fake_controller):

@@ -361,8 +361,9 @@ class ClusterState:
     def _estimate_stages(self, e: "_Estimating"):
         """The estimate of the newest reports when `e` started, stage by stage (a
         generator; at G=256 with 64k requests running: the totals, what runs now, the
-        estimator's refit in steps (`fit_stages`), every request's estimate, the
-        policy's projection of them; the longest about 1.45 ms). Until the last stage ends, the previous
+        reported requests, the estimator's refit in steps (`fit_stages`), every
+        request's estimate, the policy's projection of them in its parts (bfio: the
+        counts, then the cost); the longest about 1.3 ms). Until the last stage ends, the previous
         estimate stands whole for the placements that may lag: the estimator learns
         on a copy (its arrays are replaced, never written into, so a shallow one),
         adopted with the estimate, and the projection goes into the new estimate's
@@ -375,28 +376,29 @@ class ClusterState:
         est = copy.copy(self.estimator)
         self._learn_finished(est, e.lengths)
         if self.policy.needs_requests:
-            estimate = self._observe_requests(est, state, *parts)
+            estimate = yield from self._observe_requests(est, state, *parts)
             yield
             yield from est.fit_stages()  # (the refit, when one is due, else a no-op)
             yield
             estimate()
             yield
-            self._warm(state)
+            yield from self._warm(state)
         self.estimator = est
         self._to_learn = tuple(x[e.lengths:] for x in self._to_learn)  # (those taught to est left)
         self._drop_acknowledged(e.acked)  # (built: its reports hold them)
         self._behind -= e.behind
         self._reported = state
 
-    def _warm(self, state: "_Reported") -> None:
+    def _warm(self, state: "_Reported"):
         """Let the policy compute what it reads of the estimated requests (bfio: their
-        projection's counts) into the estimate's cache, ahead of the next placement,
-        which then adds only what is in flight. A failure costs that placement the
-        work, nothing else: logged, and the estimate stands."""
+        projection's counts, then its cost) into the estimate's cache, ahead of the
+        next placement, which then adds only what is in flight (a generator: the
+        policy's parts, `warm_stages`). A failure costs that placement the work,
+        nothing else: logged, and the estimate stands."""
         view = self._view_with_requests(state, state.free, state.kv, state.num, state.pending, state.slot_limit,
                                         self._active_mask(), [state.req_rank, state.req_kv, state.req_remaining])
         try:
-            self.policy.warm(view, must_place=not self.pool_mode)
+            yield from self.policy.warm_stages(view, must_place=not self.pool_mode)
         except Exception:  # noqa: BLE001
             logger.exception("sglang-ext: the %s policy's projection of the reported requests failed",
                              self.cfg.policy)
@@ -412,7 +414,8 @@ class ClusterState:
         self._est_acked = acked.copy()
 
     def _observe_requests(self, est, state: "_Reported", reps, run_kv, run_gen, wait_prompt, run_rank, wait_rank):
-        """Teach the estimator `est` what runs now; returns the call that estimates every
+        """Teach the estimator `est` what runs now, then put the reported requests in
+        `state` (a generator: one stage each); returns the call that estimates every
         reported request, running then waiting, from its fit (the rest of the estimate)."""
         generated = np.concatenate([run_gen, np.zeros_like(wait_prompt)])
         exact = np.concatenate([_exact_flags(reps, "run"), _exact_flags(reps, "wait")])
@@ -421,6 +424,7 @@ class ClusterState:
         # under ignore_eos excepted: their lengths are forced.
         natural = ~exact[:run_kv.shape[0]]
         est.observe_running(run_gen[natural], prompt[:run_kv.shape[0]][natural])
+        yield
         state.set_requests(req_rank=np.concatenate([run_rank, wait_rank]), req_kv=np.concatenate([run_kv, wait_prompt]))
         cap = np.concatenate([_cat(r.run_cap for r in reps), _cat(r.wait_cap for r in reps)])
 

@@ -97,6 +97,12 @@ class Policy:
         """Compute ahead, while the caller is idle, what a later call on a view that
         shares this one's projection_cache will need (default: nothing)."""
 
+    def warm_stages(self, view: ClusterView, must_place: bool):
+        """`warm` as a generator that may yield between its parts, for a caller that
+        serves a message between two of them (default: `warm` in one part)."""
+        self.warm(view, must_place)
+        yield from ()
+
     def reset(self) -> None:
         """Forget state kept across calls (round-robin cursor, RNG)."""
 
