@@ -914,20 +914,25 @@ def test_an_overtaken_estimate_adopted_one_step_behind_sees_every_request_once(f
     assert np.array_equal(pool._reported.req_kv, np.concatenate([r.run_kv for r in batch(pool, 2)]))
 
 
-def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_work(fake_controller, caplog):
-    # The estimate's last stage lets the policy project the estimated requests into the
-    # new estimate's cache; when that fails the estimate still stands (logged), and the
-    # next placement projects them itself, with the same result as a controller whose
-    # projection worked.
+@pytest.mark.parametrize("fails", ["at once", "after its counts"])
+def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_work(fake_controller, caplog, fails):
+    # The estimate's last stages let the policy project the estimated requests into the
+    # new estimate's cache (bfio: the counts, then the cost); when that fails, at once or
+    # after the counts, the estimate still stands (logged) with what was computed, and
+    # the next placement computes the rest itself, with the same result as a controller
+    # whose projection worked.
     bad, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
     good, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
     reps = [RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
                        run_kv=np.array([400 + 300 * g, 80]), run_generated=np.array([10, 3]),
                        run_cap=np.array([2000, 2000])) for g in range(4)]
+    real = bad.policy.warm_stages
 
     def broken(view, must_place):
+        if fails == "after its counts":
+            next(real(view, must_place))  # (the counts)
+            yield
         raise RuntimeError("projection broke")
-        yield
 
     bad.policy.warm_stages = broken
     with caplog.at_level(logging.ERROR):
@@ -935,43 +940,13 @@ def test_a_failing_projection_in_the_estimate_only_costs_the_next_placement_the_
             b.on_reports(reps)
             assert b.prepare()
     assert "projection of the reported requests failed" in caplog.text and "projection broke" in caplog.text
-    assert not bad._reported.projection_cache and good._reported.projection_cache
+    assert len(bad._reported.projection_cache) == (0 if fails == "at once" else 1)
+    assert len(good._reported.projection_cache) == 2  # (the counts, and the cost kept beside them)
     for prompt in (500, 20, 1200):
         bad.dispatch(_req(prompt, max_new=300))
         good.dispatch(_req(prompt, max_new=300))
         assert sent[-1][0] == sent[-2][0]
-    assert bad._reported.projection_cache  # (the placement projected them, and kept it)
-
-
-def test_a_projection_failing_after_its_counts_leaves_them_to_the_next_placement(fake_controller, caplog):
-    # bfio's part of the estimate is two stages (the counts, then the cost): failing
-    # after the first leaves the counts in the estimate's cache, and the next placement
-    # computes the rest, placing as a controller whose projection worked.
-    half, sent = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
-    good, _ = fake_controller("bfio", estimator="empirical-prompt", inline_refit=True)
-    reps = [RankReport(dp_rank=g, step=1, received=0, free_slots=70, slot_limit=72,
-                       run_kv=np.array([400 + 300 * g, 80]), run_generated=np.array([10, 3]),
-                       run_cap=np.array([2000, 2000])) for g in range(4)]
-    real = half.policy.warm_stages
-
-    def counts_only(view, must_place):
-        parts = real(view, must_place)
-        next(parts)  # (the counts)
-        yield
-        raise RuntimeError("projection broke")
-
-    half.policy.warm_stages = counts_only
-    with caplog.at_level(logging.ERROR):
-        for b in (half, good):
-            b.on_reports(reps)
-            assert b.prepare()
-    assert "projection broke" in caplog.text
-    assert len(half._reported.projection_cache) == 1 and len(good._reported.projection_cache) == 2
-    for prompt in (500, 20, 1200):
-        half.dispatch(_req(prompt, max_new=300))
-        good.dispatch(_req(prompt, max_new=300))
-        assert sent[-1][0] == sent[-2][0]
-    assert half._reported.projection_cache.keys() == good._reported.projection_cache.keys()
+    assert bad._reported.projection_cache.keys() == good._reported.projection_cache.keys()  # (kept by the placement)
 
 
 def test_an_estimate_paused_at_every_stage_ends_as_one_never_paused(fake_controller):
