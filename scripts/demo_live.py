@@ -38,8 +38,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -47,7 +45,8 @@ from sglang_ext.argtypes import LOG_LEVELS, nonneg_float, nonneg_int, output_dir
 from sglang_ext.patches.controller import read_stats  # noqa: E402
 from sglang_ext.plugin.ports import free_server_port  # noqa: E402
 from sglang_ext.replay import ReplayConfig, replay, server_metrics_line  # noqa: E402
-from sglang_ext.report import format_table, report  # noqa: E402
+from sglang_ext.errors import UsageError  # noqa: E402
+from sglang_ext.report import format_table, load_run, report, step_wall_clock  # noqa: E402
 
 logger = logging.getLogger("demo_live")
 
@@ -209,32 +208,20 @@ def cpu_line(policy: str, before: dict, after: dict, seconds: float, server_pid:
     return f"[{policy}] CPU over the replay ({seconds:.0f} s), % of one core: " + "; ".join(parts)
 
 
-def step_line(policy: str, telemetry: Path) -> str:
-    """One line from the ranks' telemetry: decode steps with requests, and their median
-    wall-clock length (from one step's end to the next, the latest rank's) against the
-    median barrier step of the stand-in's cost model. On a shared CPU host the
-    difference is the CPU work of the ranks, the controller and the server around the
-    modelled step: what a policy's controller costs shows up there, not in the model."""
-    ends: dict[int, float] = {}
-    model: dict[int, float] = {}
-    busy: dict[int, int] = {}
-    for path in sorted(telemetry.glob("rank*.jsonl")):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-                k = int(r["step"])
-                ends[k] = max(ends.get(k, 0.0), float(r["wall_time"]))
-                model[k] = float(r["step_time_s"])
-                busy[k] = busy.get(k, 0) + int(r["batch_size"])
-            except (ValueError, KeyError, TypeError):
-                continue
-    steps = sorted(ends)
-    walls = [(ends[k] - ends[j], model[k]) for j, k in zip(steps, steps[1:]) if k == j + 1 and busy[k] > 0]
-    if not walls:
+def step_line(policy: str, rundir: Path) -> str:
+    """One line from the ranks' telemetry in `rundir` (`report.step_wall_clock`): decode
+    steps with requests, and their median wall-clock length against the median barrier
+    step of the stand-in's cost model. On a shared CPU host the difference is the CPU
+    work of the ranks, the controller and the server around the modelled step: what a
+    policy's controller costs shows up there, not in the model."""
+    try:
+        steps = step_wall_clock(load_run(rundir).telemetry)
+    except UsageError:
+        steps = None
+    if steps is None:
         return f"[{policy}] decode steps: no telemetry"
-    wall = float(np.median([w for w, _ in walls])) * 1e3
-    cost = float(np.median([m for _, m in walls])) * 1e3
-    return (f"[{policy}] decode steps with requests: {len(walls)}, wall-clock p50 {wall:.2f} ms against the cost "
+    n, wall, cost = steps[0], steps[1] * 1e3, steps[2] * 1e3
+    return (f"[{policy}] decode steps with requests: {n}, wall-clock p50 {wall:.2f} ms against the cost "
             f"model's {cost:.2f} ms ({wall - cost:.2f} ms a step of host CPU: ranks, controller and server share "
             f"{os.cpu_count()} cores)")
 
@@ -411,7 +398,7 @@ def run_policy(cfg: DemoConfig, policy: str, time_scale: float) -> Path:
         server.stop()
     if server.log.exists():
         print(controller_summary(policy, read_stats(server.log.read_text(errors="replace"))), flush=True)
-    print(step_line(policy, rundir / "telemetry"), flush=True)
+    print(step_line(policy, rundir), flush=True)
     return rundir
 
 

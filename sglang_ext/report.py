@@ -297,6 +297,25 @@ def _aligned(tel: dict[int, dict[str, np.ndarray]], column: str) -> np.ndarray |
     return np.vstack(rows)
 
 
+def step_wall_clock(tel: dict[int, dict[str, np.ndarray]]) -> tuple[int, float, float] | None:
+    """The decode steps with requests that directly follow the step before them on
+    every rank: how many, their median wall-clock length (from the previous step's end
+    to theirs, the latest rank's) and their median barrier step as modelled
+    (`step_time_s`), in seconds. None without such a step (or with fewer than 2 ranks).
+    On a host that runs the ranks on its CPU the difference is the host's own work
+    around each step."""
+    step = _aligned(tel, "step")
+    if step is None:
+        return None
+    end = _aligned(tel, "wall_time").max(axis=0)
+    model = _aligned(tel, "step_time_s")[0]
+    busy = _aligned(tel, "batch_size").sum(axis=0)
+    ok = (np.diff(step[0]) == 1) & (busy[1:] > 0)
+    if not ok.any():
+        return None
+    return int(ok.sum()), float(np.median(np.diff(end)[ok])), float(np.median(model[1:][ok]))
+
+
 def model_idle_fraction(tel: dict[int, dict[str, np.ndarray]]) -> float | None:
     """Idle fraction implied by the cost model: sum_g (max_g pred - pred_g) / sum_g T.
 

@@ -152,13 +152,16 @@ def test_step_line_compares_wall_clock_steps_with_the_cost_model(demo, tmp_path)
     # Two ranks; steps 1-4 with requests end 10 ms apart on the latest rank (rank 1
     # 1 ms behind rank 0), the model's step is 6 ms; step 5 is idle (no requests) and
     # step 8 follows a gap (6, 7 missing): neither counts.
+    def line(step, wall_time, batch_size, g):  # (a telemetry line, as the ranks write it)
+        return dict(step=step, wall_time=wall_time, dp_rank=g, batch_size=batch_size, kv_tokens=10 * batch_size,
+                    predicted_cost_s=0.005, step_time_s=0.006, idle_s=0.001, idle_source="predicted", busy_s=0.005,
+                    energy_j=1.0, energy_source="model:h100", power_w=380.0, source="standin")
+
     for g in range(2):
-        rows = [dict(step=k, wall_time=100.0 + 0.010 * k + 0.001 * g, step_time_s=0.006, batch_size=1)
-                for k in range(1, 5)]
-        rows += [dict(step=5, wall_time=100.5, step_time_s=0.006, batch_size=0),
-                 dict(step=8, wall_time=103.0, step_time_s=0.006, batch_size=1)]
-        (tel / f"rank{g}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
-    line = demo.step_line("bfio", tel)
+        rows = [line(k, 100.0 + 0.010 * k + 0.001 * g, 1, g) for k in range(1, 5)]
+        rows += [line(5, 100.5, 0, g), line(8, 103.0, 1, g)]
+        (tel / f"rank{g}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot js")  # (a torn last line)
+    line = demo.step_line("bfio", tmp_path)
     assert line.startswith("[bfio] decode steps with requests: 3, wall-clock p50 10.00 ms against the cost "
                            "model's 6.00 ms (4.00 ms a step of host CPU")
     assert demo.step_line("rr", tmp_path / "none") == "[rr] decode steps: no telemetry"

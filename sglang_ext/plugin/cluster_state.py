@@ -55,7 +55,7 @@ def _exact_flags(reps, which: str) -> np.ndarray:
     reads it (missing or miscounted flags: none forced; other values: cast to bool)."""
     key = f"{which}_exact"
     flags = [getattr(r, key, None) for r in reps]
-    counts = [len(r.run_kv if which == "run" else r.wait_prompt) for r in reps]
+    counts = [r.count(which) for r in reps]
     try:  # (None has no len; bools only: np.concatenate refuses to cast ints or floats)
         if list(map(len, flags)) == counts:
             joined = np.concatenate(flags, dtype=bool) if flags else np.zeros(0, bool)

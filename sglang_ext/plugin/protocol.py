@@ -109,11 +109,14 @@ class RankReport:
         """Prompt lengths of the running requests: a KV length is prompt plus generated."""
         return np.maximum(self.run_kv - self.run_generated, 0)
 
+    def count(self, which: str) -> int:
+        """How many 'run', 'wait' or 'finished' requests the report lists."""
+        return (self.run_kv if which == "run" else self.wait_prompt if which == "wait"
+                else self.finished_lengths).shape[0]
+
     def exact(self, which: str) -> np.ndarray:
         """ignore_eos flags of the 'run', 'wait' or 'finished' requests (all False if not sent)."""
-        n = (self.run_kv if which == "run" else self.wait_prompt if which == "wait"
-             else self.finished_lengths).shape[0]
-        return exact_mask(getattr(self, f"{which}_exact", None), n)
+        return exact_mask(getattr(self, f"{which}_exact", None), self.count(which))
 
     @property
     def kv_tokens(self) -> int:

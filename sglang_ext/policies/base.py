@@ -95,12 +95,13 @@ class Policy:
 
     def warm(self, view: ClusterView, must_place: bool) -> None:
         """Compute ahead, while the caller is idle, what a later call on a view that
-        shares this one's projection_cache will need (default: nothing)."""
+        shares this one's projection_cache will need: all of `warm_stages` at once."""
+        for _ in self.warm_stages(view, must_place):
+            pass
 
     def warm_stages(self, view: ClusterView, must_place: bool):
-        """`warm` as a generator that may yield between its parts, for a caller that
-        serves a message between two of them (default: `warm` in one part)."""
-        self.warm(view, must_place)
+        """`warm` as a generator that yields between its parts, for a caller that
+        serves a message between two of them (default: nothing to compute)."""
         yield from ()
 
     def reset(self) -> None:

@@ -288,10 +288,6 @@ class BFIO(Policy):
             return self.horizon
         return (self._imm if must_place else self._pool).axis
 
-    def warm(self, view: ClusterView, must_place: bool) -> None:
-        for _ in self.warm_stages(view, must_place):
-            pass
-
     def warm_stages(self, view: ClusterView, must_place: bool):
         # the counts, then the cost, of the requests that outlive the view, for the steps
         # the call will use (two parts: at G=256 with 64k requests ~1.3 and ~0.2 ms)
